@@ -36,11 +36,14 @@ def cxx_flags():
 
 
 def extensions():
+    # MEGALLAMA_EXTENSIONS=ops,data builds only those folders (a developer rebuilding one part);
+    # the default is all of them.
+    only = {n for n in os.environ.get("MEGALLAMA_EXTENSIONS", "").split(",") if n}
     exts = []
     for folder in sorted(glob.glob(os.path.join(HERE, "csrc", "*"))):
-        if not os.path.isdir(folder):
-            continue
         name = os.path.basename(folder)
+        if not os.path.isdir(folder) or (only and name not in only):
+            continue
         cpp = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(folder, "*.cpp")))
         cu = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(folder, "*.cu")))
         if not cpp:
