@@ -1,0 +1,1 @@
+"""Data: Megatron-compatible indexed datasets, GPT sample windows, blending, tokenizers."""
