@@ -1,0 +1,88 @@
+"""Reading compressed inputs, JSON (orjson when present), and atomic writes."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import os
+import tempfile
+from contextlib import contextmanager
+from typing import IO, Iterator
+
+try:  # orjson is 3-5x faster on the JSONL hot path; the stdlib gives the same output
+    import orjson
+
+    def loads(data: bytes | str):
+        return orjson.loads(data)
+
+    def dumps_line(obj) -> bytes:
+        return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+
+    JSONDecodeError = orjson.JSONDecodeError
+except ImportError:  # pragma: no cover - exercised only where orjson is absent
+    import json
+
+    def loads(data: bytes | str):
+        return json.loads(data)
+
+    def dumps_line(obj) -> bytes:
+        return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+
+    JSONDecodeError = json.JSONDecodeError
+
+
+def open_binary(path: str) -> IO[bytes]:
+    """Open `path` for binary reading, decompressing .gz, .bz2, .xz and .zst by suffix."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    if path.endswith(".xz"):
+        return lzma.open(path, "rb")
+    if path.endswith((".zst", ".zstd")):
+        import zstandard
+
+        return zstandard.open(path, "rb")
+    return open(path, "rb")
+
+
+def strip_compression(name: str) -> str:
+    """`a.jsonl.gz` -> `a.jsonl`."""
+    for ext in (".gz", ".bz2", ".xz", ".zst", ".zstd"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+@contextmanager
+def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
+    """Write to a temporary file beside `path`; rename over it only if the block succeeds, so a
+    crash never leaves a half-written file under the final name."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    """Atomically write `obj` as indented JSON."""
+    import json
+
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+
+
+def read_json(path: str):
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
