@@ -1,0 +1,228 @@
+"""Process groups for tensor, pipeline and data parallelism, in Megatron's default rank order.
+
+Global rank = tp_rank + TP * (dp_rank + DP * pp_rank): tensor-parallel ranks are adjacent (one node's
+GPUs share the fastest links), data-parallel next, pipeline stages outermost. Call
+``initialize_model_parallel`` after ``torch.distributed.init_process_group`` (gloo or NCCL).
+
+Before it is called (a plain single process, no process group) every getter answers as the serial
+model needs: size 1, rank 0, group None, first and last pipeline stage at once.
+"""
+import torch.distributed as dist
+
+_TENSOR_GROUP = None
+_PIPELINE_GROUP = None
+_DATA_GROUP = None
+_MODEL_GROUP = None
+_TENSOR_RANKS = None
+_PIPELINE_RANKS = None
+_DATA_RANKS = None
+_VIRTUAL_PIPELINE_RANK = None
+_VIRTUAL_PIPELINE_WORLD_SIZE = None
+
+
+def initialize_model_parallel(
+    tensor_model_parallel_size=1,
+    pipeline_model_parallel_size=1,
+    virtual_pipeline_model_parallel_size=None,
+):
+    """Build this process's TP, PP, DP and model-parallel (TP x PP) groups.
+
+    The data-parallel size is what is left: world_size / (TP x PP). Every rank must call this
+    with the same arguments (``new_group`` is collective).
+    """
+    global _TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP, _MODEL_GROUP
+    global _TENSOR_RANKS, _PIPELINE_RANKS, _DATA_RANKS
+    global _VIRTUAL_PIPELINE_RANK, _VIRTUAL_PIPELINE_WORLD_SIZE
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "initialize_model_parallel needs torch.distributed.init_process_group to be called first"
+        )
+    if model_parallel_is_initialized():
+        raise RuntimeError("model parallel groups are already initialised; call destroy_model_parallel first")
+    tp, pp = int(tensor_model_parallel_size), int(pipeline_model_parallel_size)
+    world_size = dist.get_world_size()
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tensor ({tp}) and pipeline ({pp}) model parallel sizes must be at least 1")
+    if world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size ({tp}) x "
+            f"pipeline_model_parallel_size ({pp}) = {tp * pp}"
+        )
+    if virtual_pipeline_model_parallel_size is not None:
+        vp = int(virtual_pipeline_model_parallel_size)
+        if vp < 1:
+            raise ValueError(f"virtual_pipeline_model_parallel_size must be at least 1, got {vp}")
+        if vp > 1 and pp < 2:
+            raise ValueError(
+                f"virtual pipeline stages ({vp}) need pipeline_model_parallel_size > 1, got {pp}"
+            )
+    dp = world_size // (tp * pp)
+    rank = dist.get_rank()
+
+    def global_rank(tp_rank, dp_rank, pp_rank):
+        return tp_rank + tp * (dp_rank + dp * pp_rank)
+
+    # new_group is collective over the whole world: every rank creates every group, in one order.
+    for p in range(pp):
+        for d in range(dp):
+            ranks = [global_rank(t, d, p) for t in range(tp)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                _TENSOR_GROUP, _TENSOR_RANKS = group, ranks
+    for p in range(pp):
+        for t in range(tp):
+            ranks = [global_rank(t, d, p) for d in range(dp)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                _DATA_GROUP, _DATA_RANKS = group, ranks
+    for d in range(dp):
+        for t in range(tp):
+            ranks = [global_rank(t, d, p) for p in range(pp)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                _PIPELINE_GROUP, _PIPELINE_RANKS = group, ranks
+    for d in range(dp):
+        ranks = [global_rank(t, d, p) for p in range(pp) for t in range(tp)]
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            _MODEL_GROUP = group
+    if virtual_pipeline_model_parallel_size is not None:
+        _VIRTUAL_PIPELINE_RANK = 0
+        _VIRTUAL_PIPELINE_WORLD_SIZE = int(virtual_pipeline_model_parallel_size)
+
+
+def destroy_model_parallel():
+    """Forget the groups (the process group itself stays; destroy it with torch.distributed)."""
+    global _TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP, _MODEL_GROUP
+    global _TENSOR_RANKS, _PIPELINE_RANKS, _DATA_RANKS
+    global _VIRTUAL_PIPELINE_RANK, _VIRTUAL_PIPELINE_WORLD_SIZE
+    for group in {_TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP, _MODEL_GROUP} - {None}:
+        if dist.is_initialized():
+            dist.destroy_process_group(group)
+    _TENSOR_GROUP = _PIPELINE_GROUP = _DATA_GROUP = _MODEL_GROUP = None
+    _TENSOR_RANKS = _PIPELINE_RANKS = _DATA_RANKS = None
+    _VIRTUAL_PIPELINE_RANK = _VIRTUAL_PIPELINE_WORLD_SIZE = None
+
+
+def model_parallel_is_initialized():
+    return _TENSOR_GROUP is not None
+
+
+def _rank_in(ranks):
+    return 0 if ranks is None else ranks.index(dist.get_rank())
+
+
+def _size_of(ranks):
+    return 1 if ranks is None else len(ranks)
+
+
+# Tensor model parallel.
+def get_tensor_model_parallel_group():
+    return _TENSOR_GROUP
+
+
+def get_tensor_model_parallel_world_size():
+    return _size_of(_TENSOR_RANKS)
+
+
+def get_tensor_model_parallel_rank():
+    return _rank_in(_TENSOR_RANKS)
+
+
+def get_tensor_model_parallel_src_rank():
+    """Global rank of tensor-parallel rank 0 in this rank's group (the one that broadcasts data)."""
+    return 0 if _TENSOR_RANKS is None else _TENSOR_RANKS[0]
+
+
+# Pipeline model parallel.
+def get_pipeline_model_parallel_group():
+    return _PIPELINE_GROUP
+
+
+def get_pipeline_model_parallel_world_size():
+    return _size_of(_PIPELINE_RANKS)
+
+
+def get_pipeline_model_parallel_rank():
+    return _rank_in(_PIPELINE_RANKS)
+
+
+def get_pipeline_model_parallel_ranks():
+    """Global ranks of this rank's pipeline, first stage first ([0] when not initialised)."""
+    return [0] if _PIPELINE_RANKS is None else list(_PIPELINE_RANKS)
+
+
+def get_pipeline_model_parallel_first_rank():
+    return get_pipeline_model_parallel_ranks()[0]
+
+
+def get_pipeline_model_parallel_last_rank():
+    return get_pipeline_model_parallel_ranks()[-1]
+
+
+def get_pipeline_model_parallel_next_rank():
+    """Global rank of the next stage (wrapping around from the last to the first)."""
+    ranks = get_pipeline_model_parallel_ranks()
+    return ranks[(get_pipeline_model_parallel_rank() + 1) % len(ranks)]
+
+
+def get_pipeline_model_parallel_prev_rank():
+    """Global rank of the previous stage (wrapping around from the first to the last)."""
+    ranks = get_pipeline_model_parallel_ranks()
+    return ranks[(get_pipeline_model_parallel_rank() - 1) % len(ranks)]
+
+
+def get_virtual_pipeline_model_parallel_world_size():
+    """Model chunks per pipeline rank for the interleaved schedule; None when not interleaved."""
+    return _VIRTUAL_PIPELINE_WORLD_SIZE
+
+
+def get_virtual_pipeline_model_parallel_rank():
+    """Which model chunk the schedule is running now; None when not interleaved."""
+    return _VIRTUAL_PIPELINE_RANK
+
+
+def set_virtual_pipeline_model_parallel_rank(rank):
+    global _VIRTUAL_PIPELINE_RANK
+    _VIRTUAL_PIPELINE_RANK = rank
+
+
+def is_pipeline_first_stage(ignore_virtual=False):
+    """True on the stage that holds the embedding (and, when interleaved, on its first chunk)."""
+    if not ignore_virtual and _VIRTUAL_PIPELINE_WORLD_SIZE is not None and _VIRTUAL_PIPELINE_RANK != 0:
+        return False
+    return get_pipeline_model_parallel_rank() == 0
+
+
+def is_pipeline_last_stage(ignore_virtual=False):
+    """True on the stage that holds the final norm, head and loss (its last chunk when interleaved)."""
+    if (
+        not ignore_virtual
+        and _VIRTUAL_PIPELINE_WORLD_SIZE is not None
+        and _VIRTUAL_PIPELINE_RANK != _VIRTUAL_PIPELINE_WORLD_SIZE - 1
+    ):
+        return False
+    return get_pipeline_model_parallel_rank() == get_pipeline_model_parallel_world_size() - 1
+
+
+# Data parallel.
+def get_data_parallel_group():
+    return _DATA_GROUP
+
+
+def get_data_parallel_world_size():
+    return _size_of(_DATA_RANKS)
+
+
+def get_data_parallel_rank():
+    return _rank_in(_DATA_RANKS)
+
+
+def get_data_parallel_ranks():
+    return [0] if _DATA_RANKS is None else list(_DATA_RANKS)
+
+
+# Model parallel = tensor x pipeline: the ranks that together hold one replica of the model.
+def get_model_parallel_group():
+    """The TP x PP ranks holding one model replica (for norms over the whole model); None if serial."""
+    return _MODEL_GROUP
