@@ -1,0 +1,234 @@
+// Python entry points of megallama._ops: argument checks, output allocation, and dispatch to the
+// CPU kernels or (when built with MEGALLAMA_WITH_CUDA) the CUDA kernels.
+#include <ATen/MemoryOverlap.h>
+#include <torch/extension.h>
+
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace megallama_ops {
+namespace {
+
+enum class Backend { kCpu, kCuda };
+
+Backend backend_of(const at::Tensor& t, const char* op) {
+  if (t.device().is_cpu()) return Backend::kCpu;
+  if (t.device().is_cuda()) {
+#ifdef MEGALLAMA_WITH_CUDA
+    return Backend::kCuda;
+#else
+    TORCH_CHECK(false, op, ": got a CUDA tensor but megallama._ops was built without CUDA kernels "
+                "(use megallama.ops, which falls back to plain torch, or rebuild with a CUDA toolkit)");
+#endif
+  }
+  TORCH_CHECK(false, op, ": unsupported device ", t.device(), " (CPU or CUDA tensors only)");
+}
+
+std::vector<int64_t> row_shape(const at::Tensor& t) {
+  return std::vector<int64_t>(t.sizes().begin(), t.sizes().end() - 1);
+}
+
+std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
+  std::vector<int64_t> shape = row_shape(t);
+  shape.push_back(last);
+  return shape;
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name_a,
+                const char* name_b) {
+  check_same_device(a, b, op, name_a, name_b);
+  TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", name_a, " has shape ", a.sizes(), " but ", name_b,
+              " has shape ", b.sizes(), "; they must be equal");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name_a, " is ", a.scalar_type(),
+              " but ", name_b, " is ", b.scalar_type(), "; they must have the same dtype");
+}
+
+void check_weight(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  check_same_device(x, weight, op, "x", "weight");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), op, ": weight must have shape [",
+              x.size(-1), "] (the last dim of x, shape ", x.sizes(), "), got ", weight.sizes());
+  check_float_dtype(weight, op, "weight");
+  TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous");
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                double eps) {
+  const char* op = "rms_norm_fwd";
+  check_rows_tensor(x, op, "x");
+  TORCH_CHECK(x.size(-1) > 0, op, ": the normalised (last) dimension of x is empty");
+  check_weight(x, weight, op);
+  TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor rstd = at::empty(row_shape(x), x.options().dtype(acc_dtype(x.scalar_type())));
+  if (backend_of(x, op) == Backend::kCpu) {
+    rms_norm_fwd_cpu(x, weight, eps, y, rstd);
+  } else {
+#ifdef MEGALLAMA_WITH_CUDA
+    rms_norm_fwd_cuda(x, weight, eps, y, rstd);
+#endif
+  }
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                                                const at::Tensor& weight, const at::Tensor& rstd) {
+  const char* op = "rms_norm_bwd";
+  check_rows_tensor(x, op, "x");
+  check_rows_tensor(grad_y, op, "grad_y");
+  TORCH_CHECK(x.size(-1) > 0, op, ": the normalised (last) dimension of x is empty");
+  check_same(grad_y, x, op, "grad_y", "x");
+  check_weight(x, weight, op);
+  check_same_device(x, rstd, op, "x", "rstd");
+  TORCH_CHECK(rstd.sizes() == at::IntArrayRef(row_shape(x)), op, ": rstd must have shape ",
+              at::IntArrayRef(row_shape(x)), " (x's shape without its last dim), got ",
+              rstd.sizes());
+  TORCH_CHECK(rstd.scalar_type() == acc_dtype(x.scalar_type()), op, ": rstd must be ",
+              acc_dtype(x.scalar_type()), " for a ", x.scalar_type(), " input (as rms_norm_fwd "
+              "returns it), got ", rstd.scalar_type());
+  TORCH_CHECK(rstd.is_contiguous(), op, ": rstd must be contiguous");
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  at::Tensor grad_w = at::empty({x.size(-1)}, rstd.options());
+  if (backend_of(x, op) == Backend::kCpu) {
+    rms_norm_bwd_cpu(grad_y, x, weight, rstd, grad_x, grad_w);
+  } else {
+#ifdef MEGALLAMA_WITH_CUDA
+    rms_norm_bwd_cuda(grad_y, x, weight, rstd, grad_x, grad_w);
+#endif
+  }
+  return {grad_x, grad_w.to(weight.scalar_type())};
+}
+
+at::Tensor swiglu_split_fwd(const at::Tensor& a, const at::Tensor& b) {
+  const char* op = "swiglu_fwd";
+  check_rows_tensor(a, op, "a");
+  check_rows_tensor(b, op, "b");
+  check_same(a, b, op, "a", "b");
+  at::Tensor out = at::empty(a.sizes(), a.options());
+  if (a.numel() == 0) return out;
+  if (backend_of(a, op) == Backend::kCpu) {
+    swiglu_fwd_cpu(a, b, out);
+  } else {
+#ifdef MEGALLAMA_WITH_CUDA
+    swiglu_fwd_cuda(a, b, out);
+#endif
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_split_bwd_into(const at::Tensor& grad_out,
+                                                         const at::Tensor& a, const at::Tensor& b,
+                                                         at::Tensor grad_a, at::Tensor grad_b) {
+  const char* op = "swiglu_bwd";
+  check_rows_tensor(grad_out, op, "grad_out");
+  check_rows_tensor(a, op, "a");
+  check_rows_tensor(b, op, "b");
+  check_same(a, b, op, "a", "b");
+  check_same(grad_out, a, op, "grad_out", "a");
+  if (a.numel() == 0) return {grad_a, grad_b};
+  if (backend_of(a, op) == Backend::kCpu) {
+    swiglu_bwd_cpu(grad_out, a, b, grad_a, grad_b);
+  } else {
+#ifdef MEGALLAMA_WITH_CUDA
+    swiglu_bwd_cuda(grad_out, a, b, grad_a, grad_b);
+#endif
+  }
+  return {grad_a, grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_split_bwd(const at::Tensor& grad_out, const at::Tensor& a,
+                                                    const at::Tensor& b) {
+  return swiglu_split_bwd_into(grad_out, a, b, at::empty(a.sizes(), a.options()),
+                               at::empty(b.sizes(), b.options()));
+}
+
+int64_t packed_half(const at::Tensor& ab, const char* op) {
+  check_rows_tensor(ab, op, "ab");
+  TORCH_CHECK(ab.size(-1) % 2 == 0, op, ": the last dim of the packed tensor ab holds [a, b] and "
+              "must be even, got shape ", ab.sizes());
+  return ab.size(-1) / 2;
+}
+
+at::Tensor swiglu_fwd(const at::Tensor& ab) {
+  const int64_t f = packed_half(ab, "swiglu_fwd");
+  return swiglu_split_fwd(ab.narrow(-1, 0, f), ab.narrow(-1, f, f));
+}
+
+at::Tensor swiglu_bwd(const at::Tensor& grad_out, const at::Tensor& ab) {
+  const char* op = "swiglu_bwd";
+  const int64_t f = packed_half(ab, op);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(with_last(ab, f)), op, ": grad_out must have "
+              "shape ", at::IntArrayRef(with_last(ab, f)), " (ab's with its last dim halved), got ",
+              grad_out.sizes());
+  at::Tensor grad_ab = at::empty(ab.sizes(), ab.options());
+  swiglu_split_bwd_into(grad_out, ab.narrow(-1, 0, f), ab.narrow(-1, f, f),
+                        grad_ab.narrow(-1, 0, f), grad_ab.narrow(-1, f, f));
+  return grad_ab;
+}
+
+void rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor out,
+                bool inverse) {
+  const char* op = "rope_apply";
+  TORCH_CHECK(x.defined() && x.dim() == 4, op, ": x must be 4-D [batch, seq, heads, head_dim], got ",
+              x.defined() ? x.sizes() : at::IntArrayRef{});
+  check_rows_tensor(x, op, "x");
+  check_rows_tensor(out, op, "out");
+  check_same(out, x, op, "out", "x");
+  const int64_t s = x.size(1), d = x.size(3);
+  TORCH_CHECK(d % 2 == 0, op, ": head_dim must be even for rotate-half pairs, got ", d);
+  for (const auto* t : {&cos, &sin}) {
+    const char* name = t == &cos ? "cos" : "sin";
+    check_same_device(x, *t, op, "x", name);
+    TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+                t->scalar_type());
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == s && t->size(1) == d / 2, op, ": ", name,
+                " must have shape [seq, head_dim/2] = [", s, ", ", d / 2, "], got ", t->sizes());
+    TORCH_CHECK(t->size(1) <= 1 || t->stride(1) == 1, op, ": ", name,
+                " must be contiguous in its last dimension");
+  }
+  at::assert_no_internal_overlap(out);
+  at::assert_no_overlap(out, x);
+  if (x.numel() == 0) return;
+  if (backend_of(x, op) == Backend::kCpu) {
+    rope_cpu(x, cos, sin, out, inverse);
+  } else {
+#ifdef MEGALLAMA_WITH_CUDA
+    rope_cuda(x, cos, sin, out, inverse);
+#endif
+  }
+}
+
+bool has_cuda() {
+#ifdef MEGALLAMA_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace megallama_ops
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace megallama_ops;
+  m.doc() = "megallama fused ops: RMSNorm, SwiGLU, rotary embedding (CPU, and CUDA when built)";
+  m.def("rms_norm_fwd", &rms_norm_fwd, "(x [..., h], weight [h], eps) -> (y, rstd [...])",
+        py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("rms_norm_bwd", &rms_norm_bwd,
+        "(grad_y, x, weight, rstd) -> (grad_x, grad_weight in weight's dtype)", py::arg("grad_y"),
+        py::arg("x"), py::arg("weight"), py::arg("rstd"));
+  m.def("swiglu_fwd", &swiglu_fwd, "(ab [..., 2f]) -> silu(a) * b [..., f]", py::arg("ab"));
+  m.def("swiglu_bwd", &swiglu_bwd, "(grad_out [..., f], ab [..., 2f]) -> grad_ab [..., 2f]",
+        py::arg("grad_out"), py::arg("ab"));
+  m.def("swiglu_split_fwd", &swiglu_split_fwd, "(a, b) -> silu(a) * b", py::arg("a"),
+        py::arg("b"));
+  m.def("swiglu_split_bwd", &swiglu_split_bwd, "(grad_out, a, b) -> (grad_a, grad_b)",
+        py::arg("grad_out"), py::arg("a"), py::arg("b"));
+  m.def("rope_apply", &rope_apply,
+        "(x [b, s, h, d], cos [s, d/2], sin [s, d/2], out [b, s, h, d], inverse): writes into out "
+        "the rotate-half rotation of x by +theta (or -theta when inverse)",
+        py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out"), py::arg("inverse"));
+  m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");
+}

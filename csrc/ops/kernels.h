@@ -1,0 +1,36 @@
+// Kernel launchers of megallama._ops. binding.cpp checks the arguments and allocates the outputs;
+// these only compute. Every tensor argument has been checked: float dtypes, last-dim stride 1,
+// matching shapes; outputs may be strided views (rows located through RowIndexer).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace megallama_ops {
+
+// y = x * rstd * weight; rstd (accumulation dtype, one per row) = 1 / sqrt(mean(x^2) + eps).
+void rms_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& y,
+                      at::Tensor& rstd);
+// grad_weight: accumulation dtype, contiguous [h].
+void rms_norm_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                      const at::Tensor& rstd, at::Tensor& grad_x, at::Tensor& grad_weight);
+// out = silu(a) * b
+void swiglu_fwd_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out);
+void swiglu_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b,
+                    at::Tensor& grad_a, at::Tensor& grad_b);
+// x, out: [b, s, h, d]; cos, sin: float32 [s, d/2]. Rotate-half pairs (i, i + d/2).
+void rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& out,
+              bool inverse);
+
+#ifdef MEGALLAMA_WITH_CUDA
+void rms_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& y,
+                       at::Tensor& rstd);
+void rms_norm_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                       const at::Tensor& rstd, at::Tensor& grad_x, at::Tensor& grad_weight);
+void swiglu_fwd_cuda(const at::Tensor& a, const at::Tensor& b, at::Tensor& out);
+void swiglu_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b,
+                     at::Tensor& grad_a, at::Tensor& grad_b);
+void rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& out,
+               bool inverse);
+#endif
+
+}  // namespace megallama_ops

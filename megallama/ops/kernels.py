@@ -1,0 +1,105 @@
+"""Raw kernel callers: no autograd, for hand-written backwards that manage their own buffers.
+
+Dispatch: a CPU tensor runs the C++ kernel; a CUDA tensor runs the CUDA kernel when the extension
+was built with one (``has_cuda()``), else the plain-torch form of :mod:`megallama.ops.reference`;
+any other device runs the plain-torch form. The kernels need stride 1 in the last dim (rows may
+be strided) and raise a RuntimeError naming the problem otherwise.
+"""
+import torch
+
+from megallama.ops import reference as ref
+from megallama.ops._ext import _ops
+
+
+def has_cuda():
+    """Whether the extension was built with its CUDA kernels."""
+    return bool(_ops.has_cuda())
+
+
+def _use_kernel(t):
+    kind = t.device.type
+    return kind == "cpu" or (kind == "cuda" and _ops.has_cuda())
+
+
+def rms_norm_forward(x, weight, eps):
+    """``(y, rstd)``: y = x * rstd * weight over the last dim, rstd = 1/sqrt(mean(x^2)+eps) per row
+    (float32; float64 for a float64 x). y has x's dtype and is contiguous."""
+    if _use_kernel(x):
+        return _ops.rms_norm_fwd(x, weight, float(eps))
+    return ref.rms_norm_fwd_ref(x, weight, eps)
+
+
+def rms_norm_backward(grad_y, x, weight, rstd):
+    """``(grad_x, grad_weight)``; grad_weight is accumulated in fp32 and returned in weight's dtype."""
+    if _use_kernel(x):
+        return _ops.rms_norm_bwd(grad_y, x, weight, rstd)
+    return ref.rms_norm_bwd_ref(grad_y, x, weight, rstd)
+
+
+def swiglu_forward(a, b=None):
+    """``silu(a) * b``. With ``b=None``, ``a`` is the packed ``[..., 2f]`` tensor [a | b]."""
+    if b is None:
+        if _use_kernel(a):
+            return _ops.swiglu_fwd(a)
+        f = _packed_half(a)
+        return ref.swiglu_ref(a[..., :f], a[..., f:])
+    if _use_kernel(a):
+        return _ops.swiglu_split_fwd(a, b)
+    return ref.swiglu_ref(a, b)
+
+
+def swiglu_backward(grad_out, a, b=None):
+    """Unpacked: ``(grad_a, grad_b)``. Packed (``b=None``): ``grad_ab`` [..., 2f], contiguous."""
+    if b is None:
+        if _use_kernel(a):
+            return _ops.swiglu_bwd(grad_out, a)
+        f = _packed_half(a)
+        return torch.cat(ref.swiglu_bwd_ref(grad_out, a[..., :f], a[..., f:]), dim=-1)
+    if _use_kernel(a):
+        return _ops.swiglu_split_bwd(grad_out, a, b)
+    return ref.swiglu_bwd_ref(grad_out, a, b)
+
+
+def _packed_half(ab):
+    if ab.shape[-1] % 2:
+        raise ValueError(f"swiglu: the packed tensor's last dim holds [a, b] and must be even, got shape {tuple(ab.shape)}")
+    return ab.shape[-1] // 2
+
+
+def rotary_output(x):
+    """An empty tensor of x's logical shape [b, s, h, d] laid out as contiguous [b, h, s, d], so
+    ``out.transpose(1, 2)`` is contiguous (what scaled_dot_product_attention wants)."""
+    b, s, h, d = x.shape
+    return torch.empty(b, h, s, d, dtype=x.dtype, device=x.device).transpose(1, 2)
+
+
+def _rope(x, cos, sin, out, inverse):
+    if _use_kernel(x):
+        _ops.rope_apply(x, cos, sin, out, inverse)
+    else:
+        out.copy_(ref.rope_ref(x, cos, sin, inverse=inverse))
+    return out
+
+
+def rope_forward(x, cos, sin, out=None):
+    """Rotates x [b, s, h, d] (any strides, stride 1 in the last dim) by the angles whose cos/sin
+    (float32 [s, d/2]) are given. Writes into ``out`` (any strides) when given, else into a new
+    tensor from :func:`rotary_output`; returns it. ``out`` must not overlap ``x``."""
+    return _rope(x, cos, sin, rotary_output(x) if out is None else out, False)
+
+
+def rope_backward(grad, cos, sin, out=None):
+    """The backward of :func:`rope_forward` (the inverse rotation); a new contiguous [b, s, h, d]
+    tensor unless ``out`` is given."""
+    return _rope(grad, cos, sin, torch.empty(grad.shape, dtype=grad.dtype, device=grad.device) if out is None else out, True)
+
+
+def rope_cos_sin(seq_len, head_dim, theta=10000.0, offset=0, device=None):
+    """``(cos, sin)``, float32 [seq_len, head_dim/2], for positions offset .. offset+seq_len-1, with
+    Hugging Face LLaMA's frequencies inv_freq = 1 / theta^(arange(0, d, 2)/d)."""
+    if head_dim % 2:
+        raise ValueError(f"rope_cos_sin: head_dim must be even, got {head_dim}")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    positions = torch.arange(offset, offset + seq_len, dtype=torch.int64, device=device).float()
+    freqs = torch.outer(positions, inv_freq)
+    return freqs.cos(), freqs.sin()
