@@ -1,0 +1,210 @@
+"""Data parallelism: gradients reduced over the DP group in buckets, overlapping the backward pass.
+
+:class:`DistributedDataParallel` gives every parameter a ``main_grad``: a view into one contiguous
+fp32 buffer (whatever the parameter's dtype, so bf16 training accumulates gradients in fp32).
+Autograd's per-parameter gradient is added into ``main_grad`` as soon as it is produced; when every
+parameter of a bucket has its gradient for the last micro-batch, the bucket's collective starts
+asynchronously while backward continues on the earlier layers. Buckets are filled in reverse
+parameter order, the order backward produces gradients.
+
+Without the distributed optimizer a bucket is all-reduced (summed); with it, reduce-scattered: DP
+rank ``i`` receives the summed gradient of the ``i``-th equal slice of each bucket, the slice whose
+fp32 main parameters and AdamW state it owns (ZeRO-1). Buckets are padded to a multiple of the DP
+size so the slices are equal.
+"""
+import contextlib
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_BUCKET_SIZE = 40_000_000  # elements; Megatron's default order of magnitude
+
+
+class _Bucket:
+    def __init__(self, params: List[torch.nn.Parameter], start: int, numel: int, padded: int):
+        self.params = params
+        self.start = start          # offset in the grad buffer
+        self.numel = numel          # elements of its parameters
+        self.padded = padded        # numel rounded up to a multiple of the DP size
+        self.pending = len(params)
+        self.work = None
+        self.send_buffer = None
+
+
+class DistributedDataParallel(torch.nn.Module):
+    """Wraps one model chunk; ``forward`` is the wrapped module's.
+
+    Args:
+        module: the model chunk.
+        data_parallel_group: the DP process group (default: that of ``megallama.parallel.state``).
+        use_distributed_optimizer: reduce-scatter buckets instead of all-reducing them.
+        bucket_size: elements per bucket (a bucket closes once it holds at least this many).
+        overlap_grad_reduce: start each bucket's collective as soon as it is ready; otherwise all
+            collectives run in :meth:`finish_grad_sync`.
+    """
+
+    def __init__(self, module: torch.nn.Module, data_parallel_group: Optional[dist.ProcessGroup] = None,
+                 use_distributed_optimizer: bool = False, bucket_size: int = DEFAULT_BUCKET_SIZE,
+                 overlap_grad_reduce: bool = True):
+        super().__init__()
+        if data_parallel_group is None:
+            from megallama.parallel import state
+            data_parallel_group = state.get_data_parallel_group()
+        if bucket_size < 1:
+            raise ValueError(f"bucket_size must be >= 1 element, got {bucket_size}")
+        self.module = module
+        self.data_parallel_group = data_parallel_group
+        self.dp_size = dist.get_world_size(data_parallel_group)
+        self.dp_rank = dist.get_rank(data_parallel_group)
+        self.use_distributed_optimizer = use_distributed_optimizer
+        self.overlap_grad_reduce = overlap_grad_reduce
+        self._sync_enabled = True
+
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("DistributedDataParallel: the module has no trainable parameters")
+        device = params[0].device
+        self.buckets: List[_Bucket] = []
+        self.param_range: Dict[torch.nn.Parameter, Tuple[int, int]] = {}  # buffer [start, end)
+        self._bucket_of: Dict[torch.nn.Parameter, _Bucket] = {}
+        offset, current, current_numel = 0, [], 0
+        for p in reversed(params):
+            current.append(p)
+            current_numel += p.numel()
+            if current_numel >= bucket_size:
+                offset = self._close_bucket(current, offset, current_numel)
+                current, current_numel = [], 0
+        if current:
+            offset = self._close_bucket(current, offset, current_numel)
+        self.grad_buffer = torch.zeros(offset, dtype=torch.float32, device=device)
+        for bucket in self.buckets:
+            pos = bucket.start
+            for p in bucket.params:
+                self.param_range[p] = (pos, pos + p.numel())
+                self._bucket_of[p] = bucket
+                p.main_grad = self.grad_buffer[pos:pos + p.numel()].view(p.shape)
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+                pos += p.numel()
+
+    def _close_bucket(self, params, offset: int, numel: int) -> int:
+        padded = -(-numel // self.dp_size) * self.dp_size
+        self.buckets.append(_Bucket(params, offset, numel, padded))
+        return offset + padded
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    # --- gradient flow ----------------------------------------------------------------------------
+
+    def _grad_ready(self, param: torch.nn.Parameter) -> None:
+        param.main_grad.add_(param.grad)
+        param.grad = None
+        if not self._sync_enabled:
+            return
+        bucket = self._bucket_of[param]
+        bucket.pending -= 1
+        if bucket.pending == 0 and self.overlap_grad_reduce:
+            self._start_reduce(bucket)
+
+    def bucket_view(self, bucket: _Bucket) -> torch.Tensor:
+        return self.grad_buffer[bucket.start:bucket.start + bucket.padded]
+
+    def shard_range(self, bucket: _Bucket) -> Tuple[int, int]:
+        """The buffer range [start, end) of ``bucket`` whose reduced gradient this DP rank owns."""
+        shard = bucket.padded // self.dp_size
+        start = bucket.start + self.dp_rank * shard
+        return start, start + shard
+
+    def _start_reduce(self, bucket: _Bucket) -> None:
+        if bucket.work is not None:
+            raise RuntimeError("DistributedDataParallel: a bucket was reduced twice in one step "
+                               "(a parameter got two gradients; call zero_grad_buffer() per step)")
+        view = self.bucket_view(bucket)
+        if self.dp_size == 1:
+            bucket.work = _DoneWork()
+        elif self.use_distributed_optimizer:
+            start, end = self.shard_range(bucket)
+            # The input is copied: the output slice lies inside it, and not every backend
+            # reduces in place. The copy lives on the bucket until the collective is waited on.
+            bucket.send_buffer = view.clone()
+            bucket.work = dist.reduce_scatter_tensor(self.grad_buffer[start:end], bucket.send_buffer,
+                                                     group=self.data_parallel_group, async_op=True)
+        else:
+            bucket.work = dist.all_reduce(view, group=self.data_parallel_group, async_op=True)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally (micro-batches before the last one)."""
+        previous, self._sync_enabled = self._sync_enabled, False
+        try:
+            yield
+        finally:
+            self._sync_enabled = previous
+
+    def finish_grad_sync(self) -> None:
+        """Start the buckets not started yet (parameters without a gradient) and wait for all."""
+        for bucket in self.buckets:
+            if bucket.work is None:
+                self._start_reduce(bucket)
+        for bucket in self.buckets:
+            bucket.work.wait()
+            bucket.work = None
+            bucket.send_buffer = None
+            bucket.pending = len(bucket.params)
+
+    def zero_grad_buffer(self) -> None:
+        self.grad_buffer.zero_()
+        for bucket in self.buckets:
+            if bucket.work is not None:
+                raise RuntimeError("zero_grad_buffer() while a gradient reduction is in flight; "
+                                   "call finish_grad_sync() first")
+            bucket.pending = len(bucket.params)
+
+    def scale_gradients(self, factor: float) -> None:
+        self.grad_buffer.mul_(factor)
+
+
+class _DoneWork:
+    def wait(self):
+        return True
+
+
+def finalize_model_grads(model_chunks: List[DistributedDataParallel], losses: List[dict]) -> torch.Tensor:
+    """Finish the DP reductions and turn summed-token-loss gradients into mean-token-loss ones.
+
+    ``losses`` is what the schedule returned on this rank (non-empty on the last pipeline stage).
+    The token count of the whole global batch is summed over the pipeline group (only the last
+    stage has it) and the DP group; every gradient is divided by it. Returns that count.
+    """
+    from megallama.parallel import state
+
+    for chunk in model_chunks:
+        chunk.finish_grad_sync()
+    num_tokens = torch.zeros((), dtype=torch.float64, device=model_chunks[0].grad_buffer.device)
+    for item in losses:
+        num_tokens += item["num_tokens"]
+    if state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(num_tokens, group=state.get_pipeline_model_parallel_group())
+    dist.all_reduce(num_tokens, group=model_chunks[0].data_parallel_group)
+    if num_tokens.item() <= 0:
+        raise RuntimeError("the global batch counted no tokens for the loss (all masked?)")
+    for chunk in model_chunks:
+        chunk.scale_gradients(1.0 / num_tokens.item())
+    return num_tokens
+
+
+def global_mean_loss(losses: List[dict]) -> Optional[torch.Tensor]:
+    """Mean token loss over the global batch (on the last pipeline stage; None elsewhere).
+
+    A collective over the DP group, so every last-stage rank must call it.
+    """
+    if not losses:
+        return None
+    from megallama.parallel import state
+
+    sums = torch.stack([sum(item["loss_sum"].double() for item in losses),
+                        torch.tensor(float(sum(float(item["num_tokens"]) for item in losses)),
+                                     dtype=torch.float64, device=losses[0]["loss_sum"].device)])
+    dist.all_reduce(sums, group=state.get_data_parallel_group())
+    return (sums[0] / sums[1]).float()

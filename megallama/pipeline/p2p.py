@@ -1,0 +1,90 @@
+"""Point-to-point exchange of activations and their gradients between pipeline stages.
+
+Every exchange is one ``batch_isend_irecv`` call that is waited on before returning, so a stage's
+sends and receives of one schedule step are posted together (no ordering deadlock between
+neighbours that both send and receive). Ops are posted in a fixed order — the forward direction
+(send to next, receive from previous) before the backward direction (send to previous, receive
+from next) — and tagged by direction: NCCL matches a group's ops to one peer in posting order and
+gloo matches by tag, so both stay correct when the next and the previous rank are the same process
+(two stages, or the wrap-around of the interleaved schedule).
+
+Receive buffers have the shape the schedule derives from the config (``[micro_batch, seq, hidden]``,
+the sequence divided by TP under sequence parallelism): no shape handshake.
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+_FORWARD_TAG = 0
+_BACKWARD_TAG = 1
+
+
+class PipelineCommunicator:
+    """Exchanges tensors of one fixed shape with the neighbouring pipeline stages (a ring)."""
+
+    def __init__(self, group: dist.ProcessGroup, tensor_shape: Sequence[int], dtype: torch.dtype,
+                 device: torch.device):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.next_rank = dist.get_global_rank(group, (self.rank + 1) % self.size)
+        self.prev_rank = dist.get_global_rank(group, (self.rank - 1) % self.size)
+        self.tensor_shape = tuple(tensor_shape)
+        self.dtype = dtype
+        self.device = device
+
+    def _buffer(self, requires_grad: bool) -> torch.Tensor:
+        # A received activation is a leaf of this stage's autograd graph: its .grad is what the
+        # stage sends back.
+        return torch.empty(self.tensor_shape, dtype=self.dtype, device=self.device,
+                           requires_grad=requires_grad)
+
+    def _check(self, tensor: torch.Tensor, what: str) -> None:
+        if tuple(tensor.shape) != self.tensor_shape or tensor.dtype != self.dtype:
+            raise RuntimeError(
+                f"pipeline stage {self.rank} would send {what} of shape {tuple(tensor.shape)} "
+                f"{tensor.dtype}, but the stages exchange {self.tensor_shape} {self.dtype} "
+                "(check seq_length, micro_batch_size, hidden_size, sequence_parallel and dtype)")
+
+    def communicate(self, send_next: Optional[torch.Tensor] = None,
+                    send_prev: Optional[torch.Tensor] = None, recv_prev: bool = False,
+                    recv_next: bool = False) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Send/receive in both directions at once; returns (from_prev, from_next)."""
+        from_prev = self._buffer(requires_grad=True) if recv_prev else None
+        from_next = self._buffer(requires_grad=False) if recv_next else None
+        ops = []
+        if send_next is not None:
+            self._check(send_next, "an activation")
+            ops.append(dist.P2POp(dist.isend, send_next.detach().contiguous(), self.next_rank,
+                                  self.group, _FORWARD_TAG))
+        if from_prev is not None:
+            ops.append(dist.P2POp(dist.irecv, from_prev.data, self.prev_rank, self.group, _FORWARD_TAG))
+        if send_prev is not None:
+            self._check(send_prev, "an activation gradient")
+            ops.append(dist.P2POp(dist.isend, send_prev.detach().contiguous(), self.prev_rank,
+                                  self.group, _BACKWARD_TAG))
+        if from_next is not None:
+            ops.append(dist.P2POp(dist.irecv, from_next.data, self.next_rank, self.group, _BACKWARD_TAG))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        return from_prev, from_next
+
+    def recv_forward(self) -> torch.Tensor:
+        return self.communicate(recv_prev=True)[0]
+
+    def send_forward(self, output: torch.Tensor) -> None:
+        self.communicate(send_next=output)
+
+    def recv_backward(self) -> torch.Tensor:
+        return self.communicate(recv_next=True)[1]
+
+    def send_backward(self, input_grad: torch.Tensor) -> None:
+        self.communicate(send_prev=input_grad)
+
+    def send_forward_recv_backward(self, output: torch.Tensor) -> torch.Tensor:
+        return self.communicate(send_next=output, recv_next=True)[1]
+
+    def send_backward_recv_forward(self, input_grad: torch.Tensor) -> torch.Tensor:
+        return self.communicate(send_prev=input_grad, recv_prev=True)[0]
