@@ -1,0 +1,1 @@
+"""Pretraining: flags → config, the training loop, lr schedule, checkpoints, logging."""

@@ -1,0 +1,35 @@
+"""The lr schedule equals Megatron-core's OptimizerParamScheduler after the same number of steps."""
+import pytest
+import torch
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megallama.training.config import LRScheduleArgs
+from megallama.training.lr_schedule import LRSchedule
+
+
+class _Optimizer:  # the only part of MegatronOptimizer the scheduler touches
+    def __init__(self):
+        self.param_groups = [{"params": []}]
+
+
+@pytest.mark.parametrize("style", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup", [0, 7])
+def test_matches_megatron_core(style, warmup):
+    args = LRScheduleArgs(lr=3e-4, min_lr=3e-5, lr_decay_style=style, lr_warmup_iters=warmup, lr_decay_iters=40)
+    ours = LRSchedule(args)
+    reference = OptimizerParamScheduler(
+        _Optimizer(), init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=args.lr_decay_iters, lr_decay_style=style, start_wd=0.1, end_wd=0.1,
+        wd_incr_steps=40, wd_incr_style="constant",
+    )
+    for iteration in range(1, 51):
+        reference.num_steps = iteration
+        assert ours.lr(iteration) == pytest.approx(reference.get_lr(reference.optimizer.param_groups[0]), rel=1e-12)
+
+
+def test_paper_shape_and_apply():
+    s = LRSchedule(LRScheduleArgs(lr=1.0, min_lr=0.1, lr_warmup_iters=2000, lr_decay_iters=10000))
+    assert s.lr(1) == 1 / 2000 and s.lr(2000) == 1.0 and s.lr(10000) == pytest.approx(0.1)
+    assert s.lr(20000) == 0.1 and s.lr(6000) == pytest.approx(0.55)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))])
+    assert s.apply(opt, 1000) == 0.5 and opt.param_groups[0]["lr"] == 0.5
