@@ -171,20 +171,26 @@ def _join_tex(files: list[tuple[str, str]]) -> str:
     return "\n".join(text for _, text in files)
 
 
+def _is_main_file(path: str) -> bool:
+    with open(path, "rb") as f:
+        return b"\\documentclass" in f.read(1 << 16)
+
+
 class ArXiv(Source):
     name = "arxiv"
     extensions = (".tex", ".tar", ".tar.gz", ".tgz")
 
     def shards(self, inputs):
+        """A folder directly holding a main file (one with `\\documentclass`) is one paper; other
+        folders are searched for paper folders, `.tex` files and tarballs."""
         out = []
         for path in inputs:
             if os.path.isdir(path):
-                entries = sorted(os.listdir(path))
-                if any(e.endswith(".tex") for e in entries):
-                    out.append(path)  # a folder holding .tex files is one paper
+                entries = [os.path.join(path, e) for e in sorted(os.listdir(path)) if not e.startswith(".")]
+                if any(e.endswith(".tex") and _is_main_file(e) for e in entries):
+                    out.append(path)
                 else:
-                    out.extend(self.shards([os.path.join(path, e) for e in entries if not e.startswith(".")
-                                            and (os.path.isdir(os.path.join(path, e)) or e.endswith(self.extensions))]))
+                    out.extend(self.shards([e for e in entries if os.path.isdir(e) or e.endswith(self.extensions)]))
             elif os.path.isfile(path):
                 out.append(path)
             else:
