@@ -143,6 +143,9 @@ class ColumnParallelLinear(nn.Module):
         y = F.linear(x, self.weight)
         if self.gather_output:
             y = gather_from_tensor_model_parallel_region(y)
+            if self.stacked > 1:  # rank-major [rank][block] columns -> the serial [block][rank] order
+                tp = get_tensor_model_parallel_world_size()
+                y = y.unflatten(-1, (tp, self.stacked, -1)).transpose(-3, -2).flatten(-3)
             if self.padded_output_size != self.output_size:
                 y = y[..., : self.output_size]
         return y

@@ -50,11 +50,12 @@ def _gather(x, dim):
     world_size = get_tensor_model_parallel_world_size()
     if world_size == 1:
         return x
-    out = x.new_empty((world_size,) + tuple(x.shape))
+    # Gloo wants the concatenated form [world * n, ...] of the output, not the stacked one.
+    out = x.new_empty((world_size * x.shape[0],) + tuple(x.shape[1:]))
     _all_gather_flat(out, x.contiguous(), group=get_tensor_model_parallel_group())
     if dim % x.dim() == 0:
-        return out.flatten(0, 1)
-    return torch.cat(out.unbind(0), dim=dim)
+        return out
+    return torch.cat(out.chunk(world_size), dim=dim)
 
 
 def _reduce_scatter(x, dim):
@@ -64,7 +65,7 @@ def _reduce_scatter(x, dim):
         return x
     _check_divisible(x, dim, world_size, "reduce-scatter")
     # The flat collective scatters along the first dimension: bring the chunks of ``dim`` there.
-    stacked = x.contiguous() if dim % x.dim() == 0 else torch.stack(x.chunk(world_size, dim))
+    stacked = x.contiguous() if dim % x.dim() == 0 else torch.cat(x.chunk(world_size, dim))
     out_shape = list(x.shape)
     out_shape[dim] //= world_size
     out = x.new_empty(out_shape)
