@@ -1,0 +1,166 @@
+"""The runner: parallel output equals serial output, resume after a crash, rejected documents,
+the report, the CLI; and the quality classifier end to end."""
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+from megallama.clean import runner
+from megallama.clean.quality import QualityClassifier, train_quality_classifier
+from megallama.clean.runner import clean_corpus
+from tests.clean import inputs
+from tests.clean.samples import SENTENCES, page
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def make_commoncrawl_shards(folder, n_shards=4, docs=12, seed=0):
+    """JSONL shards with lines and documents repeated within and across shards, other languages,
+    short documents and broken lines."""
+    rng = random.Random(seed)
+    shared = [f"Shared navigation line number {i} for every page on this site." for i in range(5)]
+    made = []
+    for s in range(n_shards):
+        rows = []
+        for d in range(docs):
+            kind = rng.random()
+            if kind < 0.15 and made:
+                rows.append({"url": f"s{s}/{d}", "text": rng.choice(made)})
+            elif kind < 0.25:
+                rows.append({"url": f"s{s}/{d}", "text": page(rng, rng.choice(["de", "fr", "es"]))})
+            elif kind < 0.3:
+                rows.append({"url": f"s{s}/{d}", "text": "Tiny page."})
+            else:
+                lines = page(rng).split("\n") + rng.sample(shared, 2)
+                rng.shuffle(lines)
+                made.append("\n".join(lines))
+                rows.append({"url": f"s{s}/{d}", "text": made[-1]})
+        inputs.write_jsonl(str(folder / f"part-{s}.jsonl"), rows, raw_lines={3: b"{broken"})
+    return sorted(str(p) for p in folder.glob("part-*.jsonl"))
+
+
+def read_output(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if name.endswith(".jsonl")}
+
+
+def test_parallel_output_equals_serial_and_sequential_reference(tmp_path):
+    paths = make_commoncrawl_shards(tmp_path)
+    serial = clean_corpus("commoncrawl", paths, str(tmp_path / "w1"), str(tmp_path / "r1.json"), workers=1, progress=False)
+    parallel = clean_corpus("commoncrawl", paths, str(tmp_path / "w2"), str(tmp_path / "r2.json"), workers=2, progress=False)
+    assert serial == parallel
+    assert read_output(tmp_path / "w1") == read_output(tmp_path / "w2")
+    # one shard holding everything must give the same documents: dedup is over the whole input
+    merged = tmp_path / "merged.jsonl"
+    merged.write_bytes(b"".join(open(p, "rb").read() for p in paths))
+    single = clean_corpus("commoncrawl", [str(merged)], str(tmp_path / "w3"), str(tmp_path / "r3.json"), progress=False)
+    assert single["dropped"] == serial["dropped"] and single["output_docs"] == serial["output_docs"]
+    assert b"".join(read_output(tmp_path / "w1").values()) == b"".join(read_output(tmp_path / "w3").values())
+    assert serial["dropped"]["bad_json"] == 4 and serial["dropped"]["duplicate"] > 0
+    assert serial["dropped"]["language"] > 0
+
+
+def test_resume_after_crash_gives_the_same_output(tmp_path, monkeypatch):
+    paths = make_commoncrawl_shards(tmp_path, seed=1)
+    expected = clean_corpus("commoncrawl", paths, str(tmp_path / "ref"), str(tmp_path / "ref.json"), progress=False)
+
+    real_pass2 = runner._pass2
+    calls = []
+
+    def crash_on_third(source, shard, *args):
+        calls.append(shard.index)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_pass2(source, shard, *args)
+
+    monkeypatch.setattr(runner, "_pass2", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        clean_corpus("commoncrawl", paths, str(tmp_path / "out"), str(tmp_path / "out.json"), progress=False)
+    monkeypatch.setattr(runner, "_pass2", real_pass2)
+    done = sorted(os.listdir(tmp_path / "out" / ".clean" / "done"))
+    assert len(done) == 2 and not (tmp_path / "out.json").exists()
+    assert not [n for n in os.listdir(tmp_path / "out") if n.endswith(".tmp")]
+
+    finished = []
+    monkeypatch.setattr(runner, "_pass2", lambda source, shard, *a: finished.append(shard.index) or real_pass2(source, shard, *a))
+    report = clean_corpus("commoncrawl", paths, str(tmp_path / "out"), str(tmp_path / "out.json"), progress=False)
+    assert finished == [2, 3]  # finished shards are skipped
+    assert report == expected
+    assert read_output(tmp_path / "out") == read_output(tmp_path / "ref")
+    assert not (tmp_path / "out" / ".clean" / "work").exists()
+    # a rerun of a finished run does nothing and reports the same
+    finished.clear()
+    assert clean_corpus("commoncrawl", paths, str(tmp_path / "out"), str(tmp_path / "out.json"), progress=False) == expected
+    assert finished == []
+
+
+def test_single_pass_resume_and_rejected_documents(tmp_path):
+    site = tmp_path / "a.stackexchange.com"
+    site.mkdir()
+    inputs.write_posts_xml(str(site / "Posts.xml"), [{"Id": 1, "PostTypeId": 1, "Title": "Q", "Body": "<p>B</p>"},
+                                                     {"Id": 2, "PostTypeId": 2, "ParentId": 7, "Body": "<p>O</p>"}])
+    rej = tmp_path / "rejected"
+    report = clean_corpus("stackexchange", [str(tmp_path)], str(tmp_path / "out"), str(tmp_path / "r.json"),
+                          keep_rejected=str(rej), progress=False)
+    assert report["output_docs"] == 1 and report["dropped"] == {"orphan_answer": 1}
+    rows = [json.loads(line) for f in sorted(rej.iterdir()) for line in f.read_text().splitlines()]
+    assert [(r["text"], r["meta"]["reason"]) for r in rows] == [("<p>O</p>", "orphan_answer")]
+    assert clean_corpus("stackexchange", [str(tmp_path / "a.stackexchange.com")], str(tmp_path / "out"),
+                        str(tmp_path / "r.json"), progress=False) == report
+
+
+def test_a_different_run_in_the_same_folder_is_refused(tmp_path):
+    paths = make_commoncrawl_shards(tmp_path, n_shards=2, docs=3)
+    clean_corpus("commoncrawl", paths, str(tmp_path / "out"), str(tmp_path / "r.json"), progress=False)
+    with pytest.raises(RuntimeError, match="different run"):
+        clean_corpus("commoncrawl", paths[:1], str(tmp_path / "out"), str(tmp_path / "r.json"), progress=False)
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        clean_corpus("commoncrawl", [str(tmp_path / "missing.jsonl")], str(tmp_path / "o2"), str(tmp_path / "r2.json"))
+    with pytest.raises(ValueError, match="unknown source"):
+        clean_corpus("reddit", paths, str(tmp_path / "o3"), str(tmp_path / "r3.json"))
+
+
+def test_quality_classifier_separates_reference_pages_and_filters(tmp_path):
+    rng = random.Random(5)
+    spam_words = "buy cheap best deal click now free casino bonus win prize offer discount online shop".split()
+    refs = [page(rng, "en", 8) for _ in range(200)]
+    spam = [" ".join(rng.choices(spam_words, k=60)) + "." for _ in range(200)]
+    model = str(tmp_path / "quality.bin")
+    counts = train_quality_classifier(refs[:150], spam[:150], model, epoch=10)
+    assert counts == {"positive": 150, "negative": 150}
+    clf = QualityClassifier(model)
+    accuracy = (sum(clf.score(t) >= 0.5 for t in refs[150:]) + sum(clf.score(t) < 0.5 for t in spam[150:])) / 100
+    assert accuracy >= 0.95
+    with pytest.raises(ValueError, match="both classes"):
+        train_quality_classifier(refs, [], str(tmp_path / "x.bin"))
+
+    rows = [{"url": f"r{i}", "text": t} for i, t in enumerate(refs[150:155])]
+    rows += [{"url": f"s{i}", "text": "\n".join(" ".join(rng.choices(spam_words, k=12)) for _ in range(8))} for i in range(3)]
+    inputs.write_jsonl(str(tmp_path / "cc.jsonl"), rows)
+    report = clean_corpus("commoncrawl", [str(tmp_path / "cc.jsonl")], str(tmp_path / "out"), str(tmp_path / "r.json"),
+                          quality_model=model, progress=False)
+    assert report["dropped"].get("low_quality") == 3 and report["output_docs"] == 5
+    kept = [json.loads(line) for line in (tmp_path / "out" / "commoncrawl-00000.jsonl").read_text().splitlines()]
+    assert all(d["meta"]["quality_score"] >= 0.5 for d in kept)
+
+
+def test_cli_prints_kept_and_dropped_and_writes_the_report(tmp_path):
+    paths = make_commoncrawl_shards(tmp_path, n_shards=2, docs=6)
+    cmd = [sys.executable, os.path.join(REPO, "tools", "clean_corpus.py"), "--source", "commoncrawl", "--input", *paths,
+           "--output", str(tmp_path / "out"), "--report", str(tmp_path / "report.json"), "--workers", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert re.search(rf"kept\s+{report['output_docs']}\s", result.stdout)
+    for reason, count in report["dropped"].items():
+        assert re.search(rf"dropped\s+{count}\s.*{reason}", result.stdout)
+    assert "clean commoncrawl" in result.stderr  # the progress bar
+    first = json.loads((tmp_path / "out" / "commoncrawl-00000.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"text", "meta"} and {"source", "url", "lang", "lang_score"} <= set(first["meta"])
+    bad = subprocess.run(cmd[:4] + ["--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o"),
+                                    "--report", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "input not found" in bad.stderr
