@@ -13,6 +13,12 @@ embeddings use the rotate-half layout (HF's), so HF weights load without a row p
 
 Activations are ``[batch, seq, hidden]``. A pipeline stage is a ``LlamaModel`` built with
 ``pre_process``/``post_process`` and the global ids of the layers it holds.
+
+Tensor parallelism (Megatron's): built after ``megallama.parallel.initialize_model_parallel``,
+each rank holds its heads of ``wqkv`` and its columns of ``w13`` (column-parallel), the matching
+input columns of ``wo`` and ``w2`` (row-parallel), and its rows of the vocabulary in the embedding
+and the head. With ``config.sequence_parallel`` the residual stream and the norms between blocks are
+split along the sequence.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megallama import ops
+from megallama import ops, parallel
 from megallama.config import LlamaConfig
 
 __all__ = ["LlamaConfig", "LlamaModel", "TransformerBlock", "get_param_groups",
@@ -152,51 +158,57 @@ def linear_cross_entropy(hn: torch.Tensor, weight: torch.Tensor, target: torch.T
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype = torch.float32):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype = torch.float32, sequence_parallel: bool = False):
         super().__init__()
         self.eps = eps
+        self.sequence_parallel = sequence_parallel
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+        weight = self.weight
+        if self.sequence_parallel:  # each rank sees part of the sequence: sum the weight's gradient
+            weight = parallel.copy_to_tensor_model_parallel_region(weight)
+        return ops.rms_norm(x, weight, self.eps)
 
 
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.head_dim = config.head_dim
-        h = config.hidden_size
-        self.wqkv = nn.Linear(h, 3 * h, bias=False, dtype=config.params_dtype)
-        self.wo = nn.Linear(h, h, bias=False, dtype=config.params_dtype)
+        h, sp, dtype = config.hidden_size, config.sequence_parallel, config.params_dtype
+        self.wqkv = parallel.ColumnParallelLinear(h, 3 * h, stacked=3, sequence_parallel=sp, dtype=dtype)
+        self.wo = parallel.RowParallelLinear(h, h, sequence_parallel=sp, dtype=dtype)
 
     def forward(self, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = _QKVRotary.apply(xn, self.wqkv.weight, cos, sin, self.head_dim)
+        q, k, v = _QKVRotary.apply(self.wqkv.parallel_input(xn), self.wqkv.weight, cos, sin, self.head_dim)
         # q, k, v are [b, s, heads, d] in memory: SDPA takes the transposed views and returns
         # its output in the same layout, so the reshape for wo is free.
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        out = out.transpose(1, 2).reshape(*xn.shape[:-1], -1)
+        out = out.transpose(1, 2).reshape(*q.shape[:2], -1)
         return self.wo(out)
 
 
 class FeedForward(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        h, f = config.hidden_size, config.ffn_hidden_size
-        self.w13 = nn.Linear(h, 2 * f, bias=False, dtype=config.params_dtype)
-        self.w2 = nn.Linear(f, h, bias=False, dtype=config.params_dtype)
+        h, f, sp, dtype = config.hidden_size, config.ffn_hidden_size, config.sequence_parallel, config.params_dtype
+        self.w13 = parallel.ColumnParallelLinear(h, 2 * f, stacked=2, sequence_parallel=sp, dtype=dtype)
+        self.w2 = parallel.RowParallelLinear(f, h, sequence_parallel=sp, dtype=dtype)
 
     def forward(self, xn: torch.Tensor) -> torch.Tensor:
-        return _SwiGLUFeedForward.apply(xn, self.w13.weight, self.w2.weight)
+        out = _SwiGLUFeedForward.apply(self.w13.parallel_input(xn), self.w13.weight, self.w2.weight)
+        return self.w2.parallel_output(out)
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, config: LlamaConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
-        self.attention_norm = RMSNorm(config.hidden_size, config.norm_epsilon, config.params_dtype)
+        norm_args = (config.hidden_size, config.norm_epsilon, config.params_dtype, config.sequence_parallel)
+        self.attention_norm = RMSNorm(*norm_args)
         self.attention = Attention(config)
-        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_epsilon, config.params_dtype)
+        self.ffn_norm = RMSNorm(*norm_args)
         self.feed_forward = FeedForward(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -211,6 +223,8 @@ class LlamaModel(nn.Module):
     per-token cross-entropy ``[batch, seq]`` (float32), targets already aligned with positions.
     A stage without ``pre_process`` takes ``hidden_states``; one without ``post_process`` returns
     hidden states. ``layer_ids`` are the global ids of the layers held (default: all).
+    Under tensor parallelism every rank returns the full logits or loss; with sequence parallelism
+    the hidden states a stage takes or returns are this rank's part of the sequence.
     """
 
     def __init__(self, config: LlamaConfig, *, pre_process: bool = True, post_process: bool = True,
@@ -222,28 +236,38 @@ class LlamaModel(nn.Module):
         bad = [i for i in layer_ids if not 0 <= i < config.num_layers]
         if bad:
             raise ValueError(f"layer ids {bad} outside [0, {config.num_layers})")
-        dtype = config.params_dtype
+        tp = parallel.get_tensor_model_parallel_world_size()
+        for name in ("num_attention_heads", "ffn_hidden_size"):
+            if getattr(config, name) % tp:
+                raise ValueError(f"LlamaConfig.{name} ({getattr(config, name)}) must be divisible by the "
+                                 f"tensor-parallel size ({tp})")
+        dtype, sp = config.params_dtype, config.sequence_parallel
         if pre_process:
-            self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+            self.tok_embeddings = parallel.VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, sequence_parallel=sp, dtype=dtype)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(config, i) for i in layer_ids})
         if post_process:
-            self.norm = RMSNorm(config.hidden_size, config.norm_epsilon, dtype)
-            self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+            self.norm = RMSNorm(config.hidden_size, config.norm_epsilon, dtype, sp)
+            # A vocabulary not divisible by TP is padded; the padding rows never reach the logits.
+            self.output = parallel.ColumnParallelLinear(
+                config.hidden_size, config.vocab_size, gather_output=True, pad_output=True,
+                sequence_parallel=sp, dtype=dtype)
         self._rope_cache: dict = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Normal(0, std) weights; the projections into the residual stream (``wo``, ``w2``) use
-        std / sqrt(2·layers) as in Megatron; norms start at one."""
+        std / sqrt(2·layers) as in Megatron; norms start at one. Split weights get their shard of
+        the full tensor drawn as the serial model would."""
         std = self.config.init_method_std
         out_std = std / math.sqrt(2.0 * self.config.num_layers)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(p, 0.0, out_std)
+                parallel.init_parameter_(p, lambda t: nn.init.normal_(t, 0.0, out_std))
             else:
-                nn.init.normal_(p, 0.0, std)
+                parallel.init_parameter_(p, lambda t: nn.init.normal_(t, 0.0, std))
 
     def rotary(self, seq_len: int, device: torch.device, offset: int = 0):
         """(cos, sin) float32 ``[seq_len, head_dim/2]`` for positions offset … offset+seq_len-1."""
@@ -269,7 +293,10 @@ class LlamaModel(nn.Module):
             if hidden_states is None:
                 raise ValueError("a stage without pre_process needs hidden_states")
             h = hidden_states
-        cos, sin = self.rotary(h.shape[1], h.device)
+        seq_len = h.shape[1]
+        if self.config.sequence_parallel:  # h holds this rank's part of the sequence
+            seq_len *= parallel.get_tensor_model_parallel_world_size()
+        cos, sin = self.rotary(seq_len, h.device)
         for layer in self.layers.values():
             if self.config.recompute_granularity == "full" and torch.is_grad_enabled():
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
@@ -279,25 +306,31 @@ class LlamaModel(nn.Module):
             return h
         h = self.norm(h)
         if labels is None:
-            return F.linear(h, self.output.weight)
-        if labels.shape != h.shape[:-1]:
-            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(h.shape[:-1])}")
+            return self.output(h)
+        if labels.shape != (h.shape[0], seq_len):
+            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {(h.shape[0], seq_len)}")
+        if parallel.get_tensor_model_parallel_world_size() > 1:
+            logits = F.linear(self.output.parallel_input(h), self.output.weight)  # this rank's vocabulary
+            return parallel.vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size)
         loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output.weight, labels.reshape(-1))
         return loss.view(labels.shape)
 
     def load_hf_state_dict(self, hf_state_dict: dict, strict: bool = True) -> None:
-        """Load a ``transformers`` ``LlamaForCausalLM`` state dict (the parts this stage holds)."""
+        """Load a ``transformers`` ``LlamaForCausalLM`` state dict (the parts this stage holds;
+        under tensor parallelism, this rank's shard of each full tensor)."""
         ours = hf_to_megallama_state_dict(hf_state_dict, self.config)
-        own = self.state_dict()
+        own = dict(self.named_parameters())
         if strict:
             missing = sorted(set(own) - set(ours))
             if missing:
                 raise KeyError(f"HF state dict lacks tensors for: {missing[:5]}{' …' if len(missing) > 5 else ''}")
-        self.load_state_dict({k: v for k, v in ours.items() if k in own}, strict=strict)
+        self.load_state_dict({k: parallel.shard_like(own[k], v) for k, v in ours.items() if k in own}, strict=strict)
 
     def hf_state_dict(self) -> dict:
-        """This stage's weights under ``LlamaForCausalLM``'s names."""
-        return megallama_to_hf_state_dict(self.state_dict(), self.config)
+        """This stage's full weights under ``LlamaForCausalLM``'s names (gathered over the
+        tensor-parallel ranks: a collective call under TP)."""
+        full = {k: parallel.gather_like(p, p.detach()) for k, p in self.named_parameters()}
+        return megallama_to_hf_state_dict(full, self.config)
 
 
 def hf_to_megallama_state_dict(hf: dict, config: LlamaConfig) -> dict:

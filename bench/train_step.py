@@ -1,0 +1,170 @@
+"""One training step (forward + backward + AdamW) of megallama against HF transformers, CPU fp32.
+
+Both sides get the same weights and batches: ours is ``LlamaModel(ids, labels=...)`` (its own fused
+loss) + ``torch.optim.AdamW(fused=True)``; the peer is ``transformers.LlamaForCausalLM`` +
+``F.cross_entropy`` + ``torch.optim.AdamW`` (its default implementation). Steps alternate between
+the two in one process, so machine load hits both alike. Peak memory is measured for each side in
+a process of its own (peak RSS during the steps minus RSS before the model is built). "MFU" is each
+side's model FLOP/s (PaLM count) over the sgemm FLOP/s measured here at the model's shapes.
+
+    python bench/train_step.py            # the issue's config, prints the table
+    python bench/train_step.py --steps 5  # quicker
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from megallama.config import LlamaConfig
+from megallama.model import LlamaModel, get_param_groups
+
+CONFIG = dict(num_layers=4, hidden_size=256, num_attention_heads=4, ffn_hidden_size=688,
+              vocab_size=8000, max_position_embeddings=256)
+LR, BETAS, WD = 3e-4, (0.9, 0.95), 0.1
+
+
+def build(side: str, config: LlamaConfig, seed: int = 0, same_weights: bool = True):
+    """(step function, model) for one side, weights drawn from ``seed``; ``same_weights=False``
+    lets ours skip building the HF model it copies its weights from (for memory figures)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if side == "ours" and not same_weights:
+        hf = None
+    else:
+        hf_cfg = config.to_hf()
+        hf_cfg._attn_implementation = "sdpa"
+        hf = transformers.LlamaForCausalLM(hf_cfg).float()
+    if side == "hf":
+        opt = torch.optim.AdamW(hf.parameters(), lr=LR, betas=BETAS, weight_decay=WD)
+
+        def step(ids, labels):
+            logits = hf(input_ids=ids).logits
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+        return step, hf
+    model = LlamaModel(config)
+    if hf is not None:
+        model.load_hf_state_dict(hf.state_dict())
+        del hf
+    opt = torch.optim.AdamW(get_param_groups(model, WD), lr=LR, betas=BETAS, fused=True)
+
+    def step(ids, labels):
+        loss = model(ids, labels=labels).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+    return step, model
+
+
+def batches(config: LlamaConfig, batch: int, seq: int, n: int):
+    g = torch.Generator().manual_seed(1234)
+    return [(torch.randint(0, config.vocab_size, (batch, seq), generator=g),
+             torch.randint(0, config.vocab_size, (batch, seq), generator=g)) for _ in range(n)]
+
+
+def sgemm_flops(tokens: int, config: LlamaConfig, reps: int = 20) -> float:
+    """FLOP/s of torch.mm at the model's projection shapes (the machine's matmul ceiling here)."""
+    h, f = config.hidden_size, config.ffn_hidden_size
+    shapes = [(tokens, h, 3 * h), (tokens, h, 2 * f), (tokens, f, h), (tokens, h, config.vocab_size)]
+    total_flops, total_time = 0.0, 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.mm(a, b)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        total_time += time.perf_counter() - t0
+        total_flops += 2.0 * m * k * n * reps
+    return total_flops / total_time
+
+
+def peak_memory_child(side: str, batch: int, seq: int, steps: int) -> None:
+    config = LlamaConfig(**CONFIG)
+    data = batches(config, batch, seq, steps)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step, _ = build(side, config, same_weights=False)
+    for ids, labels in data:
+        step(ids, labels)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": (peak - base) / 1024}))
+
+
+def peak_memory(side: str, args) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", side, "--batch", str(args.batch), "--seq", str(args.seq),
+         "--threads", str(args.threads)], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per side (alternated)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    p.add_argument("--batch", type=int, default=4, help="micro-batch size")
+    p.add_argument("--seq", type=int, default=256, help="sequence length")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (both sides)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--memory-child", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        peak_memory_child(args.memory_child, args.batch, args.seq, 3)
+        return
+
+    config = LlamaConfig(**CONFIG)
+    tokens = args.batch * args.seq
+    sides = {name: build(name, config)[0] for name in ("ours", "hf")}
+    data = batches(config, args.batch, args.seq, args.warmup + args.steps)
+    times = {name: [] for name in sides}
+    losses = {name: [] for name in sides}
+    for i, (ids, labels) in enumerate(data):
+        for name, step in sides.items():
+            t0 = time.perf_counter()
+            losses[name].append(step(ids, labels))
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    sgemm = sgemm_flops(tokens, config)
+    flops_per_step = config.flops_per_token(args.seq) * tokens
+    result = {"config": CONFIG, "batch": args.batch, "seq": args.seq, "threads": args.threads,
+              "sgemm_gflops": sgemm / 1e9}
+    for name in sides:
+        t = statistics.median(times[name])
+        result[name] = {"step_ms": t * 1e3, "tokens_per_s": tokens / t,
+                        "mfu_vs_sgemm": flops_per_step / t / sgemm, "peak_mib": peak_memory(name, args),
+                        "final_loss": losses[name][-1]}
+    result["speedup"] = result["ours"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
+    result["memory_ratio"] = result["ours"]["peak_mib"] / result["hf"]["peak_mib"]
+    # Same weights and batches: the two loss curves must agree, or the comparison means nothing.
+    drift = max(abs(a - b) for a, b in zip(losses["ours"], losses["hf"]))
+    result["max_loss_difference"] = drift
+    print(f"train step, CPU fp32, {args.threads} threads, batch {args.batch} x seq {args.seq}, "
+          f"sgemm {sgemm / 1e9:.0f} GFLOP/s")
+    print(f"{'':8}{'ms/step':>10}{'tokens/s':>11}{'MFU(sgemm)':>12}{'peak MiB':>10}")
+    for name in ("ours", "hf"):
+        r = result[name]
+        print(f"{name:8}{r['step_ms']:10.1f}{r['tokens_per_s']:11.0f}{r['mfu_vs_sgemm']:12.1%}{r['peak_mib']:10.1f}")
+    print(f"speedup (tokens/s) {result['speedup']:.2f}x   peak memory ratio {result['memory_ratio']:.2f}x   "
+          f"max loss difference {drift:.2e}")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
