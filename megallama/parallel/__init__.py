@@ -5,9 +5,13 @@ from megallama.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     divide,
+    gather_like,
     gather_tensor,
     init_method_normal,
+    init_parameter_,
+    is_tensor_parallel,
     pad_to_multiple,
+    shard_like,
     shard_tensor,
 )
 from megallama.parallel.mappings import (

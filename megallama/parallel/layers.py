@@ -92,18 +92,48 @@ def init_method_normal(std):
 
 def _master_weight_shard(shape, init_method, dim, stacked, padded_size, dtype, device):
     """Draw the full weight as the serial model would, then keep this rank's shard."""
-    master = torch.empty(shape, dtype=torch.float32)
+    master = torch.empty(shape, dtype=dtype, device=device)
     with torch.no_grad():
         init_method(master)
-    shard = shard_tensor(master, dim, stacked=stacked, padded_size=padded_size)
-    return nn.Parameter(shard.to(device=device, dtype=dtype or torch.get_default_dtype()))
-
-
-def _mark_tensor_parallel(param, dim, stacked):
-    # Read by checkpoint conversion and by norms over the model (sharded vs replicated parameters).
+    param = nn.Parameter(shard_tensor(master, dim, stacked=stacked, padded_size=padded_size))
+    # Read by the helpers below and by norms over the model (split vs replicated parameters).
     param.tensor_model_parallel = True
-    param.partition_dim = dim
-    param.partition_stack = stacked
+    param.partition_dim, param.partition_stack = dim, stacked
+    param.full_shape, param.padded_size = tuple(shape), padded_size
+    return param
+
+
+def is_tensor_parallel(param):
+    """True for a parameter split over the tensor-parallel ranks (false for replicated norms)."""
+    return getattr(param, "tensor_model_parallel", False)
+
+
+@torch.no_grad()
+def init_parameter_(param, init_method):
+    """Re-initialise ``param`` as the serial model would: a split parameter gets this rank's shard
+    of a full tensor drawn with ``init_method`` (same numbers on every rank for the same seed)."""
+    if not is_tensor_parallel(param) or get_tensor_model_parallel_world_size() == 1:
+        init_method(param)
+        return
+    master = init_method(torch.empty(param.full_shape, dtype=param.dtype, device=param.device))
+    param.copy_(shard_tensor(master, param.partition_dim, stacked=param.partition_stack,
+                             padded_size=param.padded_size))
+
+
+def shard_like(param, full):
+    """This rank's part of ``full`` (a whole, unpadded tensor) laid out as ``param`` is."""
+    if not is_tensor_parallel(param):
+        return full
+    return shard_tensor(full, param.partition_dim, stacked=param.partition_stack, padded_size=param.padded_size)
+
+
+def gather_like(param, local):
+    """The whole tensor of which ``local`` is this rank's part, laid out as ``param`` is (collective
+    over the tensor-parallel group for a split parameter)."""
+    if not is_tensor_parallel(param):
+        return local
+    return gather_tensor(local, param.partition_dim, stacked=param.partition_stack,
+                         full_size=param.full_shape[param.partition_dim])
 
 
 class ColumnParallelLinear(nn.Module):
@@ -133,14 +163,17 @@ class ColumnParallelLinear(nn.Module):
             (output_size, input_size), init_method or init_method_normal(0.02), 0, stacked,
             self.padded_output_size, dtype, device,
         )
-        _mark_tensor_parallel(self.weight, 0, stacked)
+
+    def parallel_input(self, x):
+        """``x`` as this rank's matrix multiply needs it: all-gathered along the sequence under
+        sequence parallelism, else as is with its gradient all-reduced over the ranks. For callers
+        that multiply by ``self.weight`` themselves (a fused hand-written backward)."""
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(x, self.sequence_dim)
+        return copy_to_tensor_model_parallel_region(x)
 
     def forward(self, x):
-        if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, self.sequence_dim)
-        else:
-            x = copy_to_tensor_model_parallel_region(x)
-        y = F.linear(x, self.weight)
+        y = F.linear(self.parallel_input(x), self.weight)
         if self.gather_output:
             y = gather_from_tensor_model_parallel_region(y)
             if self.stacked > 1:  # rank-major [rank][block] columns -> the serial [block][rank] order
@@ -187,12 +220,15 @@ class RowParallelLinear(nn.Module):
         self.weight = _master_weight_shard(
             (output_size, input_size), init_method or init_method_normal(0.02), 1, stacked, None, dtype, device,
         )
-        _mark_tensor_parallel(self.weight, 1, stacked)
 
     def forward(self, x):
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)
-        y = F.linear(x, self.weight)
+        return self.parallel_output(F.linear(x, self.weight))
+
+    def parallel_output(self, y):
+        """Sum this rank's partial product ``y`` with the other ranks' (reduce-scattered along the
+        sequence under sequence parallelism). For callers that multiply by ``self.weight`` themselves."""
         if self.sequence_parallel:
             return reduce_scatter_to_sequence_parallel_region(y, self.sequence_dim)
         return reduce_from_tensor_model_parallel_region(y)
@@ -232,7 +268,6 @@ class VocabParallelEmbedding(nn.Module):
             (num_embeddings, embedding_dim), init_method or nn.init.normal_, 0, 1,
             self.padded_num_embeddings, dtype, device,
         )
-        _mark_tensor_parallel(self.weight, 0, 1)
 
     def forward(self, input_ids):
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.num_embeddings):
