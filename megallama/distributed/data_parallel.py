@@ -20,6 +20,10 @@ import torch.distributed as dist
 
 DEFAULT_BUCKET_SIZE = 40_000_000  # elements; Megatron's default order of magnitude
 
+# torch 2.13 renamed the tensor-in/tensor-out collectives; older releases have only the old names.
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class _Bucket:
     def __init__(self, params: List[torch.nn.Parameter], start: int, numel: int, padded: int):
@@ -128,7 +132,7 @@ class DistributedDataParallel(torch.nn.Module):
             # The input is copied: the output slice lies inside it, and not every backend
             # reduces in place. The copy lives on the bucket until the collective is waited on.
             bucket.send_buffer = view.clone()
-            bucket.work = dist.reduce_scatter_tensor(self.grad_buffer[start:end], bucket.send_buffer,
+            bucket.work = reduce_scatter_single(self.grad_buffer[start:end], bucket.send_buffer,
                                                      group=self.data_parallel_group, async_op=True)
         else:
             bucket.work = dist.all_reduce(view, group=self.data_parallel_group, async_op=True)

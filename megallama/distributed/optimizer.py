@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megallama.distributed.clip_grads import clip_grads_, global_grad_norm, grads_for_norm, is_finite
-from megallama.distributed.data_parallel import DistributedDataParallel
+from megallama.distributed.data_parallel import DistributedDataParallel, all_gather_single
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -238,7 +238,7 @@ class DistributedOptimizer(_OptimizerBase):
                         shard[p_lo + e.lo - s_lo:p_lo + e.hi - s_lo] = shard_values(e)
                 full = torch.empty(bucket.padded, dtype=bucket_dtype, device=shard.device)
                 if chunk.dp_size > 1:
-                    dist.all_gather_into_tensor(full, shard, group=chunk.data_parallel_group)
+                    all_gather_single(full, shard, group=chunk.data_parallel_group)
                 else:
                     full.copy_(shard)
                 for p in bucket.params:

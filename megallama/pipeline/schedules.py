@@ -224,7 +224,8 @@ def forward_backward_pipelining_with_interleaving(
     from megallama.parallel import state
 
     model_chunks = list(model_chunks)
-    v = len(model_chunks)
+    # The chunk count set up with the process groups, if any, is what the ranks agreed on.
+    v = state.get_virtual_pipeline_model_parallel_world_size() or len(model_chunks)
     comm = _communicator(model_chunks, seq_length, micro_batch_size, hidden_size, dtype,
                          sequence_parallel)
     p, r = comm.size, comm.rank

@@ -65,7 +65,7 @@ def serial_run(cfg: LlamaConfig, steps: int):
 
 def _forward_step(data_iterator, chunk, input_tensor):
     tokens, labels = next(data_iterator)
-    model = chunk.module
+    model = getattr(chunk, "module", chunk)  # DDP-wrapped or not
     out = model(input_ids=tokens if model.pre_process else None,
                 labels=labels if model.post_process else None, hidden_states=input_tensor)
     return out, lambda per_token: (per_token.sum(), per_token.numel())
@@ -138,3 +138,38 @@ def check_against_serial(results, serial, rtol=1e-5, atol=1e-6):
             seen.add(name)
     assert seen == set(params), f"parameters never checked: {sorted(set(params) - seen)}"
     assert any(r["losses"][0] is not None for r in results), "no rank reported losses"
+
+
+def parallel_eval(cfg: LlamaConfig, pp: int, vp, micro_batch: int):
+    """forward_only over global batch 0 at the initial weights; the global mean loss (last stage)."""
+    state.initialize_model_parallel(1, pp, vp)
+    try:
+        full = initial_state(cfg)
+
+        def make_stage(spec):
+            m = LlamaModel(cfg, pre_process=spec.pre_process, post_process=spec.post_process,
+                           layer_ids=spec.layer_ids)
+            m.load_state_dict({k: v for k, v in full.items() if k in m.state_dict()})
+            return m
+
+        chunks = [DistributedDataParallel(m) for m in build_model_chunks(make_stage, cfg.num_layers, vp)]
+        tokens, labels = batch(0)
+        mine = [(tokens[i:i + micro_batch], labels[i:i + micro_batch])
+                for i in range(0, GLOBAL_BATCH, micro_batch)]
+        data = [iter(mine) for _ in chunks] if vp else iter(mine)
+        losses = get_forward_backward_func(pp, vp)(_forward_step, data, chunks, len(mine), SEQ,
+                                                   micro_batch, cfg.hidden_size, torch.float32,
+                                                   forward_only=True)
+        assert all(p.main_grad.abs().sum() == 0 for c in chunks for p in c.module.parameters())
+        mean = global_mean_loss(losses)
+        return None if mean is None else float(mean)
+    finally:
+        state.destroy_model_parallel()
+
+
+def serial_eval(cfg: LlamaConfig) -> float:
+    model = LlamaModel(cfg)
+    model.load_state_dict(initial_state(cfg))
+    tokens, labels = batch(0)
+    with torch.no_grad():
+        return float(model(tokens, labels=labels).mean())

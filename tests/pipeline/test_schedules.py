@@ -1,0 +1,115 @@
+"""The schedules, DDP buckets and optimizers under PP/DP layouts equal the serial run (fp32)."""
+import pytest
+import torch
+
+from megallama.parallel import state
+from megallama.pipeline import build_model_chunks, get_forward_backward_func
+from tests.distributed_utils import run_distributed
+from tests.pipeline import harness as H
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def serial():
+    return H.serial_run(H.config(), STEPS)
+
+
+# (tp, pp, virtual, micro_batch, distributed optimizer)
+TWO_RANK_LAYOUTS = [
+    (1, 2, None, 1, False),   # 1F1B, 8 micro-batches
+    (1, 2, 2, 1, False),      # interleaved, 8 micro-batches
+    (1, 2, 2, 4, False),      # interleaved with micro-batches == stages: all warm-up
+    (1, 2, 4, 2, True),       # interleaved, 4 chunks of one layer each
+]
+FOUR_RANK_LAYOUTS = [
+    (1, 4, None, 1, False),   # 1F1B over 4 stages
+    (1, 4, 2, 1, False),      # interleaved over 4 stages
+    (1, 4, None, 4, False),   # 1F1B with fewer micro-batches (2) than stages
+    (1, 2, None, 1, False),   # PP 2 × DP 2
+    (1, 2, 2, 1, True),       # PP 2 × DP 2, interleaved, distributed optimizer
+    (1, 2, None, 2, True),    # PP 2 × DP 2, 1F1B, distributed optimizer
+    (1, 1, None, 1, False),   # DP 4
+    (1, 1, None, 1, True),    # DP 4, distributed optimizer
+]
+
+
+def _train_layouts(layouts):
+    return [H.parallel_run(H.config(), *layout, STEPS) for layout in layouts]
+
+
+class _RecordingForwardStep:
+    """Checks, at every forward, that the outputs this stage already sent were freed."""
+
+    def __init__(self):
+        self.sent, self.checked = [], 0
+
+    def __call__(self, data_iterator, chunk, input_tensor):
+        for out in self.sent:
+            assert out.numel() == 1, f"a sent activation still holds {out.numel()} elements"
+            self.checked += 1
+        output, loss_func = H._forward_step(data_iterator, chunk, input_tensor)
+        if not chunk.post_process:
+            self.sent.append(output)
+        return output, loss_func
+
+
+def _schedule_properties():
+    cfg = H.config()
+    out = {}
+    out["eval"] = [H.parallel_eval(cfg, 2, None, 2), H.parallel_eval(cfg, 2, 2, 1)]
+    state.initialize_model_parallel(1, 2, 2)
+    try:
+        chunks = build_model_chunks(lambda s: H.LlamaModel(cfg, pre_process=s.pre_process,
+                                                           post_process=s.post_process,
+                                                           layer_ids=s.layer_ids), cfg.num_layers, 2)
+        tokens, labels = H.batch(0)
+        data = [(tokens[i:i + 1], labels[i:i + 1]) for i in range(8)]
+        interleaved = get_forward_backward_func(2, 2)
+        step = _RecordingForwardStep()
+        interleaved(step, [iter(data), iter(data)], chunks, 8, H.SEQ, 1, cfg.hidden_size)
+        out["freed_checks"] = step.checked
+        errors = []
+        for bad in (lambda: interleaved(step, [iter(data), iter(data)], chunks, 3, H.SEQ, 1, cfg.hidden_size),
+                    lambda: interleaved(step, iter(data), chunks, 2, H.SEQ, 1, cfg.hidden_size),
+                    lambda: interleaved(step, [iter(data)] * 2, chunks[:1], 2, H.SEQ, 1, cfg.hidden_size)):
+            try:
+                bad()
+                errors.append(None)
+            except ValueError as exc:
+                errors.append(str(exc))
+        out["errors"] = errors
+    finally:
+        state.destroy_model_parallel()
+    # An inf gradient on stage 0 at step 1: every rank skips that step, and only that one.
+    out["inf"] = H.parallel_run(cfg, 1, 2, None, 1, False, 3, inject_inf_at=(1, 0))["applied"]
+    return out
+
+
+def test_two_stage_layouts_equal_serial(serial):
+    results = run_distributed(_train_layouts, 2, TWO_RANK_LAYOUTS, timeout=240)
+    for i, layout in enumerate(TWO_RANK_LAYOUTS):
+        H.check_against_serial([r[i] for r in results], serial)
+    assert serial[1][0] > H.OPT["clip_grad"], "clipping must be active for the norm to matter"
+
+
+def test_four_rank_layouts_equal_serial(serial):
+    results = run_distributed(_train_layouts, 4, FOUR_RANK_LAYOUTS, timeout=280)
+    for i, layout in enumerate(FOUR_RANK_LAYOUTS):
+        H.check_against_serial([r[i] for r in results], serial)
+
+
+def test_schedule_properties():
+    results = run_distributed(_schedule_properties, 2, timeout=180)
+    expected = H.serial_eval(H.config())
+    for value in results[1]["eval"]:  # the last stage reports the loss
+        assert value == pytest.approx(expected, rel=1e-6)
+    assert results[0]["eval"] == [None, None]
+    # Rank 0 sends 8 micro-batches × 2 chunks, rank 1 8 × 1 (its last chunk sends nothing).
+    assert results[0]["freed_checks"] > 0 and results[1]["freed_checks"] > 0
+    for r in results:
+        first, second, third = r["errors"]
+        assert "micro-batches (3) divisible by pipeline_model_parallel_size (2)" in first
+        assert "list of 2 data iterators" in second
+        assert "runs 2 model chunk(s) per rank, got 1" in third
+        assert r["inf"] == [True, False, True]
