@@ -44,11 +44,16 @@ inline void store(c10::BFloat16* p, int64_t i, float v) {
 }
 
 // expf that the compiler can vectorise (libm's expf is a call it will not vectorise without
-// -ffast-math). Cephes' method: x = n*ln2 + r, a degree-7 polynomial for exp(r), 2^n built from
-// exponent bits; relative error ~1e-7 over the clamped range.
+// -ffast-math, nor a float->int conversion without -fno-trapping-math). Cephes' method:
+// x = n*ln2 + r, a degree-7 polynomial for exp(r), 2^n built from exponent bits; relative error
+// ~1e-7 over the clamped range.
 inline float exp_vec(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // Adding 1.5 * 2^23 rounds x*log2(e) to the nearest integer n, left in the low mantissa bits.
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  int32_t n_bits;
+  std::memcpy(&n_bits, &shifted, sizeof(n_bits));
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -58,7 +63,7 @@ inline float exp_vec(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  const int32_t e = (n_bits - 0x4B400000 + 127) << 23;
   float scale;
   std::memcpy(&scale, &e, sizeof(scale));
   return p * scale;
@@ -78,7 +83,43 @@ void dispatch_float(at::ScalarType st, const char* op, F&& f) {
 }
 
 // Rows handled per task: enough elements that a task outweighs its scheduling cost.
-inline int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1)); }
+inline int64_t row_grain(int64_t row_len) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1));
+}
+
+// Per-row loops take __restrict pointers as plain arguments (not lambda captures, which the
+// vectoriser cannot prove loop-invariant against the stores).
+template <typename T, typename W, typename A>
+inline A rms_norm_fwd_row(const T* __restrict x, const W* __restrict w, T* __restrict y, int64_t h,
+                          A inv_h, A eps) {
+  A ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t j = 0; j < h; ++j) {
+    const A v = load(x, j);
+    ss += v * v;
+  }
+  const A rs = A(1) / std::sqrt(ss * inv_h + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < h; ++j) store(y, j, A(load(x, j)) * rs * A(load(w, j)));
+  return rs;
+}
+
+template <typename T, typename W, typename A>
+inline void rms_norm_bwd_row(const T* __restrict g, const T* __restrict x, const W* __restrict w,
+                             A rs, T* __restrict dx, A* __restrict dw_partial, int64_t h,
+                             A inv_h) {
+  A dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < h; ++j) dot += A(load(g, j)) * A(load(w, j)) * A(load(x, j));
+  // d/dx_j of sum_k g_k x_k rs w_k = rs w_j g_j - x_j rs^3 dot / h
+  const A coef = dot * rs * rs * rs * inv_h;
+#pragma omp simd
+  for (int64_t j = 0; j < h; ++j) {
+    const A gj = load(g, j), xj = load(x, j);
+    store(dx, j, rs * A(load(w, j)) * gj - coef * xj);
+    dw_partial[j] += gj * xj * rs;
+  }
+}
 
 template <typename T, typename W>
 void rms_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& y,
@@ -93,18 +134,7 @@ void rms_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& weight, double e
   const A inv_h = A(1) / A(h);
   at::parallel_for(0, rows, row_grain(h), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const T* xr = xp + xi.offset(r);
-      T* yr = yp + yi.offset(r);
-      A ss = 0;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t j = 0; j < h; ++j) {
-        const A v = load(xr, j);
-        ss += v * v;
-      }
-      const A rs = A(1) / std::sqrt(ss * inv_h + A(eps));
-      rp[r] = rs;
-#pragma omp simd
-      for (int64_t j = 0; j < h; ++j) store(yr, j, A(load(xr, j)) * rs * A(load(wp, j)));
+      rp[r] = rms_norm_fwd_row<T, W, A>(xp + xi.offset(r), wp, yp + yi.offset(r), h, inv_h, A(eps));
     }
   });
 }
@@ -140,30 +170,18 @@ void rms_norm_bwd_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at
       std::fill(part, part + h, A(0));
       const int64_t r_end = std::min(rows, (blk + 1) * block_rows);
       for (int64_t r = blk * block_rows; r < r_end; ++r) {
-        const T* gr = gp + gi.offset(r);
-        const T* xr = xp + xi.offset(r);
-        T* dxr = dxp + dxi.offset(r);
-        const A rs = rp[r];
-        A dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < h; ++j) dot += A(load(gr, j)) * A(load(wp, j)) * A(load(xr, j));
-        // d/dx_j of x_j * rs * w_j summed against g: rs*w_j*g_j - x_j * rs^3 * dot / h
-        const A coef = dot * rs * rs * rs * inv_h;
-#pragma omp simd
-        for (int64_t j = 0; j < h; ++j) {
-          const A g = load(gr, j), xv = load(xr, j);
-          store(dxr, j, rs * A(load(wp, j)) * g - coef * xv);
-          part[j] += g * xv * rs;
-        }
+        rms_norm_bwd_row<T, W, A>(gp + gi.offset(r), xp + xi.offset(r), wp, rp[r],
+                                  dxp + dxi.offset(r), part, h, inv_h);
       }
     }
   });
   at::parallel_for(0, h, 1024, [&](int64_t j0, int64_t j1) {
-    std::fill(dwp + j0, dwp + j1, A(0));
+    A* __restrict dw = dwp;
+    std::fill(dw + j0, dw + j1, A(0));
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      const A* part = pp + blk * h;
+      const A* __restrict part = pp + blk * h;
 #pragma omp simd
-      for (int64_t j = j0; j < j1; ++j) dwp[j] += part[j];
+      for (int64_t j = j0; j < j1; ++j) dw[j] += part[j];
     }
   });
 }
@@ -186,8 +204,32 @@ void dispatch_x_weight(const at::Tensor& x, const at::Tensor& weight, const char
 }
 
 template <typename T>
-void swiglu_fwd_kernel(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+inline void swiglu_fwd_row(const T* __restrict a, const T* __restrict b, T* __restrict out,
+                           int64_t f) {
   using A = typename Acc<T>::type;
+#pragma omp simd
+  for (int64_t j = 0; j < f; ++j) {
+    const A av = load(a, j);
+    store(out, j, av * sigmoid(av) * A(load(b, j)));
+  }
+}
+
+template <typename T>
+inline void swiglu_bwd_row(const T* __restrict g, const T* __restrict a, const T* __restrict b,
+                           T* __restrict ga, T* __restrict gb, int64_t f) {
+  using A = typename Acc<T>::type;
+#pragma omp simd
+  for (int64_t j = 0; j < f; ++j) {
+    const A gj = load(g, j), av = load(a, j), bv = load(b, j);
+    const A s = sigmoid(av);
+    // silu'(a) = s * (1 + a * (1 - s))
+    store(ga, j, gj * bv * s * (A(1) + av * (A(1) - s)));
+    store(gb, j, gj * av * s);
+  }
+}
+
+template <typename T>
+void swiglu_fwd_kernel(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
   const int64_t f = a.size(-1), rows = a.numel() / f;
   const RowIndexer ai = make_row_indexer(a), bi = make_row_indexer(b), oi = make_row_indexer(out);
   const T* ap = a.data_ptr<T>();
@@ -195,14 +237,7 @@ void swiglu_fwd_kernel(const at::Tensor& a, const at::Tensor& b, at::Tensor& out
   T* op = out.data_ptr<T>();
   at::parallel_for(0, rows, row_grain(f), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const T* ar = ap + ai.offset(r);
-      const T* br = bp + bi.offset(r);
-      T* orow = op + oi.offset(r);
-#pragma omp simd
-      for (int64_t j = 0; j < f; ++j) {
-        const A av = load(ar, j);
-        store(orow, j, av * sigmoid(av) * A(load(br, j)));
-      }
+      swiglu_fwd_row<T>(ap + ai.offset(r), bp + bi.offset(r), op + oi.offset(r), f);
     }
   });
 }
@@ -210,7 +245,6 @@ void swiglu_fwd_kernel(const at::Tensor& a, const at::Tensor& b, at::Tensor& out
 template <typename T>
 void swiglu_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b,
                        at::Tensor& grad_a, at::Tensor& grad_b) {
-  using A = typename Acc<T>::type;
   const int64_t f = a.size(-1), rows = a.numel() / f;
   const RowIndexer gi = make_row_indexer(grad_out), ai = make_row_indexer(a),
                    bi = make_row_indexer(b), gai = make_row_indexer(grad_a),
@@ -222,21 +256,25 @@ void swiglu_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& a, const at
   T* gbp = grad_b.data_ptr<T>();
   at::parallel_for(0, rows, row_grain(f), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const T* gr = gp + gi.offset(r);
-      const T* ar = ap + ai.offset(r);
-      const T* br = bp + bi.offset(r);
-      T* gar = gap + gai.offset(r);
-      T* gbr = gbp + gbi.offset(r);
-#pragma omp simd
-      for (int64_t j = 0; j < f; ++j) {
-        const A g = load(gr, j), av = load(ar, j), bv = load(br, j);
-        const A s = sigmoid(av);
-        // silu'(a) = s * (1 + a * (1 - s))
-        store(gar, j, g * bv * s * (A(1) + av * (A(1) - s)));
-        store(gbr, j, g * av * s);
-      }
+      swiglu_bwd_row<T>(gp + gi.offset(r), ap + ai.offset(r), bp + bi.offset(r),
+                        gap + gai.offset(r), gbp + gbi.offset(r), f);
     }
   });
+}
+
+// Rotate-half: out[j] = x[j] c - x[j+half] s, out[j+half] = x[j+half] c + x[j] s (s negated for
+// the inverse rotation).
+template <typename T>
+inline void rope_row(const T* __restrict x, const float* __restrict c, const float* __restrict s,
+                     T* __restrict out, int64_t half, typename Acc<T>::type sign) {
+  using A = typename Acc<T>::type;
+#pragma omp simd
+  for (int64_t j = 0; j < half; ++j) {
+    const A x1 = load(x, j), x2 = load(x, j + half);
+    const A cj = c[j], sj = sign * A(s[j]);
+    store(out, j, x1 * cj - x2 * sj);
+    store(out, j + half, x2 * cj + x1 * sj);
+  }
 }
 
 template <typename T>
@@ -255,18 +293,9 @@ void rope_kernel(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
   at::parallel_for(0, B * S, row_grain(H * D), [&](int64_t begin, int64_t end) {
     for (int64_t bs = begin; bs < end; ++bs) {
       const int64_t bi = bs / S, si = bs % S;
-      const float* c = cp + si * cs;
-      const float* s = sp + si * ss;
       for (int64_t hi = 0; hi < H; ++hi) {
-        const T* xr = xp + bi * xs0 + si * xs1 + hi * xs2;
-        T* orow = op + bi * os0 + si * os1 + hi * os2;
-#pragma omp simd
-        for (int64_t j = 0; j < half; ++j) {
-          const A x1 = load(xr, j), x2 = load(xr, j + half);
-          const A cj = c[j], sj = sign * A(s[j]);
-          store(orow, j, x1 * cj - x2 * sj);
-          store(orow, j + half, x2 * cj + x1 * sj);
-        }
+        rope_row<T>(xp + bi * xs0 + si * xs1 + hi * xs2, cp + si * cs, sp + si * ss,
+                    op + bi * os0 + si * os1 + hi * os2, half, sign);
       }
     }
   });
