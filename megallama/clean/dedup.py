@@ -19,13 +19,14 @@ MINHASH_SCHEME = "affine32"  # datasketch's default permutation scheme, named so
 
 
 def _normalisation_table() -> dict[int, int | None]:
-    # CCNet: digits -> 0, punctuation removed; one translate() call does both
+    # CCNet: digits -> 0; punctuation and symbols removed; combining marks removed (after NFD this
+    # strips accents). One str.translate() call then does all three.
     table: dict[int, int | None] = {}
     for cp in range(min(sys.maxunicode, 0x2FFFF) + 1):
         cat = unicodedata.category(chr(cp))
         if cat == "Nd":
             table[cp] = ord("0")
-        elif cat[0] == "P" or cat in ("Sm", "Sc", "Sk", "So"):
+        elif cat[0] == "P" or cat in ("Sm", "Sc", "Sk", "So", "Mn"):
             table[cp] = None
     return table
 
@@ -33,16 +34,44 @@ def _normalisation_table() -> dict[int, int | None]:
 _TABLE: dict[int, int | None] | None = None
 
 
-def normalize_line(line: str) -> str:
-    """CCNet's line normalisation: lower case, accents stripped, digits to 0, punctuation removed,
-    whitespace collapsed."""
+def _ascii_tables() -> tuple[bytes, bytes]:
+    # the same rules for ASCII-only text as bytes.translate tables (much faster than str.translate);
+    # \x1c-\x1f become spaces because str.split() treats them as whitespace and bytes.split() does not
+    table = bytearray(range(256))
+    delete = bytearray()
+    for cp in range(128):
+        cat = unicodedata.category(chr(cp))
+        if cat == "Nd":
+            table[cp] = ord("0")
+        elif cat[0] == "P" or cat in ("Sm", "Sc", "Sk", "So"):
+            delete.append(cp)
+    for cp in range(0x1C, 0x20):
+        table[cp] = ord(" ")
+    return bytes(table), bytes(delete)
+
+
+_ASCII_TABLE, _ASCII_DELETE = _ascii_tables()
+
+
+def _normalize_text(text: str) -> str:
     global _TABLE
     if _TABLE is None:
         _TABLE = _normalisation_table()
-    line = line.lower()
-    if not line.isascii():
-        line = "".join(c for c in unicodedata.normalize("NFD", line) if unicodedata.category(c) != "Mn")
-    return " ".join(line.translate(_TABLE).split())
+    text = text.lower()
+    if not text.isascii():
+        text = unicodedata.normalize("NFD", text)
+    return text.translate(_TABLE)
+
+
+def warm_up() -> None:
+    """Build the normalisation table now (before forking workers, so they share it)."""
+    _normalize_text("\u00e9")
+
+
+def normalize_line(line: str) -> str:
+    """CCNet's line normalisation: lower case, accents stripped, digits to 0, punctuation removed,
+    whitespace collapsed."""
+    return " ".join(_normalize_text(line).split())
 
 
 def hash64(text: str) -> int:
@@ -50,14 +79,19 @@ def hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
-def line_hashes(lines: list[str]) -> np.ndarray:
-    """Hash of each normalised line; 0 marks lines that normalise to nothing (always kept)."""
-    out = np.zeros(len(lines), dtype=np.uint64)
-    for i, line in enumerate(lines):
-        norm = normalize_line(line)
-        if norm:
-            out[i] = hash64(norm) | 1  # never 0
-    return out
+def line_hashes(text: str) -> np.ndarray:
+    """Hash of the normalised form of each line of `text` (split on "\\n"): hash64 of
+    normalize_line(line), with the low bit set; 0 marks lines that normalise to nothing (always
+    kept). The whole text is normalised at once (newlines survive normalisation)."""
+    if text.isascii():
+        lines = [b" ".join(line.split()) for line in
+                 text.lower().encode("ascii").translate(_ASCII_TABLE, _ASCII_DELETE).split(b"\n")]
+    else:
+        lines = [" ".join(line.split()).encode("utf-8", "surrogatepass") for line in _normalize_text(text).split("\n")]
+    blake2b = hashlib.blake2b
+    out = np.frombuffer(b"".join([blake2b(line, digest_size=8).digest() for line in lines]), dtype="<u8") | np.uint64(1)
+    out[np.array([not line for line in lines], dtype=bool)] = 0
+    return out.astype(np.uint64)
 
 
 def shard_line_hashes(flat: np.ndarray) -> np.ndarray:

