@@ -243,8 +243,11 @@ py::tuple build_exhaustive_blending_indices(const py::array_t<int64_t, py::array
 
 }  // namespace
 
+void register_chunk_cache(py::module_& m);  // chunk_cache.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "GPT sample index and blending index builders (Megatron-compatible outputs)";
+  m.doc() = "GPT sample index and blending index builders (Megatron-compatible outputs), tokenizer chunk cache";
+  register_chunk_cache(m);
   m.def("build_sample_idx_int32", &build_sample_idx<int32_t>, py::arg("sizes"), py::arg("document_idx"),
         py::arg("seq_length"), py::arg("num_epochs"), py::arg("tokens_per_epoch"),
         py::arg("drop_last_partial_sequence") = true, py::arg("add_extra_token_to_sequence") = 1);

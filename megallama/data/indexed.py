@@ -117,6 +117,26 @@ class IndexedDatasetWriter:
                 start += n
         self.end_document()
 
+    def add_documents(self, tokens, lengths) -> None:
+        """Append many one-sequence documents at once: ``tokens`` back to back, ``lengths`` each."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        arr = np.asarray(tokens)
+        if int(lengths.sum()) != arr.size or (lengths < 0).any():
+            raise ValueError(f"lengths sum to {int(lengths.sum())} but {arr.size} tokens were given")
+        if lengths.size and lengths.max() > np.iinfo(np.int32).max:
+            raise ValueError("a document exceeds the int32 length field")
+        if arr.dtype != self.dtype:
+            if arr.size and np.issubdtype(self.dtype, np.integer):
+                info = np.iinfo(self.dtype)
+                if arr.min() < info.min or arr.max() > info.max:
+                    raise ValueError(f"token ids {arr.min()}..{arr.max()} do not fit the dataset dtype {self.dtype}")
+            arr = arr.astype(self.dtype)
+        self._bin.write(arr.tobytes())
+        first = len(self.sequence_lengths)
+        self.sequence_lengths.frombytes(lengths.astype(np.int32).tobytes())
+        self.document_indices.frombytes(np.arange(first + 1, first + 1 + lengths.size, dtype=np.int64).tobytes())
+        self.num_tokens += arr.size
+
     def add_index(self, prefix: str) -> None:
         """Append every sequence and document of an existing dataset (used to merge shards)."""
         other = IndexedDataset(prefix)

@@ -1,0 +1,140 @@
+"""JSONL → Megatron ``.bin/.idx``, streamed with bounded memory (what tools/preprocess_data.py runs).
+
+The reader hands batches of raw lines to worker processes (at most two batches per worker in
+flight, so memory does not grow with the input); workers parse, tokenize with the chunk-cached
+batch encoder and return flat id arrays; results are written in input order. Outputs are
+``PREFIX_{key}_document.bin/.idx``, renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from megallama.data.indexed import IndexedDatasetWriter, optimal_dtype
+from megallama.data.jsonl import expand_inputs, iter_line_batches, parse_lines
+from megallama.tokenizer import build_tokenizer
+
+
+@dataclass
+class PreprocessSummary:
+    documents: int = 0
+    tokens: int = 0
+    input_bytes: int = 0
+    seconds: float = 0.0
+    skipped: Counter = field(default_factory=Counter)
+    outputs: list = field(default_factory=list)
+
+    @property
+    def docs_per_second(self) -> float:
+        return self.documents / self.seconds if self.seconds else 0.0
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.input_bytes / 1e6 / self.seconds if self.seconds else 0.0
+
+
+def output_prefix_for(output_prefix: str, key: str) -> str:
+    return f"{output_prefix}_{key}_document"
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _encode_batch(task):
+    path, first, lines, json_keys, append_eod, strict = task
+    texts, skipped, _ = parse_lines(lines, json_keys, path, first, strict)
+    encoded = {k: _worker_tokenizer.encode_batch(texts[k], append_eod=append_eod) for k in json_keys}
+    return encoded, skipped, sum(len(x) for x in lines)
+
+
+def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str = "SentencePieceTokenizer",
+               tokenizer_model: str | None = None, vocab_size: int | None = None,
+               json_keys: Sequence[str] = ("text",), append_eod: bool = False, workers: int = 1,
+               log_interval: int = 1000, strict: bool = False, progress: bool = True,
+               batch_lines: int = 512) -> PreprocessSummary:
+    """Tokenize every usable line of ``inputs`` into one indexed dataset per JSON key."""
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    paths = expand_inputs(inputs)
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
+    dtype = optimal_dtype(tokenizer.vocab_size)
+    summary = PreprocessSummary()
+    writers = {k: IndexedDatasetWriter(output_prefix_for(output_prefix, k), dtype) for k in json_keys}
+    total_bytes = sum(os.path.getsize(p) for p in paths)
+    compressed = any(p.endswith((".gz", ".zst", ".zstd")) for p in paths)
+    bar = tqdm(total=None if compressed else total_bytes, unit="B", unit_scale=True, disable=not progress,
+               desc="preprocess", mininterval=1.0)
+    tasks = ((path, first, lines, tuple(json_keys), append_eod, strict)
+             for path, first, lines in iter_line_batches(paths, batch_lines))
+    start = time.perf_counter()
+    last_logged = 0
+    pool = None
+    try:
+        if workers == 1:
+            _init_worker(tokenizer)
+            results = map(_encode_batch, tasks)
+        else:
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
+            results = _bounded_imap(pool, tasks, 2 * workers)
+        for encoded, skipped, nbytes in results:
+            for key, (flat, counts) in encoded.items():
+                writers[key].add_documents(flat, counts)
+                summary.tokens += int(flat.size)
+            summary.documents += int(next(iter(encoded.values()))[1].size)
+            summary.skipped.update(skipped)
+            summary.input_bytes += nbytes
+            bar.update(nbytes)
+            if summary.documents - last_logged >= log_interval:
+                last_logged = summary.documents
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(docs=summary.documents, docs_s=f"{summary.documents / elapsed:.0f}",
+                                skipped=sum(summary.skipped.values()), refresh=False)
+        for writer in writers.values():
+            writer.finalize()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        bar.close()
+    summary.seconds = time.perf_counter() - start
+    summary.outputs = [output_prefix_for(output_prefix, k) for k in json_keys]
+    return summary
+
+
+def _bounded_imap(pool, tasks, max_in_flight: int):
+    """Ordered results of ``tasks`` with at most ``max_in_flight`` submitted and unfinished
+    (``Pool.imap`` would read the whole input ahead into memory)."""
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(pool.apply_async(_encode_batch, (task,)))
+        if len(pending) >= max_in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def format_summary(summary: PreprocessSummary) -> str:
+    skipped = sum(summary.skipped.values())
+    lines = [f"wrote {summary.documents:,} documents, {summary.tokens:,} tokens to "
+             + ", ".join(p + ".{bin,idx}" for p in summary.outputs),
+             f"{summary.docs_per_second:,.0f} docs/s, {summary.mb_per_second:.1f} MB/s over {summary.seconds:.1f} s",
+             f"skipped {skipped:,} lines" + (":" if skipped else "")]
+    lines += [f"  {n:,} {reason}" for reason, n in summary.skipped.most_common()]
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""The chunk-cached batch encoder gives exactly SentencePiece's ids; the trained tokenizer has
+LLaMA's settings; tools/train_tokenizer.py reads JSONL."""
+import json
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from tests.data.helpers import load_tool, varied_text
+from megallama.tokenizer import NullTokenizer, SentencePieceTokenizer, build_tokenizer, train_sentencepiece
+
+
+def assert_batch_equals_sentencepiece(tok, docs, append_eod=False, batch=257):
+    reference = tok.sp.encode(docs)
+    for lo in range(0, len(docs), batch):
+        flat, counts = tok.encode_batch(docs[lo:lo + batch], append_eod=append_eod)
+        assert flat.dtype == np.int32 and counts.dtype == np.int64 and len(counts) == len(docs[lo:lo + batch])
+        pos = 0
+        for i, n in enumerate(counts.tolist()):
+            want = reference[lo + i] + ([tok.eos_id] if append_eod else [])
+            got = flat[pos:pos + n].tolist()
+            assert got == want, f"document {lo + i} {docs[lo + i]!r}: {got} != {want}"
+            pos += n
+        assert pos == flat.size
+
+
+def test_batch_encode_identical_to_sentencepiece(tiny_tokenizer):
+    tok = SentencePieceTokenizer(tiny_tokenizer)
+    assert tok.supports_chunk_cache
+    docs = varied_text(np.random.default_rng(99), 6000)  # not the training corpus: unseen chunks too
+    assert_batch_equals_sentencepiece(tok, docs, append_eod=True)
+    assert len(tok._cache) > 1000
+    assert_batch_equals_sentencepiece(tok, docs[::-1])  # second pass: everything from the cache
+
+
+def test_batch_encode_exact_with_a_tiny_cache_that_keeps_clearing(tiny_tokenizer):
+    tok = SentencePieceTokenizer(tiny_tokenizer, cache_entries=40)
+    assert_batch_equals_sentencepiece(tok, varied_text(np.random.default_rng(5), 800), batch=31)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"allow_whitespace_only_pieces": False},
+    {"add_dummy_prefix": False},
+    {"split_digits": False, "split_by_unicode_script": False},
+    # SentencePiece's defaults: NFKC and collapsed spaces -> the chunk cache is not exact, falls back
+    {"normalization_rule_name": "nmt_nfkc", "remove_extra_whitespaces": True},
+])
+def test_other_model_settings_stay_exact(tmp_path, corpus, overrides):
+    lines = [line for doc in corpus[:1500] for line in doc.split("\n") if line.strip()]
+    model = train_sentencepiece(lines, 600, str(tmp_path / "m"), num_threads=2, **overrides)
+    tok = SentencePieceTokenizer(model)
+    assert tok.supports_chunk_cache == ("normalization_rule_name" not in overrides)
+    assert_batch_equals_sentencepiece(tok, varied_text(np.random.default_rng(7), 1500), append_eod=True)
+
+
+def test_trained_tokenizer_has_llamas_settings(tiny_tokenizer):
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(open(tiny_tokenizer, "rb").read())
+    t, n = proto.trainer_spec, proto.normalizer_spec
+    # the values in Meta's released tokenizer.model
+    assert t.model_type == t.BPE and t.split_digits and t.byte_fallback and t.allow_whitespace_only_pieces
+    assert (t.unk_id, t.bos_id, t.eos_id, t.pad_id) == (0, 1, 2, -1)
+    assert n.name == "identity" and n.add_dummy_prefix and not n.remove_extra_whitespaces
+
+    tok = SentencePieceTokenizer(tiny_tokenizer)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 2, 600)
+    pieces = [tok.id_to_piece(i) for i in tok.encode("year 20231 costs 4567")]
+    digits = [p.lstrip("\u2581") for p in pieces if any(c.isdigit() for c in p)]
+    assert all(len(p) == 1 for p in digits) and "".join(digits) == "202314567"
+    rare = "龘"  # not in the training text: falls back to its three UTF-8 bytes
+    assert [tok.id_to_piece(i) for i in tok.encode(rare)][-3:] == ["<0xE9>", "<0xBE>", "<0x98>"]
+    for text in ["héllo  wörld\n\ttab", "天地玄黄 龘 😀", "  leading and trailing  "]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_a_model_from_sentencepiece_directly_loads(tmp_path, corpus):
+    # a model written by SentencePiece's own trainer with Meta's settings (as Meta's tokenizer.model)
+    lines = [line for doc in corpus[:800] for line in doc.split("\n") if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "meta"), vocab_size=600,
+                                   model_type="bpe", split_digits=True, byte_fallback=True, minloglevel=2,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False)
+    tok = build_tokenizer("Llama2Tokenizer", str(tmp_path / "meta.model"))
+    assert tok.supports_chunk_cache and tok.vocab_size == 600
+    assert_batch_equals_sentencepiece(tok, corpus[800:1600])
+
+
+def test_null_tokenizer():
+    tok = NullTokenizer(100)
+    assert tok.encode("5 17  3\n") == [5, 17, 3] and tok.decode([5, 17]) == "5 17" and tok.eos_id == 99
+    flat, counts = tok.encode_batch(["1 2", "3"], append_eod=True)
+    assert flat.tolist() == [1, 2, 99, 3, 99] and counts.tolist() == [3, 2]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.encode("100")
+    with pytest.raises(ValueError, match="unknown --tokenizer-type"):
+        build_tokenizer("GPT2BPETokenizer")
+
+
+def test_train_tokenizer_tool_reads_jsonl(tmp_path, corpus):
+    import zstandard
+
+    train_tokenizer = load_tool("train_tokenizer")
+    raw = "".join(json.dumps({"content": d}) + "\n" for d in corpus[:1500]) + "not json\n"
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw.encode()))
+    prefix = tmp_path / "out" / "tok"
+    assert train_tokenizer.main(["--input", str(tmp_path / "*.jsonl.zst"), "--json-keys", "content",
+                                 "--vocab-size", "500", "--output-prefix", str(prefix),
+                                 "--input-sentence-size", "2000", "--num-threads", "2"]) == 0
+    assert (tmp_path / "out" / "tok.vocab").exists()
+    tok = SentencePieceTokenizer(str(prefix) + ".model")
+    assert tok.vocab_size == 500 and tok.supports_chunk_cache
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tok.model", "tok.vocab"]

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Tokenize JSONL corpora into Megatron's indexed format, with Megatron's flags.
+
+    python tools/preprocess_data.py --input data/c4/*.jsonl.zst --json-keys text \\
+        --output-prefix out/c4 --tokenizer-type SentencePieceTokenizer \\
+        --tokenizer-model tok/llama.model --append-eod --workers 2
+
+writes ``out/c4_text_document.bin/.idx``. Memory stays bounded whatever the input size; unusable
+lines are skipped and counted (``--strict`` makes them fatal).
+"""
+import argparse
+import sys
+
+from megallama.data.jsonl import BadLineError
+from megallama.data.preprocess import format_summary, preprocess
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="JSONL files (.gz and .zst too), several or a glob")
+    p.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="JSON fields to tokenize; each gets its own PREFIX_KEY_document output")
+    p.add_argument("--output-prefix", required=True, help="outputs are PREFIX_KEY_document.bin/.idx")
+    p.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
+                   choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "NullTokenizer"],
+                   help="tokenizer kind (SentencePiece for LLaMA)")
+    p.add_argument("--tokenizer-model", help="SentencePiece .model file")
+    p.add_argument("--vocab-size", type=int, help="vocabulary size, for NullTokenizer")
+    p.add_argument("--append-eod", action="store_true", help="end every document with the end-of-document id")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    p.add_argument("--log-interval", type=int, default=1000, help="documents between progress-bar updates")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on the first unusable line (naming file and line) instead of skipping it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = preprocess(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
+                             args.vocab_size, args.json_keys, args.append_eod, args.workers,
+                             args.log_interval, args.strict, progress=not args.no_progress)
+    except BadLineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

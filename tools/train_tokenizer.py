@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Train LLaMA's kind of SentencePiece tokenizer (BPE, digits split, byte fallback) on JSONL text.
+
+    python tools/train_tokenizer.py --input data/*.jsonl.zst --vocab-size 32000 --output-prefix tok/llama
+
+writes ``tok/llama.model`` and ``tok/llama.vocab``. Each line of each document is one training
+sentence (newlines then fall back to bytes, as in LLaMA's tokenizer).
+"""
+import argparse
+import sys
+from collections import Counter
+
+from megallama.data.jsonl import expand_inputs, format_skips, iter_texts
+from megallama.tokenizer import train_sentencepiece
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="JSONL files (.gz/.zst too) or globs")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON fields holding the text (default: text)")
+    p.add_argument("--vocab-size", type=int, required=True, help="number of pieces, e.g. 32000 as LLaMA")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--input-sentence-size", type=int, default=0,
+                   help="train on this many sentences sampled from the corpus (0: all); bounds memory on large corpora")
+    p.add_argument("--max-sentence-length", type=int, default=16384,
+                   help="longest training sentence in bytes; longer ones are skipped by SentencePiece")
+    p.add_argument("--character-coverage", type=float, default=0.99995,
+                   help="share of characters covered by pieces; rarer ones fall back to bytes")
+    p.add_argument("--num-threads", type=int, default=None, help="training threads (default: all cores)")
+    p.add_argument("--strict", action="store_true", help="fail on the first unusable JSONL line instead of skipping it")
+    return p.parse_args(argv)
+
+
+def sentences(paths, json_keys, strict, skipped):
+    for text in iter_texts(paths, json_keys, strict, skipped):
+        for line in text.split("\n"):
+            if line.strip():
+                yield line
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    paths = expand_inputs(args.input)
+    skipped = Counter()
+    model = train_sentencepiece(
+        sentences(paths, args.json_keys, args.strict, skipped), args.vocab_size, args.output_prefix,
+        input_sentence_size=args.input_sentence_size, num_threads=args.num_threads,
+        max_sentence_length=args.max_sentence_length, character_coverage=args.character_coverage,
+    )
+    print(f"wrote {model} and {args.output_prefix}.vocab; skipped lines: {format_skips(skipped)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
