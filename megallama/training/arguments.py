@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Folder to resume from (its latest_checkpointed_iteration.txt); any parallel layout.")
     g.add_argument("--save-interval", type=int, default=None,
                    help="Iterations between checkpoints; the last iteration is always saved when --save is set.")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="Load this iteration's checkpoint from --load instead of the latest one.")
     g.add_argument("--no-load-optim", action="store_true", help="Load weights only; fresh optimizer state.")
     g.add_argument("--no-load-rng", action="store_true", help="Do not restore the saved RNG states.")
 
@@ -207,7 +209,7 @@ def config_from_namespace(ns: argparse.Namespace, world_size: int) -> PretrainCo
             data_cache_path=ns.data_cache_path,
         ),
         checkpoint=CheckpointArgs(
-            save=ns.save, load=ns.load, save_interval=ns.save_interval,
+            save=ns.save, load=ns.load, save_interval=ns.save_interval, ckpt_step=ns.ckpt_step,
             no_load_optim=ns.no_load_optim, no_load_rng=ns.no_load_rng,
         ),
         logging=LoggingArgs(log_interval=ns.log_interval, tensorboard_dir=ns.tensorboard_dir,
@@ -292,6 +294,8 @@ def validate(config: PretrainConfig) -> None:
     ck = config.checkpoint
     if ck.save_interval is not None and (ck.save is None or ck.save_interval < 1):
         raise ConfigError("--save-interval needs --save and must be at least 1")
+    if ck.ckpt_step is not None and ck.load is None:
+        raise ConfigError("--ckpt-step needs --load")
     d = config.data
     if d.mock_data == bool(d.data_path):
         raise ConfigError("give exactly one of --data-path and --mock-data")

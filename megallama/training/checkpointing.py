@@ -304,11 +304,13 @@ def read_rank_state(iter_dir: str, rank: int) -> dict:
     return _RankFiles(iter_dir).payload(rank_filename(rank))["rank_state"]
 
 
-def latest_checkpoint(root: str) -> Optional[tuple[int, str, dict]]:
-    """(iteration, folder, metadata) of the checkpoint the tracker names, None when there is none."""
-    iteration = read_tracker(root)
+def latest_checkpoint(root: str, iteration: Optional[int] = None) -> Optional[tuple[int, str, dict]]:
+    """(iteration, folder, metadata) of the checkpoint the tracker names (or of ``iteration``),
+    None when nothing was saved under ``root``."""
     if iteration is None:
-        return None
+        iteration = read_tracker(root)
+        if iteration is None:
+            return None
     iter_dir = checkpoint_dir(root, iteration)
     return iteration, iter_dir, read_metadata(iter_dir)
 

@@ -119,6 +119,7 @@ class CheckpointArgs:
     save: Optional[str] = None
     load: Optional[str] = None
     save_interval: Optional[int] = None
+    ckpt_step: Optional[int] = None
     no_load_optim: bool = False
     no_load_rng: bool = False
 

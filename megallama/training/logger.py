@@ -89,7 +89,7 @@ class TrainingLogger:
             f"consumed tokens {consumed_samples * self.seq_length} | "
             f"lm loss {mean_loss:.6E} | learning rate {lr:.6E} | grad norm {grad_text} | "
             f"ms per iteration {1000 * seconds_per_iteration:.1f} | tokens/s {tokens_per_second:.1f} | "
-            f"TFLOP/s per device {tflops:.3f} | MFU {mfu_text} | peak memory {memory / 2**30:.2f} GiB"
+            f"TFLOP/s per device {tflops:.4g} | MFU {mfu_text} | peak memory {memory / 2**30:.2f} GiB"
         )
         self.print(line)
         if self.writer is not None:

@@ -1,0 +1,184 @@
+"""This rank's model and optimizer state as pieces of full tensors (see ``checkpointing``).
+
+Keys are layout-free: ``model.NAME`` for a parameter (names carry global layer ids, so a layer
+keeps its key whatever stage holds it) and ``optimizer.NAME.{main_param,exp_avg,exp_avg_sq}`` for
+the AdamW state. Where a piece lies in the full tensor comes from the tensor-parallel attributes
+the parallel layers set (``tensor_model_parallel``, ``partition_dim``, ``partition_stack``); a
+vocabulary padded for TP keeps its unpadded size in the checkpoint. Optimizer state is taken from
+the optimizer's entries as they are, flat slices under ZeRO, so saving gathers nothing.
+
+A piece is written by one rank only: model weights by DP rank 0, optimizer state by every DP rank
+under ZeRO (each its slice) else by DP rank 0, and TP-replicated parameters by TP rank 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from megallama.training.checkpointing import ShardedTensor
+
+OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class RowBlock:
+    """Local rows [start, stop) of a parameter are the rectangle at ``offsets`` of the full tensor."""
+
+    start: int
+    stop: int
+    offsets: tuple
+    global_shape: tuple
+
+
+def _unpadded_size(module: torch.nn.Module, dim: int, padded: int) -> int:
+    names = ("num_embeddings", "output_size") if dim == 0 else ("input_size",)
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and value <= padded:
+            return value
+    return padded
+
+
+def row_blocks(param: torch.Tensor, module: torch.nn.Module, tp_rank: int, tp_size: int) -> list[RowBlock]:
+    """How this rank's ``param`` maps onto the full tensor, as blocks of consecutive local rows."""
+    shape = tuple(param.shape)
+    if param.dim() == 0:
+        return [RowBlock(0, 1, (), ())]
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        return [RowBlock(0, shape[0], (0,) * len(shape), shape)]
+    dim = param.partition_dim % param.dim()
+    stack = getattr(param, "partition_stack", 1)
+    if dim == 0:
+        block = shape[0] // stack
+        full_rows = _unpadded_size(module, 0, block * tp_size) if stack == 1 else block * tp_size
+        blocks = []
+        for j in range(stack):
+            first = j * block * tp_size + tp_rank * block
+            rows = max(0, min(block, full_rows - tp_rank * block)) if stack == 1 else block
+            if rows:
+                blocks.append(RowBlock(j * block, j * block + rows, (first,) + (0,) * (len(shape) - 1),
+                                       (stack * full_rows,) + shape[1:]))
+        return blocks
+    if stack != 1:
+        raise NotImplementedError(f"stacked partitions along dim {dim} are not supported in checkpoints")
+    offsets = tuple(tp_rank * shape[d] if d == dim else 0 for d in range(len(shape)))
+    global_shape = tuple(shape[d] * tp_size if d == dim else shape[d] for d in range(len(shape)))
+    return [RowBlock(0, shape[0], offsets, global_shape)]
+
+
+def _row_numel(shape: tuple) -> int:
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return n
+
+
+def _block_pieces(key: str, data: torch.Tensor, blocks: Iterable[RowBlock], param_shape: tuple,
+                  flat_range: tuple | None, write: bool) -> list[ShardedTensor]:
+    """Pieces of ``data``: the whole local parameter, or (``flat_range``) its flat slice [lo, hi)."""
+    pieces = []
+    row = _row_numel(param_shape)
+    for b in blocks:
+        shape = (b.stop - b.start,) + tuple(param_shape[1:]) if param_shape else ()
+        if flat_range is None:
+            piece = data if not param_shape else data[b.start:b.stop]
+            pieces.append(ShardedTensor(key, piece, b.global_shape, b.offsets, shape=shape, write=write))
+            continue
+        lo, hi = flat_range
+        a, z = max(lo, b.start * row), min(hi, b.stop * row)
+        if a >= z:
+            continue
+        pieces.append(ShardedTensor(key, data.reshape(-1)[a - lo:z - lo], b.global_shape, b.offsets, shape=shape,
+                                    flat_range=(a - b.start * row, z - b.start * row), write=write))
+    return pieces
+
+
+def _modules_of_params(chunks) -> dict:
+    owner = {}
+    for chunk in chunks:
+        module = getattr(chunk, "module", chunk)
+        for mod in module.modules():
+            for p in mod.parameters(recurse=False):
+                owner[p] = mod
+    return owner
+
+
+def _named_params(chunks):
+    for chunk in chunks:
+        yield from getattr(chunk, "module", chunk).named_parameters()
+
+
+def model_pieces(chunks, tp_rank: int, tp_size: int, dp_rank: int) -> list[ShardedTensor]:
+    """Pieces of this rank's model parameters (``chunks``: modules or DDP-wrapped modules)."""
+    owner, pieces = _modules_of_params(chunks), []
+    for name, p in _named_params(chunks):
+        sharded = getattr(p, "tensor_model_parallel", False) and tp_size > 1
+        write = dp_rank == 0 and (sharded or tp_rank == 0)
+        pieces += _block_pieces(f"model.{name}", p.data, row_blocks(p, owner[p], tp_rank, tp_size),
+                                tuple(p.shape), None, write)
+    return pieces
+
+
+def _adam_state(optimizer, main: torch.Tensor) -> dict:
+    return optimizer.optimizer.state.get(main, {})
+
+
+def optimizer_pieces(optimizer, chunks, tp_rank: int, tp_size: int, dp_rank: int,
+                     destination: bool = False) -> tuple[list[ShardedTensor], dict]:
+    """Pieces of the AdamW state (fp32 main weights where they are copies, both moments).
+
+    With ``destination``, fresh buffers to load into are returned instead of the live state, with
+    a map {(entry index, what): buffer} to install them afterwards.
+    """
+    owner, pieces, buffers = _modules_of_params(chunks), [], {}
+    for index, e in enumerate(optimizer.entries):
+        sharded = getattr(e.param, "tensor_model_parallel", False) and tp_size > 1
+        write = (optimizer.sharded or dp_rank == 0) and (sharded or tp_rank == 0)
+        blocks = row_blocks(e.param, owner[e.param], tp_rank, tp_size)
+        whats = (() if e.main is e.param else ("main_param",)) + OPTIMIZER_MOMENTS
+        for what in whats:
+            if destination:
+                data = buffers.setdefault((index, what), torch.zeros(e.main.numel(), dtype=torch.float32))
+            elif what == "main_param":
+                data = e.main.detach()
+            else:
+                state = _adam_state(optimizer, e.main)
+                if what not in state:
+                    continue  # no step taken yet: nothing to save
+                data = state[what]
+            pieces += _block_pieces(f"optimizer.{e.name}.{what}", data, blocks, tuple(e.param.shape),
+                                    (e.lo, e.hi), write)
+    return pieces, buffers
+
+
+def optimizer_step_count(optimizer) -> int:
+    for e in optimizer.entries:
+        step = _adam_state(optimizer, e.main).get("step")
+        if step is not None:
+            return int(float(step))
+    return 0
+
+
+@torch.no_grad()
+def install_optimizer_state(optimizer, buffers: dict, step: int, missing: set) -> None:
+    """Put loaded buffers into the optimizer: main weights (from the model parameter when the
+    checkpoint had none) and, after at least one step, AdamW's moments and step count."""
+    for index, e in enumerate(optimizer.entries):
+        if e.main is not e.param:
+            key = f"optimizer.{e.name}.main_param"
+            source = e.param.detach().reshape(-1)[e.lo:e.hi] if key in missing else buffers[(index, "main_param")]
+            e.main.data.copy_(source.view_as(e.main))
+        if step == 0:
+            continue
+        group = next(g for g in optimizer.optimizer.param_groups if any(t is e.main for t in g["params"]))
+        # torch keeps AdamW's step on the parameter's device for fused/capturable groups, else on CPU.
+        on_device = group.get("fused") or group.get("capturable")
+        state = {"step": torch.tensor(float(step), dtype=torch.float32, device=e.main.device if on_device else "cpu")}
+        for what in OPTIMIZER_MOMENTS:
+            if f"optimizer.{e.name}.{what}" in missing:
+                raise KeyError(f"the checkpoint has no AdamW {what} for {e.name} (use --no-load-optim to start "
+                               "the optimizer afresh)")
+            state[what] = buffers[(index, what)].to(e.main.device).view_as(e.main)
+        optimizer.optimizer.state[e.main] = state
