@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The LLaMA paper's data recipe (Touvron et al. 2023, §2.1): the seven sources, from their raw
+# downloads to cleaned JSONL ({"text", "meta"}) ready for tools/preprocess_data.py.
+# Each source's cleaner applies the paper's settings (see megallama/clean/sources/*.py); every
+# command is resumable: rerun it after a crash and it finishes the shards left.
+#
+#   RAW=/data/raw OUT=/data/cleaned WORKERS=64 bash examples/clean_llama_corpus.sh
+#
+# Expected layout under $RAW (what each project distributes):
+#   commoncrawl/*.warc.wet.gz            CommonCrawl WET files (the paper used five 2017-2020 dumps)
+#   c4/en/c4-train.*.json.gz             C4 English
+#   github/*.jsonl.gz                    BigQuery `github_repos` rows: repo_name, path, license, content
+#   wikipedia/??wiki-2022*-pages-articles.xml.bz2
+#                                        June-August 2022 dumps: bg ca cs da de en es fr hr hu it nl pl
+#                                        pt ro ru sl sr sv uk
+#   books/gutenberg/*.txt books/books3/*.txt
+#   arxiv/arXiv_src_*.tar                arXiv's bulk LaTeX source archives
+#   stackexchange/*/Posts.xml            the 28 largest sites, one folder per site (7z extracted)
+#   quality/references.jsonl             pages cited as references by Wikipedia ({"text": ...})
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RAW=${RAW:-raw}
+OUT=${OUT:-cleaned}
+WORKERS=${WORKERS:-$(nproc)}
+mkdir -p "$OUT"
+
+clean() {  # clean SOURCE INPUT... [-- extra flags]
+    local source=$1; shift
+    python tools/clean_corpus.py --source "$source" --output "$OUT/$source" \
+        --report "$OUT/$source.report.json" --workers "$WORKERS" --input "$@"
+}
+
+# CommonCrawl, step 1: the reference-page classifier (Wikipedia references vs. random pages).
+# Random pages: a first CCNet pass (line dedup, language ID, length) without the classifier.
+python tools/clean_corpus.py --source commoncrawl --input "$RAW"/commoncrawl \
+    --output "$OUT/commoncrawl-unfiltered" --report "$OUT/commoncrawl-unfiltered.report.json" --workers "$WORKERS"
+python tools/train_quality_classifier.py --positive "$RAW"/quality/references.jsonl \
+    --negative "$OUT"/commoncrawl-unfiltered/*.jsonl --max-per-class 1000000 --output "$OUT/quality.bin"
+# CommonCrawl, step 2: the full recipe, keeping pages classified as references.
+python tools/clean_corpus.py --source commoncrawl --input "$RAW"/commoncrawl --quality-model "$OUT/quality.bin" \
+    --output "$OUT/commoncrawl" --report "$OUT/commoncrawl.report.json" --workers "$WORKERS"
+
+clean c4 "$RAW"/c4/en                           # C4 heuristics, exact + line dedup, English
+clean github "$RAW"/github                      # Apache/BSD/MIT, line-length and alphanumeric rules, header removal, dedup
+clean wikipedia "$RAW"/wikipedia                # wikitext to text, the 20 languages
+clean books "$RAW"/books/gutenberg "$RAW"/books/books3   # boilerplate removed, >90% overlap dropped
+clean arxiv "$RAW"/arxiv                        # first section to bibliography, comments removed, macros expanded
+clean stackexchange "$RAW"/stackexchange        # questions with answers by score, HTML removed
+
+echo "cleaned JSONL in $OUT/*/ — next: tools/preprocess_data.py per source, blended with the paper's weights"
