@@ -187,7 +187,7 @@ def main() -> int:
     p.add_argument("--docs", type=int, default=20000, help="generated documents (default 20000)")
     p.add_argument("--shards", type=int, default=8, help="input JSONL files = tasks (default 8)")
     p.add_argument("--workers", type=int, default=2, help="worker processes, both sides (default 2)")
-    p.add_argument("--repeats", type=int, default=1, help="runs per side, best kept (default 1)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per side, best kept (default 2)")
     args = p.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="bench-clean-")

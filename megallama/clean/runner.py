@@ -20,9 +20,10 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -82,6 +83,16 @@ def _stage_docs(source: Source, shard: _Shard, stage: Callable[[Document], str |
             rejected.add(reason, item.text, item.meta)
 
 
+def _guarded_read(source: Source, shard: _Shard) -> Iterator[Document | Rejected]:
+    """The shard's records; if the reader fails part-way (truncated archive, corrupt compression)
+    the records read so far are kept and the failure is counted as `unreadable_input`."""
+    try:
+        yield from source.read(shard.path)
+    except Exception as e:  # noqa: BLE001 - any reader failure: count it, keep the run going
+        print(f"warning: {shard.path}: stopped reading after an error: {type(e).__name__}: {e}", file=sys.stderr)
+        yield Rejected("unreadable_input", f"{type(e).__name__}: {e}", {"source": source.name, "file": shard.path})
+
+
 def _write_output(shard: _Shard, docs: Iterable[Document]) -> int:
     n = 0
     with atomic_open(shard.output, "wb") as f:
@@ -104,7 +115,7 @@ def _single_pass(source: Source, shard: _Shard) -> dict:
     def both(doc):
         return source.pre(doc) or source.post(doc)
 
-    kept = _write_output(shard, _stage_docs(source, shard, both, counted(source.read(shard.path)), rejected))
+    kept = _write_output(shard, _stage_docs(source, shard, both, counted(_guarded_read(source, shard)), rejected))
     rejected.close()
     stats = {"input_docs": counter["input"], "output_docs": kept, "dropped": dict(rejected.counts)}
     write_json(shard.done, stats)
@@ -121,7 +132,7 @@ def _pass1(source: Source, shard: _Shard, keep_docs: bool) -> dict:
             counter["input"] += 1
             yield item
 
-    docs = [(d.text, d.meta) for d in _stage_docs(source, shard, source.pre, counted(source.read(shard.path)), rejected)]
+    docs = [(d.text, d.meta) for d in _stage_docs(source, shard, source.pre, counted(_guarded_read(source, shard)), rejected)]
     rejected.close()
     arrays = {}
     if source.exact_dedup:

@@ -113,6 +113,21 @@ def test_single_pass_resume_and_rejected_documents(tmp_path):
                         str(tmp_path / "r.json"), progress=False) == report
 
 
+def test_a_truncated_archive_keeps_the_documents_before_the_damage(tmp_path):
+    rng = random.Random(6)
+    rows = [{"url": f"u{i}", "text": page(rng)} for i in range(40)]
+    inputs.write_jsonl(str(tmp_path / "whole.jsonl.gz"), rows)
+    data = (tmp_path / "whole.jsonl.gz").read_bytes()
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) * 2 // 3])
+    inputs.write_jsonl(str(tmp_path / "next.jsonl"), [{"url": "n0", "text": page(rng)}])
+    report = clean_corpus("commoncrawl", [str(tmp_path / "cut.jsonl.gz"), str(tmp_path / "next.jsonl")],
+                          str(tmp_path / "out"), str(tmp_path / "r.json"), progress=False)
+    kept = [json.loads(x)["meta"]["url"] for x in (tmp_path / "out" / "commoncrawl-00000.jsonl").read_text().splitlines()]
+    assert report["dropped"] == {"unreadable_input": 1}
+    assert 10 < len(kept) < 40 and kept == [f"u{i}" for i in range(len(kept))]
+    assert report["output_docs"] == len(kept) + 1  # the next shard is cleaned as usual
+
+
 def test_a_different_run_in_the_same_folder_is_refused(tmp_path):
     paths = make_commoncrawl_shards(tmp_path, n_shards=2, docs=3)
     clean_corpus("commoncrawl", paths, str(tmp_path / "out"), str(tmp_path / "r.json"), progress=False)
