@@ -28,6 +28,8 @@ from megallama.training.config import (
 
 DECAY_STYLES = ("cosine", "linear", "constant")
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "NullTokenizer")
+# Megatron's other names for a SentencePiece model, accepted so launch scripts carry over.
+SENTENCEPIECE_ALIASES = ("GPTSentencePieceTokenizer", "Llama2Tokenizer")
 
 
 class ConfigError(ValueError):
@@ -121,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="969,30,1", help="Train,valid,test proportions of each dataset.")
     g.add_argument("--mock-data", action="store_true",
                    help="Deterministic synthetic tokens indexed by global sample number (tests, benchmarks).")
-    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
-                   help="Default SentencePieceTokenizer when --tokenizer-model is given, else NullTokenizer.")
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES + SENTENCEPIECE_ALIASES, default=None,
+                   help="Default SentencePieceTokenizer when --tokenizer-model is given, else NullTokenizer "
+                   "(Megatron's GPTSentencePieceTokenizer and Llama2Tokenizer mean SentencePieceTokenizer).")
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model file.")
     g.add_argument("--data-cache-path", default=None,
                    help="Folder for the sample-index cache; default beside the data.")
@@ -164,6 +167,8 @@ def config_from_namespace(ns: argparse.Namespace, world_size: int) -> PretrainCo
         ffn = preset.get("ffn_hidden_size") or llama_ffn_hidden_size(shape["hidden_size"])
 
     tokenizer_type = ns.tokenizer_type or ("SentencePieceTokenizer" if ns.tokenizer_model else "NullTokenizer")
+    if tokenizer_type in SENTENCEPIECE_ALIASES:
+        tokenizer_type = "SentencePieceTokenizer"
     vocab_size = ns.vocab_size
     if vocab_size is None and tokenizer_type == "NullTokenizer":
         vocab_size = 32000
@@ -321,9 +326,9 @@ def data_prefixes(data_path: Sequence[str]) -> list[tuple[float, str]]:
 
 
 def sentencepiece_vocab_size(model_file: str) -> int:
-    import sentencepiece
+    from megallama.tokenizer import SentencePieceTokenizer
 
-    return sentencepiece.SentencePieceProcessor(model_file=model_file).vocab_size()
+    return SentencePieceTokenizer(model_file).vocab_size
 
 
 def check_inputs(config: PretrainConfig) -> None:

@@ -214,8 +214,8 @@ class Trainer:
         common = metadata["common"]
         self.iteration, self.consumed_samples = iteration, common["consumed_samples"]
         if not self.config.checkpoint.no_load_optim:
-            pieces, buffers = sharded_state.optimizer_pieces(self.optimizer, self.chunks, self.tp_rank,
-                                                             self.tp_size, self.dp_rank, destination=True)
+            pieces, buffers = sharded_state.optimizer_pieces(self.optimizer, self.tp_rank, self.tp_size,
+                                                             self.dp_rank, destination=True)
             missing = set(ckpt.load_pieces(iter_dir, metadata, pieces, strict=False))
             sharded_state.install_optimizer_state(self.optimizer, buffers, common["optimizer_step"], missing)
         same_layout = common["layout"] == self._layout()
@@ -235,8 +235,7 @@ class Trainer:
     def save(self) -> None:
         root = self.config.checkpoint.save
         pieces = sharded_state.model_pieces(self.chunks, self.tp_rank, self.tp_size, self.dp_rank)
-        pieces += sharded_state.optimizer_pieces(self.optimizer, self.chunks, self.tp_rank, self.tp_size,
-                                                 self.dp_rank)[0]
+        pieces += sharded_state.optimizer_pieces(self.optimizer, self.tp_rank, self.tp_size, self.dp_rank)[0]
         common = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
                   "optimizer_step": sharded_state.optimizer_step_count(self.optimizer),
                   "layout": self._layout(), "lr_schedule": self.schedule.state_dict(),

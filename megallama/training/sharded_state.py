@@ -32,17 +32,13 @@ class RowBlock:
     global_shape: tuple
 
 
-def _unpadded_size(module: torch.nn.Module, dim: int, padded: int) -> int:
-    names = ("num_embeddings", "output_size") if dim == 0 else ("input_size",)
-    for name in names:
-        value = getattr(module, name, None)
-        if isinstance(value, int) and value <= padded:
-            return value
-    return padded
+def row_blocks(param: torch.Tensor, tp_rank: int, tp_size: int) -> list[RowBlock]:
+    """How this rank's ``param`` maps onto the full tensor, as blocks of consecutive local rows.
 
-
-def row_blocks(param: torch.Tensor, module: torch.nn.Module, tp_rank: int, tp_size: int) -> list[RowBlock]:
-    """How this rank's ``param`` maps onto the full tensor, as blocks of consecutive local rows."""
+    A split parameter (``tensor_model_parallel``) holds, along ``partition_dim``, its share of each
+    of ``partition_stack`` equal blocks (fused [wq; wk; wv]); ``full_shape`` is the unpadded whole,
+    so the zero rows padding a vocabulary for TP are left out of the checkpoint.
+    """
     shape = tuple(param.shape)
     if param.dim() == 0:
         return [RowBlock(0, 1, (), ())]
@@ -50,22 +46,17 @@ def row_blocks(param: torch.Tensor, module: torch.nn.Module, tp_rank: int, tp_si
         return [RowBlock(0, shape[0], (0,) * len(shape), shape)]
     dim = param.partition_dim % param.dim()
     stack = getattr(param, "partition_stack", 1)
+    full_shape = tuple(getattr(param, "full_shape", None) or
+                       (s * tp_size if d == dim else s for d, s in enumerate(shape)))
     if dim == 0:
-        block = shape[0] // stack
-        full_rows = _unpadded_size(module, 0, block * tp_size) if stack == 1 else block * tp_size
-        blocks = []
-        for j in range(stack):
-            first = j * block * tp_size + tp_rank * block
-            rows = max(0, min(block, full_rows - tp_rank * block)) if stack == 1 else block
-            if rows:
-                blocks.append(RowBlock(j * block, j * block + rows, (first,) + (0,) * (len(shape) - 1),
-                                       (stack * full_rows,) + shape[1:]))
-        return blocks
+        block, full_block = shape[0] // stack, full_shape[0] // stack
+        rows = max(0, min(block, full_block - tp_rank * block))  # fewer on the rank holding padding
+        return [RowBlock(j * block, j * block + rows, (j * full_block + tp_rank * block,) + (0,) * (len(shape) - 1),
+                         full_shape) for j in range(stack) if rows]
     if stack != 1:
         raise NotImplementedError(f"stacked partitions along dim {dim} are not supported in checkpoints")
     offsets = tuple(tp_rank * shape[d] if d == dim else 0 for d in range(len(shape)))
-    global_shape = tuple(shape[d] * tp_size if d == dim else shape[d] for d in range(len(shape)))
-    return [RowBlock(0, shape[0], offsets, global_shape)]
+    return [RowBlock(0, shape[0], offsets, full_shape)]
 
 
 def _row_numel(shape: tuple) -> int:
@@ -95,16 +86,6 @@ def _block_pieces(key: str, data: torch.Tensor, blocks: Iterable[RowBlock], para
     return pieces
 
 
-def _modules_of_params(chunks) -> dict:
-    owner = {}
-    for chunk in chunks:
-        module = getattr(chunk, "module", chunk)
-        for mod in module.modules():
-            for p in mod.parameters(recurse=False):
-                owner[p] = mod
-    return owner
-
-
 def _named_params(chunks):
     for chunk in chunks:
         yield from getattr(chunk, "module", chunk).named_parameters()
@@ -112,11 +93,11 @@ def _named_params(chunks):
 
 def model_pieces(chunks, tp_rank: int, tp_size: int, dp_rank: int) -> list[ShardedTensor]:
     """Pieces of this rank's model parameters (``chunks``: modules or DDP-wrapped modules)."""
-    owner, pieces = _modules_of_params(chunks), []
+    pieces = []
     for name, p in _named_params(chunks):
         sharded = getattr(p, "tensor_model_parallel", False) and tp_size > 1
         write = dp_rank == 0 and (sharded or tp_rank == 0)
-        pieces += _block_pieces(f"model.{name}", p.data, row_blocks(p, owner[p], tp_rank, tp_size),
+        pieces += _block_pieces(f"model.{name}", p.data, row_blocks(p, tp_rank, tp_size),
                                 tuple(p.shape), None, write)
     return pieces
 
@@ -125,18 +106,18 @@ def _adam_state(optimizer, main: torch.Tensor) -> dict:
     return optimizer.optimizer.state.get(main, {})
 
 
-def optimizer_pieces(optimizer, chunks, tp_rank: int, tp_size: int, dp_rank: int,
+def optimizer_pieces(optimizer, tp_rank: int, tp_size: int, dp_rank: int,
                      destination: bool = False) -> tuple[list[ShardedTensor], dict]:
     """Pieces of the AdamW state (fp32 main weights where they are copies, both moments).
 
     With ``destination``, fresh buffers to load into are returned instead of the live state, with
     a map {(entry index, what): buffer} to install them afterwards.
     """
-    owner, pieces, buffers = _modules_of_params(chunks), [], {}
+    pieces, buffers = [], {}
     for index, e in enumerate(optimizer.entries):
         sharded = getattr(e.param, "tensor_model_parallel", False) and tp_size > 1
         write = (optimizer.sharded or dp_rank == 0) and (sharded or tp_rank == 0)
-        blocks = row_blocks(e.param, owner[e.param], tp_rank, tp_size)
+        blocks = row_blocks(e.param, tp_rank, tp_size)
         whats = (() if e.main is e.param else ("main_param",)) + OPTIMIZER_MOMENTS
         for what in whats:
             if destination:

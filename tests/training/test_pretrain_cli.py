@@ -163,3 +163,25 @@ def test_non_finite_loss_stops_naming_the_iteration_and_saves_nothing_after(tmp_
     err = capsys.readouterr().err
     assert "iteration 3: lm loss nan" in err and "without saving" in err
     assert ckpt.read_tracker(str(tmp_path)) == 2 and not os.path.exists(ckpt.checkpoint_dir(str(tmp_path), 3))
+
+
+def test_trains_on_a_blend_of_indexed_datasets_with_validation(tmp_path, capsys):
+    import numpy as np
+
+    from megallama.data.indexed import IndexedDatasetWriter
+
+    rng = np.random.default_rng(0)
+    prefixes = []
+    for name in ("web", "books"):
+        prefix = str(tmp_path / f"{name}_text_document")
+        with IndexedDatasetWriter(prefix, dtype=np.uint16) as writer:
+            for _ in range(60):
+                writer.add_document(rng.integers(0, 64, int(rng.integers(5, 40))))
+        prefixes.append(prefix)
+    flags = [f for f in TINY if f not in ("--mock-data", "--eval-iters", "0")]
+    assert main([*flags, "--train-iters", "3", "--data-path", "0.7", prefixes[0], "0.3", prefixes[1],
+                 "--split", "90,10,0", "--eval-interval", "3", "--eval-iters", "2",
+                 "--data-cache-path", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert sorted(losses_of(out)) == [1, 2, 3]
+    assert re.search(r"validation at iteration 3 \| lm loss validation \d\.\d+E\+00", out)
