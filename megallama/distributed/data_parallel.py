@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megallama.distributed.timeout import default_group_timeout, wait
+
 DEFAULT_BUCKET_SIZE = 40_000_000  # elements; Megatron's default order of magnitude
 
 # torch 2.13 renamed the tensor-in/tensor-out collectives; older releases have only the old names.
@@ -64,6 +66,7 @@ class DistributedDataParallel(torch.nn.Module):
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_grad_reduce = overlap_grad_reduce
         self._sync_enabled = True
+        self._timeout = default_group_timeout()
 
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
@@ -152,7 +155,7 @@ class DistributedDataParallel(torch.nn.Module):
             if bucket.work is None:
                 self._start_reduce(bucket)
         for bucket in self.buckets:
-            bucket.work.wait()
+            wait(bucket.work, self._timeout)
             bucket.work = None
             bucket.send_buffer = None
             bucket.pending = len(bucket.params)
@@ -170,7 +173,7 @@ class DistributedDataParallel(torch.nn.Module):
 
 
 class _DoneWork:
-    def wait(self):
+    def wait(self, timeout=None):
         return True
 
 

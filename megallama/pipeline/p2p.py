@@ -9,12 +9,15 @@ gloo matches by tag, so both stay correct when the next and the previous rank ar
 (two stages, or the wrap-around of the interleaved schedule).
 
 Receive buffers have the shape the schedule derives from the config (``[micro_batch, seq, hidden]``,
-the sequence divided by TP under sequence parallelism): no shape handshake.
+the sequence divided by TP under sequence parallelism): no shape handshake. Waits are bounded by
+the timeout given to ``init_process_group``, so a wedged neighbour makes this stage raise.
 """
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+
+from megallama.distributed.timeout import default_group_timeout, wait
 
 _FORWARD_TAG = 0
 _BACKWARD_TAG = 1
@@ -33,6 +36,8 @@ class PipelineCommunicator:
         self.tensor_shape = tuple(tensor_shape)
         self.dtype = dtype
         self.device = device
+        # A stage whose neighbour is wedged gives up after the job's process-group timeout.
+        self.timeout = default_group_timeout()
 
     def _buffer(self, requires_grad: bool) -> torch.Tensor:
         # A received activation is a leaf of this stage's autograd graph: its .grad is what the
@@ -68,7 +73,7 @@ class PipelineCommunicator:
             ops.append(dist.P2POp(dist.irecv, from_next.data, self.next_rank, self.group, _BACKWARD_TAG))
         if ops:
             for work in dist.batch_isend_irecv(ops):
-                work.wait()
+                wait(work, self.timeout)
         return from_prev, from_next
 
     def recv_forward(self) -> torch.Tensor:

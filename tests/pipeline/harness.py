@@ -72,7 +72,7 @@ def _forward_step(data_iterator, chunk, input_tensor):
 
 
 def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distributed_opt: bool,
-                 steps: int, bucket_size: int = 3000, inject_inf_at=None):
+                 steps: int, bucket_size: int = 3000, inject_inf_at=None, forward_step=None):
     """Train on this rank's share; returns {"losses", "norms", "applied", "params"} for this rank.
 
     ``inject_inf_at=(step, pp_rank)`` puts an inf into one gradient of that stage at that step.
@@ -103,7 +103,7 @@ def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distr
                     for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank, micro_batch)]
             data = [iter(mine) for _ in chunks] if vp else iter(mine)
             optimizer.zero_grad()
-            losses = fwd_bwd(_forward_step, data, chunks, num_micro, SEQ, micro_batch,
+            losses = fwd_bwd(forward_step or _forward_step, data, chunks, num_micro, SEQ, micro_batch,
                              cfg.hidden_size, torch.float32)
             finalize_model_grads(chunks, losses)
             if inject_inf_at is not None and inject_inf_at == (step, state.get_pipeline_model_parallel_rank()):

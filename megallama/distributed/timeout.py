@@ -1,0 +1,30 @@
+"""The timeout given to ``init_process_group``, for waits that must not outlive it.
+
+Subgroups made by ``new_group`` without a timeout get torch's default (30 minutes for gloo), so a
+rank waiting on a wedged peer in such a group would hang that long; waits on point-to-point and
+asynchronous work pass this timeout explicitly instead.
+"""
+import datetime
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def default_group_timeout() -> Optional[datetime.timedelta]:
+    """The default process group's timeout, or None when it cannot be read (then: no explicit wait)."""
+    if not dist.is_initialized():
+        return None
+    device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+    try:
+        return dist.group.WORLD._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def wait(work, timeout: Optional[datetime.timedelta]) -> None:
+    """``work.wait()`` bounded by ``timeout`` (raises RuntimeError when it expires)."""
+    if timeout is None:
+        work.wait()
+    else:
+        work.wait(timeout)

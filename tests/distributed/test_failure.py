@@ -1,0 +1,85 @@
+"""A stage that fails mid-step makes every rank exit with an error: no rank hangs.
+
+Unlike ``tests.distributed_utils.run_distributed`` (which terminates the peers of a failed rank),
+this test lets every process run until it exits by itself and fails if any is still alive after a
+deadline. Two failures: the failing process exits (its peers see the connections close), and the
+failing process stays alive without answering (its peers give up at the process-group timeout,
+then the peers of those see their connections close).
+"""
+import datetime
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.pipeline import harness as H
+
+PG_TIMEOUT_S = 4
+FAIL_RANK = 2  # layout TP 1 × PP 2 × DP 2: global rank 2 is stage 1 of DP replica 0
+
+
+class _FailingForwardStep:
+    def __init__(self, hang: bool):
+        self.calls, self.hang = 0, hang
+
+    def __call__(self, data_iterator, chunk, input_tensor):
+        self.calls += 1
+        if dist.get_rank() == FAIL_RANK and self.calls == 3:  # mid-way through the first step
+            if self.hang:
+                time.sleep(60)  # alive but silent, as a wedged process would be
+            raise RuntimeError("injected failure in stage 1")
+        return H._forward_step(data_iterator, chunk, input_tensor)
+
+
+def _rank_main(rank, world_size, workdir, hang):
+    torch.set_num_threads(1)
+    # A generous timeout for the rendezvous of slowly starting processes, then a short one.
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(workdir, "store"), rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    dist.barrier()
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=PG_TIMEOUT_S))
+    try:
+        H.parallel_run(H.config(), 1, 2, None, 1, False, 3, forward_step=_FailingForwardStep(hang))
+    except BaseException as exc:
+        with open(os.path.join(workdir, f"error_{rank}.txt"), "w") as f:
+            f.write(f"{time.monotonic()!r}\n{type(exc).__name__}: {exc}")
+        raise
+
+
+def _run(tmp_path, hang):
+    """Run until every rank but a wedged one exited; returns {rank: (time, error)}."""
+    context = mp.start_processes(_rank_main, args=(4, str(tmp_path), hang), nprocs=4, join=False,
+                                 start_method="spawn")
+    peers = [r for r in range(4) if not (hang and r == FAIL_RANK)]
+    deadline = time.monotonic() + 120
+    while any(context.processes[r].is_alive() for r in peers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [r for r in peers if context.processes[r].is_alive()]
+    for p in context.processes:
+        p.kill()
+        p.join()
+    assert not alive, f"ranks {alive} still running 120 s after a stage failed: a hang"
+    errors = {}
+    for rank in peers:
+        path = tmp_path / f"error_{rank}.txt"
+        assert path.exists(), f"rank {rank} exited without an error"
+        stamp, text = path.read_text().split("\n", 1)
+        errors[rank] = (float(stamp), text)
+        assert context.processes[rank].exitcode == 1
+    return errors
+
+
+def test_failing_stage_exits_every_rank(tmp_path):
+    errors = _run(tmp_path, hang=False)
+    assert "injected failure in stage 1" in errors[FAIL_RANK][1]
+
+
+def test_wedged_stage_peers_exit_at_the_process_group_timeout(tmp_path):
+    # The wedged rank never answers: its peers must give up by themselves (it is killed after).
+    errors = _run(tmp_path, hang=True)
+    assert FAIL_RANK not in errors
+    for rank, (_, text) in errors.items():
+        assert "timed out" in text.lower() or "connection closed" in text.lower(), (rank, text)
+    assert any("timed out" in text.lower() for _, text in errors.values()), errors
