@@ -297,7 +297,7 @@ class Trainer:
              f"TP={self.tp_size} PP={c.parallel.pipeline_model_parallel_size} DP={c.parallel.data_parallel_size} "
              f"virtual={virtual_size(c)}, {c.num_micro_batches} micro-batches of {c.training.micro_batch_size}, "
              f"from iteration {self.iteration}")
-        saved_at = None
+        saved_at = self.iteration  # a resumed run's starting point is already on disk
         while self.iteration < c.training.train_iters:
             start = time.perf_counter()
             lr = self.schedule.apply(self.optimizer, self.iteration + 1)
