@@ -54,10 +54,10 @@ def c4_filter(text: str, config: C4Config = C4Config()) -> tuple[str, str | None
         lower = line.lower()
         if "lorem ipsum" in lower:
             return "", "lorem_ipsum"
+        if "javascript" in lower:  # checked before the brace, as C4 does: such a line is only skipped
+            continue
         if "{" in line:
             return "", "curly_brace"
-        if "javascript" in lower:
-            continue
         if any(p in lower for p in POLICY_PHRASES):
             continue
         sentences += count_sentences(line)

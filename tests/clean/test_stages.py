@@ -52,7 +52,8 @@ def test_c4_filter_matches_datatrove_line_rules():
     rng = random.Random(3)
     extra = ["Short line.", "No terminal punctuation here at all", "Please enable JavaScript to view this page.",
              "We use cookies to improve your experience.", "Wait for it...", "A citation[12] inside a sentence.",
-             "Read our privacy policy before you continue.", "x" * 1001 + " is a long word."]
+             "Read our privacy policy before you continue.", "x" * 1001 + " is a long word.",
+             "Our javascript widget { renders } here.", "The brace { opens a block } here."]
     reference = C4QualityFilter(min_num_sentences=-1)
     ours = C4Config(min_sentences=0)
     for _ in range(30):
