@@ -3,6 +3,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
+#include <cmath>
 #include <tuple>
 #include <vector>
 

@@ -1,0 +1,259 @@
+"""Build megallama._ops with its CUDA kernels and check them on a GPU (run on a CUDA machine).
+
+Builds the extension in place (setup.py build_ext, only csrc/ops unless --all-extensions), then
+checks every fused op on CUDA tensors against the plain-torch reference forms in fp32 and bf16
+(forward and backward, odd and strided shapes, raw kernel callers with strided output buffers,
+determinism of grad_weight, gradcheck in fp64), and times each op's fwd+bwd against the
+reference differentiated by autograd. Prints a PASS/FAIL table; exits 1 if any check fails.
+
+    python bench/ops_cuda_check.py                # build, check, time
+    python bench/ops_cuda_check.py --no-build     # reuse an existing in-place build
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# assert_close tolerances. The CUDA build uses --use_fast_math (approximate exp, sqrt, division),
+# so fp32 gets a little more room than the CPU tests give.
+TOL = {"float32": dict(rtol=1e-4, atol=1e-5), "bfloat16": dict(rtol=1.6e-2, atol=1e-2)}
+TOL_SUM = {"float32": dict(rtol=1e-4, atol=1e-4), "bfloat16": dict(rtol=2e-2, atol=2e-2)}
+
+
+def build(all_extensions, arch):
+    env = dict(os.environ)
+    if not all_extensions:
+        env["MEGALLAMA_EXTENSIONS"] = "ops"
+    if arch:
+        env["TORCH_CUDA_ARCH_LIST"] = arch
+    env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        print((proc.stdout + proc.stderr)[-8000:])
+        print(f"BUILD FAILED (exit {proc.returncode})")
+        sys.exit(1)
+    print(f"build: ok in {time.perf_counter() - start:.0f} s")
+
+
+class Checks:
+    def __init__(self):
+        self.rows = []
+
+    def run(self, name, fn):
+        try:
+            fn()
+            self.rows.append((name, "PASS", ""))
+        except Exception as exc:  # a failed check is reported, the others still run
+            detail = str(exc).strip().splitlines()
+            self.rows.append((name, "FAIL", detail[0][:160] if detail else type(exc).__name__))
+            traceback.print_exc()
+
+    def report(self):
+        width = max(len(n) for n, _, _ in self.rows)
+        print(f"\n{'check':<{width}}  result")
+        for name, result, detail in self.rows:
+            print(f"{name:<{width}}  {result}  {detail}")
+        failed = sum(r == "FAIL" for _, r, _ in self.rows)
+        print(f"\n{len(self.rows) - failed} passed, {failed} failed")
+        return failed
+
+
+def grads_of(fn, inputs, grads):
+    import torch
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    outs = fn(*inputs)
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    torch.autograd.backward(outs, grads)
+    return [o.detach() for o in outs] + [t.grad for t in inputs]
+
+
+def assert_all_close(ours, ref, tols):
+    import torch
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        assert a.dtype == b.dtype, f"item {i}: dtype {a.dtype} != {b.dtype}"
+        torch.testing.assert_close(a, b, **tols[i] if isinstance(tols, list) else tols,
+                                   msg=lambda m, i=i: f"item {i}: {m}")
+
+
+def define_checks(checks, ops, torch, dev):
+    for dname in ("float32", "bfloat16"):
+        dt = getattr(torch, dname)
+
+        def rms(shape, strided, dname=dname, dt=dt):
+            h = shape[-1]
+            x = torch.randn(*shape[:-1], 3 * h, device=dev, dtype=dt)[..., h:2 * h] if strided \
+                else torch.randn(shape, device=dev, dtype=dt)
+            w = (1 + 0.1 * torch.randn(h, device=dev)).to(dt)
+            g = torch.randn(shape, device=dev, dtype=dt)
+            ours = grads_of(lambda x, w: ops.rms_norm(x, w, 1e-6), [x, w], [g])
+            ref = grads_of(lambda x, w: ops.rms_norm_ref(x, w, 1e-6), [x, w], [g])
+            assert_all_close(ours, ref, [TOL[dname], TOL[dname], TOL_SUM[dname]])
+
+        def rms_fp32_weight(dname=dname, dt=dt):
+            x, w = torch.randn(4, 9, 40, device=dev, dtype=dt), torch.randn(40, device=dev)
+            g = torch.randn(4, 9, 40, device=dev, dtype=dt)
+            ours = grads_of(lambda x, w: ops.rms_norm(x, w, 1e-5), [x, w], [g])
+            ref = grads_of(lambda x, w: ops.rms_norm_ref(x, w, 1e-5), [x, w], [g])
+            assert_all_close(ours, ref, [TOL[dname], TOL[dname], TOL_SUM[dname]])
+
+        def rms_deterministic(dt=dt):
+            x, w = torch.randn(4096, 512, device=dev, dtype=dt), torch.randn(512, device=dev, dtype=dt)
+            g = torch.randn_like(x)
+            _, rstd = ops.rms_norm_forward(x, w, 1e-6)
+            first = ops.rms_norm_backward(g, x, w, rstd)
+            second = ops.rms_norm_backward(g, x, w, rstd)
+            assert all(torch.equal(a, b) for a, b in zip(first, second)), "grads differ between runs"
+
+        def swiglu(shape, dname=dname, dt=dt):
+            f = shape[-1]
+            ab = 3 * torch.randn(*shape[:-1], 2 * f, device=dev, dtype=dt)
+            g = torch.randn(shape, device=dev, dtype=dt)
+            ref = grads_of(lambda ab: ops.swiglu_ref(ab[..., :f], ab[..., f:]), [ab], [g])
+            packed = grads_of(ops.swiglu_packed, [ab], [g])
+            split = grads_of(lambda ab: ops.swiglu(ab[..., :f], ab[..., f:]), [ab], [g])
+            assert_all_close(packed, ref, TOL[dname])
+            assert_all_close(split, ref, TOL[dname])
+            ga, gb = ops.swiglu_backward(g, ab[..., :f], ab[..., f:])
+            assert_all_close([torch.cat([ga, gb], -1)], [ops.swiglu_backward(g, ab)], TOL[dname])
+
+        def rope(shape, dname=dname, dt=dt):
+            b, s, h, d = shape
+            qkv = torch.randn(b, s, 3 * h * d, device=dev, dtype=dt)
+            q, k = qkv[..., :h * d].view(b, s, h, d), qkv[..., h * d:2 * h * d].view(b, s, h, d)
+            cos, sin = ops.rope_cos_sin(s, d, offset=5, device=dev)
+            gq, gk = torch.randn(b, s, h, d, device=dev, dtype=dt), torch.randn(b, h, s, d, device=dev, dtype=dt).transpose(1, 2)
+            ours = grads_of(lambda q, k: ops.apply_rotary(q, k, cos, sin), [q, k], [gq, gk])
+            ref = grads_of(lambda q, k: (ops.rope_ref(q, cos, sin), ops.rope_ref(k, cos, sin)), [q, k], [gq, gk])
+            assert_all_close(ours, ref, TOL[dname])
+            assert ours[0].transpose(1, 2).is_contiguous(), "q_out is not [b, h, s, d]-contiguous"
+            out = torch.empty(b, s, 2 * h, d, device=dev, dtype=dt)[:, :, ::2]
+            ops.rope_forward(q, cos, sin, out=out)
+            assert_all_close([out], [ops.rope_ref(q, cos, sin)], TOL[dname])
+
+        for shape in [(4, 256, 256), (3, 5, 37), (1, 1, 1), (2, 3, 4096)]:
+            for strided in (False, True):
+                checks.run(f"rms_norm {dname} {shape}{' strided' if strided else ''}",
+                           lambda shape=shape, strided=strided, rms=rms: rms(shape, strided))
+        if dt == torch.bfloat16:
+            checks.run(f"rms_norm {dname} with a float32 weight", rms_fp32_weight)
+        checks.run(f"rms_norm {dname} deterministic grads", rms_deterministic)
+        for shape in [(4, 256, 688), (3, 5, 37), (1, 1, 1), (1, 64, 11008)]:
+            checks.run(f"swiglu {dname} {shape}", lambda shape=shape, swiglu=swiglu: swiglu(shape))
+        for shape in [(4, 256, 4, 64), (2, 3, 5, 6), (1, 1, 1, 2), (1, 64, 32, 128)]:
+            checks.run(f"rotary {dname} {shape}", lambda shape=shape, rope=rope: rope(shape))
+
+    def gradchecks():
+        d = dict(device=dev, dtype=torch.float64, requires_grad=True)
+        x, w = torch.randn(2, 3, 7, **d), torch.randn(7, **d)
+        assert torch.autograd.gradcheck(lambda x, w: ops.rms_norm(x, w, 1e-6), (x, w))
+        a, b = torch.randn(2, 3, 7, **d), torch.randn(2, 3, 7, **d)
+        assert torch.autograd.gradcheck(ops.swiglu, (a, b))
+        assert torch.autograd.gradcheck(ops.swiglu_packed, (torch.randn(2, 3, 8, **d),))
+        cos, sin = ops.rope_cos_sin(3, 6, device=dev)
+        q, k = torch.randn(2, 3, 2, 6, **d), torch.randn(2, 3, 1, 6, **d)
+        assert torch.autograd.gradcheck(lambda q, k: ops.apply_rotary(q, k, cos, sin), (q, k))
+
+    checks.run("gradcheck float64 (all Functions)", gradchecks)
+
+
+def time_ops(ops, torch, dev, reps):
+    """Median ms of fwd+bwd per op, ours vs the reference under autograd, alternated."""
+    shapes = {"small": ((4, 256), 256, 688, 4, 64), "7b-layer": ((1, 2048), 4096, 11008, 32, 128)}
+    if dev.type != "cuda":  # a dry run: keep it short
+        shapes = {"small": shapes["small"]}
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    print(f"\n{'shape':<9} {'dtype':<9} {'op':<9} {'ours ms':>9} {'ref ms':>9} {'speedup':>8}")
+    for shape_name, ((b, s), hidden, ffn, heads, head_dim) in shapes.items():
+        for dname in ("float32", "bfloat16"):
+            dt = getattr(torch, dname)
+            x = torch.randn(b, s, hidden, device=dev, dtype=dt, requires_grad=True)
+            w = torch.ones(hidden, device=dev, dtype=dt, requires_grad=True)
+            ab = torch.randn(b, s, 2 * ffn, device=dev, dtype=dt, requires_grad=True)
+            qkv = torch.randn(b, s, 3 * heads * head_dim, device=dev, dtype=dt, requires_grad=True)
+            cos, sin = ops.rope_cos_sin(s, head_dim, device=dev)
+
+            def qk():
+                q, k, _ = qkv.view(b, s, 3, heads, head_dim).unbind(2)
+                return q, k
+
+            cases = {
+                "rms_norm": (lambda: ops.rms_norm(x, w, 1e-6), lambda: ops.rms_norm_ref(x, w, 1e-6)),
+                "swiglu": (lambda: ops.swiglu_packed(ab), lambda: ops.swiglu_ref(ab[..., :ffn], ab[..., ffn:])),
+                "rotary": (lambda: ops.apply_rotary(*qk(), cos, sin),
+                           lambda: tuple(ops.rope_ref(t, cos, sin) for t in qk())),
+            }
+            for op_name, (ours, ref) in cases.items():
+                def step(fn):
+                    outs = fn()
+                    outs = outs if isinstance(outs, tuple) else (outs,)
+                    torch.autograd.backward(list(outs), [torch.ones_like(o) for o in outs])
+                    x.grad = w.grad = ab.grad = qkv.grad = None
+
+                times = {"ours": [], "ref": []}
+                for fn in (ours, ref):
+                    step(fn)
+                for _ in range(reps):
+                    for side, fn in (("ours", ours), ("ref", ref)):
+                        sync()
+                        start = time.perf_counter()
+                        step(fn)
+                        sync()
+                        times[side].append((time.perf_counter() - start) * 1e3)
+                t_ours, t_ref = statistics.median(times["ours"]), statistics.median(times["ref"])
+                print(f"{shape_name:<9} {dname:<9} {op_name:<9} {t_ours:9.3f} {t_ref:9.3f} {t_ref / t_ours:7.2f}x")
+
+
+def require_cuda_kernels(ops):
+    if not ops.has_cuda():
+        raise AssertionError("megallama._ops.has_cuda() is False: the build found no CUDA toolkit")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-build", action="store_true", help="skip the in-place build (reuse megallama/_ops*.so)")
+    parser.add_argument("--all-extensions", action="store_true",
+                        help="build every csrc/ folder, not only csrc/ops (when megallama imports others)")
+    parser.add_argument("--arch", default=None,
+                        help="TORCH_CUDA_ARCH_LIST for the build (default: the visible GPU's)")
+    parser.add_argument("--reps", type=int, default=20, help="timed fwd+bwd repetitions per op and side")
+    parser.add_argument("--device", default="cuda",
+                        help="device to check (default cuda; 'cpu' dry-runs this script on the CPU kernels)")
+    args = parser.parse_args()
+    if not args.no_build:
+        build(args.all_extensions, args.arch)
+
+    sys.path.insert(0, ROOT)
+    import torch
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("FAIL: torch sees no CUDA device")
+        sys.exit(1)
+    from megallama import ops
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, {name}, has_cuda={ops.has_cuda()}")
+    checks = Checks()
+    if dev.type == "cuda":
+        checks.run("extension built with CUDA kernels", lambda: require_cuda_kernels(ops))
+    torch.manual_seed(0)
+    runnable = dev.type != "cuda" or ops.has_cuda()
+    if runnable:
+        define_checks(checks, ops, torch, dev)
+    failed = checks.report()
+    if runnable:
+        time_ops(ops, torch, dev, args.reps)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
