@@ -55,12 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.1, help="fastText learning rate (default 0.1)")
     p.add_argument("--word-ngrams", type=int, default=2, help="word n-gram features (default 2: bigrams)")
     p.add_argument("--dim", type=int, default=100, help="embedding size (default 100)")
+    p.add_argument("--bucket", type=int, default=2_000_000,
+                   help="hash buckets for word n-grams (default 2000000; the model holds bucket x dim floats)")
     args = p.parse_args(argv)
     try:
         counts = train_quality_classifier(read_texts(args.positive, args.max_per_class),
                                           read_texts(args.negative, args.max_per_class), args.output,
-                                          epoch=args.epoch, lr=args.lr, word_ngrams=args.word_ngrams, dim=args.dim)
-    except (FileNotFoundError, ValueError) as e:
+                                          epoch=args.epoch, lr=args.lr, word_ngrams=args.word_ngrams, dim=args.dim,
+                                          bucket=args.bucket)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: fastText training failed
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"trained on {counts['positive']} reference and {counts['negative']} random pages -> {args.output}")

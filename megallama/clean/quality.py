@@ -23,7 +23,7 @@ def _fasttext_line(text: str) -> str:
 
 def train_quality_classifier(positives: Iterable[str], negatives: Iterable[str], output: str, *,
                              epoch: int = 5, lr: float = 0.1, word_ngrams: int = 2, dim: int = 100,
-                             seed: int = 0) -> dict:
+                             bucket: int = 2_000_000, seed: int = 0) -> dict:
     """Train the classifier and save it atomically at `output`. Returns example counts."""
     import fasttext
 
@@ -41,7 +41,7 @@ def train_quality_classifier(positives: Iterable[str], negatives: Iterable[str],
         with open(train_file, "w", encoding="utf-8") as f:
             f.write("\n".join(examples) + "\n")
         model = fasttext.train_supervised(input=train_file, epoch=epoch, lr=lr, wordNgrams=word_ngrams,
-                                          dim=dim, seed=seed, thread=1, verbose=0)
+                                          dim=dim, bucket=bucket, seed=seed, thread=1, verbose=0)
         tmp_model = os.path.join(tmp, "model.bin")
         model.save_model(tmp_model)
         os.replace(tmp_model, output)

@@ -145,13 +145,13 @@ def test_quality_classifier_separates_reference_pages_and_filters(tmp_path):
     refs = [page(rng, "en", 8) for _ in range(200)]
     spam = [" ".join(rng.choices(spam_words, k=60)) + "." for _ in range(200)]
     model = str(tmp_path / "quality.bin")
-    counts = train_quality_classifier(refs[:150], spam[:150], model, epoch=10)
+    counts = train_quality_classifier(refs[:150], spam[:150], model, epoch=10, dim=16, bucket=20000)
     assert counts == {"positive": 150, "negative": 150}
     clf = QualityClassifier(model)
     accuracy = (sum(clf.score(t) >= 0.5 for t in refs[150:]) + sum(clf.score(t) < 0.5 for t in spam[150:])) / 100
     assert accuracy >= 0.95
     with pytest.raises(ValueError, match="both classes"):
-        train_quality_classifier(refs, [], str(tmp_path / "x.bin"))
+        train_quality_classifier(refs, [], str(tmp_path / "x.bin"), bucket=1000)
 
     rows = [{"url": f"r{i}", "text": t} for i, t in enumerate(refs[150:155])]
     rows += [{"url": f"s{i}", "text": "\n".join(" ".join(rng.choices(spam_words, k=12)) for _ in range(8))} for i in range(3)]
@@ -179,3 +179,20 @@ def test_cli_prints_kept_and_dropped_and_writes_the_report(tmp_path):
     bad = subprocess.run(cmd[:4] + ["--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o"),
                                     "--report", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "input not found" in bad.stderr
+
+
+def test_train_quality_classifier_cli_reads_jsonl_and_txt(tmp_path):
+    rng = random.Random(8)
+    inputs.write_jsonl(str(tmp_path / "refs.jsonl"), [{"text": page(rng)} for _ in range(20)])
+    for i in range(5):
+        (tmp_path / f"random{i}.txt").write_text(" ".join(rng.choices("buy now cheap deal click here free".split(), k=80)))
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_quality_classifier.py"), "--positive", str(tmp_path / "refs.jsonl"),
+           "--negative", *[str(p) for p in sorted(tmp_path.glob("random*.txt"))], "--output", str(tmp_path / "q.bin"),
+           "--dim", "16", "--bucket", "20000", "--max-per-class", "10"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "trained on 10 reference and 5 random pages" in result.stdout
+    assert QualityClassifier(str(tmp_path / "q.bin")).model.get_labels()
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"no_text": 1}\n')
+    bad = subprocess.run(cmd[:3] + [str(tmp_path / "bad.jsonl")] + cmd[4:], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and 'bad.jsonl:2: not a JSON object with a "text" field' in bad.stderr
