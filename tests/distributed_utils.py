@@ -36,10 +36,12 @@ class RankError(RuntimeError):
     """One or more ranks of a distributed test raised or died."""
 
 
-def _worker(rank, fn, world_size, workdir, collective_timeout, args):
+def _worker(rank, fn, world_size, workdir, collective_timeout, backend, args):
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method="file://" + os.path.join(workdir, "store"),
         rank=rank,
         world_size=world_size,
@@ -61,8 +63,10 @@ def _worker(rank, fn, world_size, workdir, collective_timeout, args):
         dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size, *args, timeout=120.0):
-    """Run ``fn(*args)`` on ``world_size`` gloo ranks; return the list of per-rank results.
+def run_distributed(fn, world_size, *args, timeout=120.0, backend="gloo"):
+    """Run ``fn(*args)`` on ``world_size`` ranks; return the list of per-rank results.
+
+    ``backend="nccl"`` puts rank r on CUDA device r (mod the device count) first.
 
     Raises ``RankError`` (every failed rank's traceback, earliest first) if any rank raises or dies,
     and ``TimeoutError`` if the ranks are still running after ``timeout`` seconds (they are killed
@@ -71,7 +75,7 @@ def run_distributed(fn, world_size, *args, timeout=120.0):
     with tempfile.TemporaryDirectory(prefix="megallama_dist_") as workdir:
         context = mp.start_processes(
             _worker,
-            args=(fn, world_size, workdir, max(5.0, timeout / 2), args),
+            args=(fn, world_size, workdir, max(5.0, timeout / 2), backend, args),
             nprocs=world_size,
             join=False,
             start_method="spawn",

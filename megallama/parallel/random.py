@@ -19,7 +19,10 @@ _TENSOR_PARALLEL_SEED_OFFSET = 2718
 
 
 def _default_device_type():
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    # torch.accelerator answers without touching CUDA on a CPU build.
+    if torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator().type
+    return "cpu"
 
 
 def _get_state(device_type):
@@ -53,6 +56,8 @@ class RNGStatesTracker:
 
     def add(self, name, seed, device_type=None):
         device_type = device_type or _default_device_type()
+        if device_type not in ("cpu", "cuda"):
+            raise ValueError(f"RNG states live on 'cpu' or 'cuda', not {device_type!r}")
         if name in self._states:
             raise ValueError(f"RNG state {name!r} already exists")
         if seed in self._seeds:
