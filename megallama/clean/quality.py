@@ -3,10 +3,12 @@ Wikipedia" (positive) vs. random pages (negative); pages scoring under a thresho
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import re
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from typing import Iterable
 
 from megallama.clean.langid import FastTextStage
@@ -25,8 +27,6 @@ def train_quality_classifier(positives: Iterable[str], negatives: Iterable[str],
                              epoch: int = 5, lr: float = 0.1, word_ngrams: int = 2, dim: int = 100,
                              bucket: int = 2_000_000, seed: int = 0) -> dict:
     """Train the classifier and save it atomically at `output`. Returns example counts."""
-    import fasttext
-
     examples = [f"{POSITIVE} {_fasttext_line(t)}" for t in positives if t.strip()]
     n_pos = len(examples)
     examples += [f"{NEGATIVE} {_fasttext_line(t)}" for t in negatives if t.strip()]
@@ -40,12 +40,20 @@ def train_quality_classifier(positives: Iterable[str], negatives: Iterable[str],
         train_file = os.path.join(tmp, "train.txt")
         with open(train_file, "w", encoding="utf-8") as f:
             f.write("\n".join(examples) + "\n")
-        model = fasttext.train_supervised(input=train_file, epoch=epoch, lr=lr, wordNgrams=word_ngrams,
-                                          dim=dim, bucket=bucket, seed=seed, thread=1, verbose=0)
         tmp_model = os.path.join(tmp, "model.bin")
-        model.save_model(tmp_model)
+        options = dict(epoch=epoch, lr=lr, wordNgrams=word_ngrams, dim=dim, bucket=bucket, seed=seed)
+        # fastText training diverges (NaN) in a process that has used another model (e.g. lid.176)
+        # before: train in a fresh interpreter
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool.submit(_train, train_file, tmp_model, options).result()
         os.replace(tmp_model, output)
     return {"positive": n_pos, "negative": n_neg}
+
+
+def _train(train_file: str, model_path: str, options: dict) -> None:
+    import fasttext
+
+    fasttext.train_supervised(input=train_file, thread=1, verbose=0, **options).save_model(model_path)
 
 
 class QualityClassifier(FastTextStage):
