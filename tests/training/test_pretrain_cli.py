@@ -185,3 +185,15 @@ def test_trains_on_a_blend_of_indexed_datasets_with_validation(tmp_path, capsys)
     out = capsys.readouterr().out
     assert sorted(losses_of(out)) == [1, 2, 3]
     assert re.search(r"validation at iteration 3 \| lm loss validation \d\.\d+E\+00", out)
+
+
+def test_full_recompute_gives_the_same_losses(serial, capsys):
+    losses = run_serial(capsys, "--train-iters", "3", "--recompute-granularity", "full")
+    assert_curve(losses, serial["losses"], range(1, 4), rtol=1e-6)
+
+
+def test_bf16_tracks_fp32_and_resumes_exactly(serial, capsys, tmp_path):
+    bf16 = run_serial(capsys, "--bf16", "--train-iters", "4", "--save", str(tmp_path), "--save-interval", "2")
+    assert_curve(bf16, serial["losses"], range(1, 5), rtol=2e-2)
+    resumed = run_serial(capsys, "--bf16", "--train-iters", "4", "--load", str(tmp_path), "--ckpt-step", "2")
+    assert resumed == {3: bf16[3], 4: bf16[4]}
