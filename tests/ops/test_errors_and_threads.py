@@ -80,3 +80,18 @@ def test_multithreaded_equals_single_threaded(dtype, restore_threads):
     multi = _all_ops(inputs)
     for a, b in zip(single, multi):
         assert torch.equal(a, b)
+
+
+def test_empty_inputs():
+    """Zero rows (e.g. an empty micro-batch) give empty results, not an error or a crash."""
+    x, w = torch.randn(0, 8), torch.randn(8)
+    y, rstd = ops.rms_norm_forward(x, w, 1e-6)
+    assert y.shape == (0, 8) and rstd.shape == (0,)
+    gx, gw = ops.rms_norm_backward(x, x, w, rstd)
+    assert gx.shape == (0, 8) and torch.equal(gw, torch.zeros(8))
+    ab = torch.randn(0, 3, 10)
+    assert ops.swiglu_forward(ab).shape == (0, 3, 5)
+    assert ops.swiglu_backward(torch.randn(0, 3, 5), ab).shape == (0, 3, 10)
+    q = torch.randn(2, 0, 3, 8)
+    cos, sin = ops.rope_cos_sin(0, 8)
+    assert ops.rope_forward(q, cos, sin).shape == (2, 0, 3, 8)
