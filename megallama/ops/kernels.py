@@ -62,7 +62,8 @@ def swiglu_backward(grad_out, a, b=None):
 
 def _packed_half(ab):
     if ab.shape[-1] % 2:
-        raise ValueError(f"swiglu: the packed tensor's last dim holds [a, b] and must be even, got shape {tuple(ab.shape)}")
+        raise ValueError("swiglu: the packed tensor's last dim holds [a, b] and must be even, "
+                         f"got shape {tuple(ab.shape)}")
     return ab.shape[-1] // 2
 
 
@@ -91,7 +92,9 @@ def rope_forward(x, cos, sin, out=None):
 def rope_backward(grad, cos, sin, out=None):
     """The backward of :func:`rope_forward` (the inverse rotation); a new contiguous [b, s, h, d]
     tensor unless ``out`` is given."""
-    return _rope(grad, cos, sin, torch.empty(grad.shape, dtype=grad.dtype, device=grad.device) if out is None else out, True)
+    if out is None:
+        out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    return _rope(grad, cos, sin, out, True)
 
 
 def rope_cos_sin(seq_len, head_dim, theta=10000.0, offset=0, device=None):
@@ -99,7 +102,8 @@ def rope_cos_sin(seq_len, head_dim, theta=10000.0, offset=0, device=None):
     Hugging Face LLaMA's frequencies inv_freq = 1 / theta^(arange(0, d, 2)/d)."""
     if head_dim % 2:
         raise ValueError(f"rope_cos_sin: head_dim must be even, got {head_dim}")
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
     positions = torch.arange(offset, offset + seq_len, dtype=torch.int64, device=device).float()
     freqs = torch.outer(positions, inv_freq)
     return freqs.cos(), freqs.sin()
