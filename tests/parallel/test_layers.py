@@ -174,7 +174,7 @@ def _check_init_and_rng(tp, r):
     for name, layer, ref in zip(("column", "row", "embedding"), (column, row, embedding), serial):
         close(layer.full_weight(), ref, f"init {name}")
 
-    mp.model_parallel_manual_seed(1234)
+    mp.model_parallel_manual_seed(1234, device_type="cpu")  # the CPU generator even where a GPU is present
     default = torch.rand(4)
     with mp.get_rng_tracker().fork():
         forked = torch.rand(4)
