@@ -90,10 +90,12 @@ class _OptimizerBase:
                                      "chunks must name layers by their global index")
                 self.names[p] = name
         self.entries: List[_Entry] = self._make_entries()
+        # Always both groups, even empty (a stage or a ZeRO-1 slice may hold only one kind), so
+        # that a saved state's groups line up with any layout's.
         groups = [{"params": [e.main for e in self.entries if decays(e.name, e.param)]},
                   {"params": [e.main for e in self.entries if not decays(e.name, e.param)],
                    "weight_decay": 0.0}]
-        self.optimizer = optimizer_factory([g for g in groups if g["params"]], config)
+        self.optimizer = optimizer_factory(groups, config)
 
     @property
     def param_groups(self):

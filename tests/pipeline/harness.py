@@ -72,15 +72,18 @@ def _forward_step(data_iterator, chunk, input_tensor):
 
 
 def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distributed_opt: bool,
-                 steps: int, bucket_size: int = 3000, inject_inf_at=None, forward_step=None):
-    """Train on this rank's share; returns {"losses", "norms", "applied", "params"} for this rank.
+                 steps: int, bucket_size: int = 3000, inject_inf_at=None, forward_step=None,
+                 resume=None):
+    """Train on this rank's share; returns {"losses", "norms", "applied", "params", "optimizer"}.
 
     ``inject_inf_at=(step, pp_rank)`` puts an inf into one gradient of that stage at that step.
+    ``resume={"params", "optimizer", "first_step"}`` starts from full model weights and a
+    layout-free optimizer state (merged over stages) at global batch ``first_step``.
     """
     state.initialize_model_parallel(tp, pp, vp)
     try:
         dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
-        full = initial_state(cfg)
+        full = resume["params"] if resume else initial_state(cfg)
 
         def make_stage(spec):
             m = LlamaModel(cfg, pre_process=spec.pre_process, post_process=spec.post_process,
@@ -93,11 +96,14 @@ def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distr
                   for m in build_model_chunks(make_stage, cfg.num_layers, vp)]
         optimizer = build_optimizer(OptimizerConfig(use_distributed_optimizer=distributed_opt, **OPT),
                                     chunks)
+        if resume:
+            optimizer.load_state_dict(resume["optimizer"])
+        first_step = resume["first_step"] if resume else 0
         fwd_bwd = get_forward_backward_func(pp, vp)
         per_rank = GLOBAL_BATCH // dp
         num_micro = per_rank // micro_batch
         out = {"losses": [], "norms": [], "applied": []}
-        for step in range(steps):
+        for step in range(first_step, first_step + steps):
             tokens, labels = batch(step)
             mine = [(tokens[i:i + micro_batch], labels[i:i + micro_batch])
                     for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank, micro_batch)]
@@ -114,6 +120,7 @@ def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distr
             out["norms"].append(float(norm))
             out["applied"].append(applied)
         out["params"] = {k: v.clone() for c in chunks for k, v in c.module.state_dict().items()}
+        out["optimizer"] = optimizer.state_dict()
         out["tp_rank"] = state.get_tensor_model_parallel_rank()
         out["dp_rank"] = dp_rank
         return out
@@ -144,7 +151,7 @@ def parallel_eval(cfg: LlamaConfig, pp: int, vp, micro_batch: int):
     """forward_only over global batch 0 at the initial weights; the global mean loss (last stage)."""
     state.initialize_model_parallel(1, pp, vp)
     try:
-        full = initial_state(cfg)
+        full = resume["params"] if resume else initial_state(cfg)
 
         def make_stage(spec):
             m = LlamaModel(cfg, pre_process=spec.pre_process, post_process=spec.post_process,
@@ -173,3 +180,12 @@ def serial_eval(cfg: LlamaConfig) -> float:
     tokens, labels = batch(0)
     with torch.no_grad():
         return float(model(tokens, labels=labels).mean())
+
+
+def merged(results, key):
+    """Merge per-rank dicts (stages hold different names; DP replicas the same ones)."""
+    if key == "params":
+        return {k: v for r in results for k, v in r["params"].items()}
+    state_ = dict(results[0]["optimizer"])
+    state_["params"] = {k: v for r in results for k, v in r["optimizer"]["params"].items()}
+    return state_

@@ -99,6 +99,39 @@ def test_four_rank_layouts_equal_serial(serial):
         H.check_against_serial([r[i] for r in results], serial)
 
 
+def _resume_across_layouts():
+    """2 steps on DP 4 with ZeRO-1, then step 3 from that state on PP 2 × DP 2 and on DP 4."""
+    cfg = H.config()
+    first = H.parallel_run(cfg, 1, 1, None, 1, True, 2)
+    plain = H.parallel_run(cfg, 1, 1, None, 1, False, 2)
+    gathered = [None] * 4
+    torch.distributed.all_gather_object(gathered, first)
+    resume = {"params": H.merged(gathered, "params"), "optimizer": H.merged(gathered, "optimizer"),
+              "first_step": 2}
+    return {"zero1_state": first["optimizer"], "plain_state": plain["optimizer"],
+            "pp2dp2": H.parallel_run(cfg, 1, 2, None, 1, True, 1, resume=resume),
+            "dp4_plain": H.parallel_run(cfg, 1, 1, None, 1, False, 1, resume=resume)}
+
+
+def test_optimizer_state_is_layout_free_and_resumes_in_another_layout(serial):
+    results = run_distributed(_resume_across_layouts, 4, timeout=200)
+    zero1, plain = results[0]["zero1_state"], results[0]["plain_state"]
+    assert zero1["step"] == plain["step"] == 2
+    assert set(zero1["params"]) == set(plain["params"]) == set(serial[2])
+    for name, entry in plain["params"].items():
+        for key, value in entry.items():
+            torch.testing.assert_close(zero1["params"][name][key], value, rtol=1e-5, atol=1e-7)
+    losses, norms, params = serial
+    for layout in ("pp2dp2", "dp4_plain"):
+        runs = [r[layout] for r in results]
+        for r in runs:
+            torch.testing.assert_close(torch.tensor(r["norms"]), torch.tensor(norms[2:]), rtol=1e-5, atol=1e-6)
+        reported = [r["losses"][0] for r in runs if r["losses"][0] is not None]
+        assert reported and all(x == pytest.approx(losses[2], rel=1e-5) for x in reported)
+        for name, value in H.merged(runs, "params").items():
+            torch.testing.assert_close(value, params[name], rtol=1e-5, atol=1e-6)
+
+
 def test_schedule_properties():
     results = run_distributed(_schedule_properties, 2, timeout=180)
     expected = H.serial_eval(H.config())
