@@ -127,7 +127,7 @@ def full_logits(model, h: torch.Tensor) -> torch.Tensor:
     return model.output(model.norm(h))
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def cached_forward(model, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run ``input_ids`` [batch, s] at positions ``cache.length…`` through the model, extend the
     cache, and return the logits of the last position [batch, vocab] in float32."""
@@ -183,7 +183,7 @@ def _uncached_last_logits(model, sequences: list[list[int]], device) -> torch.Te
     return torch.stack(out)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: SamplingParams | None = None, eos_id: int | None = None, pad_id: int = 0,
              use_cache: bool = True,

@@ -1,0 +1,103 @@
+"""Generation with the KV cache against recomputation, batching, sampling and TP=2."""
+import pytest
+import torch
+
+from megallama.inference import SamplingParams, generate, sample_next_token
+from megallama.inference.generation import KVCache, cached_forward
+from megallama.model import LlamaModel
+from tests.distributed_utils import run_distributed
+from tests.inference.conftest import ours_from_hf, random_hf_model, tiny_config
+
+PROMPTS = [[1, 17, 93, 4, 250, 8, 61], [1, 5], [1, 300, 22, 22, 9]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = tiny_config()
+    return ours_from_hf(random_hf_model(config), config)
+
+
+def test_cache_and_recomputation_give_the_same_tokens(model):
+    cached = generate(model, PROMPTS, 16)
+    recomputed = generate(model, PROMPTS, 16, use_cache=False)
+    assert cached == recomputed
+    assert all(len(row) == 16 for row in cached)
+    assert len({tuple(row) for row in cached}) == len(PROMPTS)  # the model does depend on the prompt
+    params = SamplingParams(greedy=False, temperature=0.8, top_k=50, top_p=0.9, seed=3)
+    assert generate(model, PROMPTS, 8, params) == generate(model, PROMPTS, 8, params, use_cache=False)
+
+
+def test_cached_logits_equal_the_full_forward(model):
+    ids = torch.tensor([PROMPTS[0] + [7, 7, 3, 120]])
+    reference = model(ids)[0]
+    cache = KVCache(model, 1, ids.shape[1])
+    prefill = cached_forward(model, ids[:, :5], cache)
+    torch.testing.assert_close(prefill[0], reference[4], rtol=1e-5, atol=1e-5)
+    for position in range(5, ids.shape[1]):
+        step = cached_forward(model, ids[:, position:position + 1], cache)
+        torch.testing.assert_close(step[0], reference[position], rtol=1e-5, atol=1e-5)
+
+
+def test_a_padded_batch_equals_each_prompt_alone(model):
+    batched = generate(model, PROMPTS, 12)
+    assert batched == [generate(model, [p], 12)[0] for p in PROMPTS]
+
+
+def test_generation_stops_at_eos(model):
+    free = generate(model, PROMPTS, 12)
+    eos = free[0][5]
+    stopped = generate(model, PROMPTS, 12, eos_id=eos)
+    assert stopped[0] == free[0][:free[0].index(eos)]
+    for free_row, row in zip(free, stopped):
+        assert row == (free_row[:free_row.index(eos)] if eos in free_row else free_row)
+
+
+def test_sampling_restrictions():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g)
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample_next_token(logits, SamplingParams()), greedy)
+    assert torch.equal(sample_next_token(logits, SamplingParams(greedy=False, top_k=1), g), greedy)
+    assert torch.equal(sample_next_token(logits, SamplingParams(greedy=False, top_p=1e-6), g), greedy)
+    top3 = logits.topk(3, dim=-1).indices
+    for _ in range(20):
+        drawn = sample_next_token(logits, SamplingParams(greedy=False, top_k=3, temperature=5.0), g)
+        assert (top3 == drawn[:, None]).any(-1).all()
+    # top_p keeps the smallest set whose probability reaches p
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    seen = {int(sample_next_token(probs, SamplingParams(greedy=False, top_p=0.75), g)) for _ in range(200)}
+    assert seen == {0, 1}
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(greedy=False, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(greedy=False, temperature=0.0)
+
+
+def test_too_long_generation_is_refused(model):
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(model, PROMPTS, model.config.max_position_embeddings)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[]], 3)
+
+
+def _generate_under_tp(tp, prompts, new_tokens, sampling):
+    from megallama import parallel
+
+    parallel.initialize_model_parallel(tensor_model_parallel_size=tp)
+    try:
+        config = tiny_config()
+        hf = random_hf_model(config)
+        model = LlamaModel(config).eval()
+        model.load_hf_state_dict(hf.state_dict())
+        assert model.layers["0"].attention.wqkv.weight.shape[0] == 3 * config.hidden_size // tp
+        return [generate(model, prompts, new_tokens), generate(model, prompts, new_tokens, SamplingParams(**sampling))]
+    finally:
+        parallel.destroy_model_parallel()
+
+
+def test_tensor_parallel_generation_equals_serial(model):
+    sampling = dict(greedy=False, temperature=0.9, top_k=40, seed=11)
+    serial_greedy = generate(model, PROMPTS, 10)
+    serial_sampled = generate(model, PROMPTS, 10, SamplingParams(**sampling))
+    results = run_distributed(_generate_under_tp, 2, 2, PROMPTS, 10, sampling)
+    assert results == [[serial_greedy, serial_sampled]] * 2
