@@ -8,10 +8,18 @@ to SentencePiece's own batch encode.
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
 import sentencepiece as spm
+
+# Chunks of unseen text are encoded in one SentencePiece call, joined by a separator word: a space
+# and a control character that only byte fallback can encode (so its byte id marks the cut).
+_SEPARATOR = "\x01"
+_SEPARATOR_WORD = " " + _SEPARATOR
+_SPACES = (" ", "\u2581")
+_KEYS_PER_TEXT = 32
 
 # LLaMA's tokenizer settings (paper §2: BPE, numbers split into digits, byte fallback), and the
 # ones Meta's tokenizer.model carries: no normalization, spaces kept as they are.
@@ -61,6 +69,10 @@ class SentencePieceTokenizer:
         spec = _model_spec(self.sp)
         self.add_dummy_prefix = spec.normalizer_spec.add_dummy_prefix
         self.supports_chunk_cache = self._chunking_is_exact(spec)
+        # ids of a lone space chunk (a single trailing space): what SentencePiece gives the word "▁"
+        self._lone_space = self.sp.encode("a ")[len(self.sp.encode("a")):]
+        self.barriers = self._barrier_characters(spec) if self.supports_chunk_cache else ""
+        self._separator_ids = self._find_separator_ids(spec)
         self._cache = None
         if self.supports_chunk_cache:
             # loaded here, not on first use: preprocessing forks workers after construction
@@ -68,9 +80,7 @@ class SentencePieceTokenizer:
 
             from megallama import _data
 
-            self._cache = _data.ChunkCache(self.add_dummy_prefix, cache_entries)
-        # ids of a lone space chunk (a single trailing space): what SentencePiece gives the word "▁"
-        self._lone_space = self.sp.encode("a ")[len(self.sp.encode("a")):]
+            self._cache = _data.ChunkCache(self.add_dummy_prefix, cache_entries, self.barriers)
 
     @staticmethod
     def _chunking_is_exact(spec) -> bool:
@@ -96,14 +106,87 @@ class SentencePieceTokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
-    def _encode_keys(self, keys: list[str], num_threads: int) -> list[list[int]]:
-        # A key is the chunk as SentencePiece sees it inside the text: with a dummy prefix every key
-        # starts with the space that SentencePiece's encode adds back in front.
-        if not self.add_dummy_prefix:
-            return self.sp.encode(keys, num_threads=num_threads)
-        texts = [k[1:] for k in keys]
-        ids = self.sp.encode(texts, num_threads=num_threads)
-        return [self._lone_space if t == "" else i for t, i in zip(texts, ids)]
+    def _encode_keys(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """SentencePiece ids of each chunk key, back to back, and the count per key.
+
+        A key is the chunk as SentencePiece sees it inside its text: it starts with a space (with
+        a dummy prefix, the first chunk's key gets the space encode() adds in front), or with a
+        barrier character when the chunk continues a word. Encoding keys one by one costs
+        SentencePiece's per-call overhead each time, so keys are joined into one text with a
+        separator word before each (words never merge) and the ids are cut at the separators.
+        Keys that could merge with the separator (ending in a space, holding its character, or
+        a first chunk without a space) go one by one.
+        """
+        starts_ok = _SPACES + tuple(self.barriers)
+        alone = [i for i, k in enumerate(keys) if not k.startswith(starts_ok) or k[-1] in _SPACES or _SEPARATOR in k]
+        if self._separator_ids is None:
+            alone = list(range(len(keys)))
+        lengths = np.zeros(len(keys), dtype=np.int64)
+        is_alone = np.zeros(len(keys), dtype=bool)
+        is_alone[alone] = True
+        alone_ids = self._encode_one_by_one([keys[i] for i in alone])
+        lengths[alone] = [len(ids) for ids in alone_ids]
+        joined_keys = [k for k, a in zip(keys, is_alone) if not a]
+        joined_flat = np.zeros(0, dtype=np.int32)
+        if joined_keys:
+            # SentencePiece's BPE keeps one heap per text: a few dozen keys per text is fastest.
+            groups = [_SEPARATOR_WORD + _SEPARATOR_WORD.join(joined_keys[i:i + _KEYS_PER_TEXT])
+                      for i in range(0, len(joined_keys), _KEYS_PER_TEXT)]
+            if self.add_dummy_prefix:
+                groups = [g[1:] for g in groups]
+            ids = np.fromiter(itertools.chain.from_iterable(self.sp.encode(groups)), dtype=np.int32)
+            sep = self._separator_ids
+            ends = np.flatnonzero(ids == sep[-1])  # the separator's byte id: one before each key
+            if len(ends) != len(joined_keys):
+                raise RuntimeError(f"chunk separator found {len(ends)} times for {len(joined_keys)} chunks")
+            key_starts = ends + 1
+            key_ends = np.append(ends[1:] - (len(sep) - 1), ids.size)
+            lengths[~is_alone] = key_ends - key_starts
+            keep = np.ones(ids.size, dtype=bool)
+            for k in range(len(sep)):
+                keep[ends - k] = False
+            joined_flat = ids[keep]
+        flat = np.empty(int(lengths.sum()), dtype=np.int32)
+        from_alone = np.repeat(is_alone, lengths)
+        flat[~from_alone] = joined_flat
+        if alone_ids:
+            flat[from_alone] = np.fromiter((t for ids in alone_ids for t in ids), dtype=np.int32,
+                                           count=int(from_alone.sum()))
+        return flat, lengths
+
+    def _encode_one_by_one(self, keys: list[str]) -> list[list[int]]:
+        out = []
+        for key in keys:
+            if key[0] in self.barriers:  # the inside of a word: encode after a lone space, drop its ids
+                ids = self.sp.encode(key)
+                if self.add_dummy_prefix:
+                    if ids[:len(self._lone_space)] != self._lone_space:
+                        raise RuntimeError(f"unexpected ids {ids} for chunk {key!r}")
+                    ids = ids[len(self._lone_space):]
+            elif not self.add_dummy_prefix:
+                ids = self.sp.encode(key)
+            else:
+                ids = self._lone_space if len(key) == 1 else self.sp.encode(key[1:])
+            out.append(ids)
+        return out
+
+    @staticmethod
+    def _barrier_characters(spec) -> str:
+        """Newline, tab and carriage return when no multi-character piece contains them (true of
+        LLaMA's vocabulary): BPE can never merge across them."""
+        pieces = [p.piece for p in spec.pieces if len(p.piece) > 1]
+        return "".join(c for c in "\n\t\r" if not any(c in p for p in pieces))
+
+    def _find_separator_ids(self, spec):
+        """Ids of the separator word, if it ends in a byte id that nothing but the separator makes."""
+        if any(_SEPARATOR in p.piece and len(p.piece) > 1 for p in spec.pieces):
+            return None
+        probe = self.sp.encode("a" + _SEPARATOR_WORD)
+        base = self.sp.encode("a")
+        sep = probe[len(base):]
+        if probe[:len(base)] != base or not sep or self.sp.id_to_piece(sep[-1]) != "<0x01>":
+            return None
+        return sep
 
     def encode_batch(self, texts: list[str], append_eod: bool = False, num_threads: int = 1):
         """Ids of every text as one flat int32 array and the per-text counts (int64).
@@ -118,8 +201,11 @@ class SentencePieceTokenizer:
             flat = np.fromiter((t for i in ids for t in i), dtype=np.int32, count=int(counts.sum()))
             return flat, counts
         misses = self._cache.scan(list(texts))
-        ids = self._encode_keys(misses, num_threads) if misses else []
-        return self._cache.finish(ids, self.eos_id if append_eod else -1)
+        if misses:
+            key_ids, key_lengths = self._encode_keys(misses)
+        else:
+            key_ids, key_lengths = np.zeros(0, np.int32), np.zeros(0, np.int64)
+        return self._cache.finish(key_ids, key_lengths, self.eos_id if append_eod else -1)
 
     def __getstate__(self):  # for worker processes: reload the model, start an empty cache
         return {"model_path": self.model_path, "cache_entries": self._cache_entries}
