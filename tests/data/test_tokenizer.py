@@ -33,6 +33,18 @@ def test_batch_encode_identical_to_sentencepiece(tiny_tokenizer):
     assert_batch_equals_sentencepiece(tok, docs[::-1])  # second pass: everything from the cache
 
 
+def test_newline_is_a_barrier_only_when_no_piece_holds_it(tmp_path, tiny_tokenizer, corpus):
+    assert "\n" in SentencePieceTokenizer(tiny_tokenizer).barriers  # trained on lines: no piece has one
+    # trained on whole documents, pieces may hold newlines and tabs: those are then no barriers
+    model = train_sentencepiece([d for d in corpus[:1500] if d.strip()], 600, str(tmp_path / "docs"),
+                                num_threads=2, max_sentence_length=100_000)
+    tok = SentencePieceTokenizer(model)
+    multi = [tok.id_to_piece(i) for i in range(tok.vocab_size) if len(tok.id_to_piece(i)) > 1]
+    for c in "\n\t\r":
+        assert (c in tok.barriers) == (not any(c in p for p in multi))
+    assert_batch_equals_sentencepiece(tok, varied_text(np.random.default_rng(8), 1500))
+
+
 def test_batch_encode_exact_with_a_tiny_cache_that_keeps_clearing(tiny_tokenizer):
     tok = SentencePieceTokenizer(tiny_tokenizer, cache_entries=40)
     assert_batch_equals_sentencepiece(tok, varied_text(np.random.default_rng(5), 800), batch=31)
