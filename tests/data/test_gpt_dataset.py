@@ -185,3 +185,23 @@ def test_mixture_report_gives_epochs_per_source(tmp_path):
         assert row["epochs"] == pytest.approx(share * 10_000 / row["tokens"])
     text = format_mixture_report(rows)
     assert "s0" in text and "75.00%" in text
+
+
+def test_mixture_report_reproduces_the_papers_epochs(tmp_path, capsys):
+    from megallama.data.blended import LLAMA_MIXTURE
+    from tests.data.helpers import load_tool
+
+    train_tokens = 1.4e6  # the paper's 1.4T, scaled down a million times
+    data_path = []
+    for name, (share, epochs) in LLAMA_MIXTURE.items():
+        prefix = str(tmp_path / name)
+        with IndexedDatasetWriter(prefix, np.uint16) as w:  # a source of the size Table 1 implies
+            w.add_document(np.zeros(int(round(share / 100 * train_tokens / epochs)), np.uint16))
+        data_path += [str(share), prefix]
+    rows = mixture_epochs(data_path, train_tokens)
+    for row, (share, epochs) in zip(rows, LLAMA_MIXTURE.values()):
+        assert row["weight"] == pytest.approx(share / 100)
+        assert row["epochs"] == pytest.approx(epochs, rel=1e-4)
+    assert load_tool("mixture_report").main(["--data-path", *data_path, "--train-tokens", "1.4e6"]) == 0
+    out = capsys.readouterr().out
+    assert "CommonCrawl" in out and "67.00%" in out and " 2.45" in out
