@@ -57,16 +57,20 @@ class _RejectedWriter:
     def __init__(self, path: str | None):
         self.counts: Counter = Counter()
         self._ctx = atomic_open(path, "wb") if path else None
+        self._f = None
+
+    def __enter__(self) -> "_RejectedWriter":
         self._f = self._ctx.__enter__() if self._ctx else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)  # on an error the partial file is removed
 
     def add(self, reason: str, text: str, meta: dict) -> None:
         self.counts[reason] += 1
         if self._f is not None:
             self._f.write(dumps_line({"text": text, "meta": {**meta, "reason": reason}}))
-
-    def close(self) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(None, None, None)
 
 
 def _stage_docs(source: Source, shard: _Shard, stage: Callable[[Document], str | None],
@@ -104,7 +108,6 @@ def _write_output(shard: _Shard, docs: Iterable[Document]) -> int:
 
 def _single_pass(source: Source, shard: _Shard) -> dict:
     """Sources without a global dedup: read, pre, post, write in one go."""
-    rejected = _RejectedWriter(shard.rejected and shard.rejected + ".jsonl")
     counter = Counter()
 
     def counted(items):
@@ -115,8 +118,8 @@ def _single_pass(source: Source, shard: _Shard) -> dict:
     def both(doc):
         return source.pre(doc) or source.post(doc)
 
-    kept = _write_output(shard, _stage_docs(source, shard, both, counted(_guarded_read(source, shard)), rejected))
-    rejected.close()
+    with _RejectedWriter(shard.rejected and shard.rejected + ".jsonl") as rejected:
+        kept = _write_output(shard, _stage_docs(source, shard, both, counted(_guarded_read(source, shard)), rejected))
     stats = {"input_docs": counter["input"], "output_docs": kept, "dropped": dict(rejected.counts)}
     write_json(shard.done, stats)
     return stats
@@ -124,7 +127,6 @@ def _single_pass(source: Source, shard: _Shard) -> dict:
 
 def _pass1(source: Source, shard: _Shard, keep_docs: bool) -> dict:
     """Read + pre stages; store survivors and their dedup hashes."""
-    rejected = _RejectedWriter(shard.rejected and keep_docs and shard.rejected + ".pass1.jsonl")
     counter = Counter()
 
     def counted(items):
@@ -132,8 +134,9 @@ def _pass1(source: Source, shard: _Shard, keep_docs: bool) -> dict:
             counter["input"] += 1
             yield item
 
-    docs = [(d.text, d.meta) for d in _stage_docs(source, shard, source.pre, counted(_guarded_read(source, shard)), rejected)]
-    rejected.close()
+    with _RejectedWriter(shard.rejected and keep_docs and shard.rejected + ".pass1.jsonl") as rejected:
+        docs = [(d.text, d.meta) for d in _stage_docs(source, shard, source.pre, counted(_guarded_read(source, shard)),
+                                                       rejected)]
     arrays = {}
     if source.exact_dedup:
         arrays["doc_hash"] = np.array([dedup.hash64(source.dedup_key(Document(t, m))) for t, m in docs], dtype=np.uint64)
@@ -162,9 +165,7 @@ def _pass2(source: Source, shard: _Shard, exact_dup: np.ndarray | None, near_dup
     stored = np.load(shard.hashes)
     keep_line = dedup.keep_first_lines(stored["line_hash"], earlier_lines) if source.line_dedup else None
     offsets = stored["line_offsets"] if source.line_dedup else None
-    rejected = _RejectedWriter(shard.rejected and shard.rejected + ".pass2.jsonl")
-
-    def kept_docs():
+    def kept_docs(rejected: _RejectedWriter):
         for j, (text, meta) in enumerate(docs):
             if exact_dup is not None and exact_dup[j]:
                 rejected.add("duplicate", text, meta)
@@ -183,8 +184,8 @@ def _pass2(source: Source, shard: _Shard, exact_dup: np.ndarray | None, near_dup
             else:
                 rejected.add(reason, doc.text, doc.meta)
 
-    kept = _write_output(shard, kept_docs())
-    rejected.close()
+    with _RejectedWriter(shard.rejected and shard.rejected + ".pass2.jsonl") as rejected:
+        kept = _write_output(shard, kept_docs(rejected))
     first = read_json(shard.pass1)
     dropped = Counter(first["dropped"]) + rejected.counts
     stats = {"input_docs": first["input_docs"], "output_docs": kept, "dropped": dict(dropped)}
