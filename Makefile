@@ -15,4 +15,4 @@ test:
 	$(PYTHON) -m pytest $(PYTEST_FLAGS) tests
 
 bench:
-	$(PYTHON) bench/train_step.py
+	$(PYTHON) bench/run_all.py

@@ -1,0 +1,119 @@
+"""Run the benchmarks and rewrite the README's performance table from their ``--json`` summaries.
+
+    python bench/run_all.py                 # all, then README.md's table
+    python bench/run_all.py --only train_step generate
+    python bench/run_all.py --table-only    # rebuild the table from the stored results
+
+Each benchmark is a script of its own in ``bench/`` that measures a ratio against its peer in one
+run. Its summary is stored in ``bench/results/NAME.json`` with the machine and date, and the table
+is made from all stored results, so rerunning one benchmark refreshes only its rows.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(os.path.dirname(HERE), "README.md")
+RESULTS = os.path.join(HERE, "results")
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+# name → extra arguments (the issue's configs are each script's defaults)
+BENCHMARKS = {
+    "train_step": [],
+    "ops": [],
+    "tensor_parallel": [],
+    "pipeline": [],
+    "pretrain": [],
+    "generate": [],
+    "data": [],
+    "clean": [],
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def run(name: str, extra: list[str]) -> bool:
+    """Run one benchmark; on success store its summary with the machine and date."""
+    os.makedirs(RESULTS, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, os.path.join(HERE, f"{name}.py"), *extra, "--json", out]
+        print(f"== {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0 or not os.path.exists(out):
+            print(f"!! {name} failed (exit {proc.returncode}); its stored rows are kept", flush=True)
+            return False
+        with open(out) as f:
+            result = json.load(f)
+    result.update(machine=machine(), date=datetime.date.today().isoformat(),
+                  command=f"python bench/{name}.py {' '.join(extra)}".strip())
+    tmp = os.path.join(RESULTS, f"{name}.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, os.path.join(RESULTS, f"{name}.json"))
+    return True
+
+
+def table() -> str:
+    lines = ["| benchmark | metric | peer | ours / peer | target | command | measured on |",
+             "|---|---|---|---|---|---|---|"]
+    for name in BENCHMARKS:
+        path = os.path.join(RESULTS, f"{name}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            result = json.load(f)
+        for r in result["summary"]:
+            lines.append(f"| {r['benchmark']} | {r['metric']} | {r['peer']} | **{r['ratio']:.2f}×** | "
+                         f"{r['target']} | `{result['command']}` | {result['machine']}, {result['date']} |")
+    return "\n".join(lines)
+
+
+def rewrite_readme(text: str) -> None:
+    with open(README) as f:
+        readme = f.read()
+    if START not in readme or END not in readme:
+        raise SystemExit(f"README.md lacks the {START} … {END} markers")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    tmp = README + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{head}{START}\n{text}\n{END}{tail}")
+    os.replace(tmp, README)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these benchmarks")
+    p.add_argument("--table-only", action="store_true", help="run nothing; rebuild the table from bench/results/")
+    args = p.parse_args()
+    failed = []
+    if not args.table_only:
+        failed = [name for name in args.only or BENCHMARKS if not run(name, BENCHMARKS[name])]
+    text = table()
+    print(text)
+    rewrite_readme(text)
+    print(f"rewrote the performance table in {README}")
+    if failed:
+        raise SystemExit(f"benchmarks that failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
