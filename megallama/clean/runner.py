@@ -22,7 +22,7 @@ import pickle
 import shutil
 import sys
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -87,6 +87,28 @@ def _stage_docs(source: Source, shard: _Shard, stage: Callable[[Document], str |
             rejected.add(reason, item.text, item.meta)
 
 
+_PROGRESS = None  # where this process reports documents done (set by _run_parallel)
+_TICK = 256
+
+
+def _set_progress(progress) -> None:
+    global _PROGRESS
+    _PROGRESS = progress
+
+
+def _counted(items: Iterable, counter: Counter) -> Iterator:
+    """Pass `items` through, counting them in counter["input"] and reporting progress."""
+    n = 0
+    for item in items:
+        n += 1
+        if n % _TICK == 0 and _PROGRESS is not None:
+            _PROGRESS.add(_TICK)
+        yield item
+    counter["input"] += n
+    if _PROGRESS is not None:
+        _PROGRESS.add(n % _TICK)
+
+
 def _guarded_read(source: Source, shard: _Shard) -> Iterator[Document | Rejected]:
     """The shard's records; if the reader fails part-way (truncated archive, corrupt compression)
     the records read so far are kept and the failure is counted as `unreadable_input`."""
@@ -110,16 +132,11 @@ def _single_pass(source: Source, shard: _Shard) -> dict:
     """Sources without a global dedup: read, pre, post, write in one go."""
     counter = Counter()
 
-    def counted(items):
-        for item in items:
-            counter["input"] += 1
-            yield item
-
     def both(doc):
         return source.pre(doc) or source.post(doc)
 
     with _RejectedWriter(shard.rejected and shard.rejected + ".jsonl") as rejected:
-        kept = _write_output(shard, _stage_docs(source, shard, both, counted(_guarded_read(source, shard)), rejected))
+        kept = _write_output(shard, _stage_docs(source, shard, both, _counted(_guarded_read(source, shard), counter), rejected))
     stats = {"input_docs": counter["input"], "output_docs": kept, "dropped": dict(rejected.counts)}
     write_json(shard.done, stats)
     return stats
@@ -128,15 +145,9 @@ def _single_pass(source: Source, shard: _Shard) -> dict:
 def _pass1(source: Source, shard: _Shard, keep_docs: bool) -> dict:
     """Read + pre stages; store survivors and their dedup hashes."""
     counter = Counter()
-
-    def counted(items):
-        for item in items:
-            counter["input"] += 1
-            yield item
-
     with _RejectedWriter(shard.rejected and keep_docs and shard.rejected + ".pass1.jsonl") as rejected:
-        docs = [(d.text, d.meta) for d in _stage_docs(source, shard, source.pre, counted(_guarded_read(source, shard)),
-                                                       rejected)]
+        docs = [(d.text, d.meta) for d in _stage_docs(source, shard, source.pre,
+                                                       _counted(_guarded_read(source, shard), counter), rejected)]
     arrays = {}
     if source.exact_dedup:
         arrays["doc_hash"] = np.array([dedup.hash64(source.dedup_key(Document(t, m))) for t, m in docs], dtype=np.uint64)
@@ -166,7 +177,7 @@ def _pass2(source: Source, shard: _Shard, exact_dup: np.ndarray | None, near_dup
     keep_line = dedup.keep_first_lines(stored["line_hash"], earlier_lines) if source.line_dedup else None
     offsets = stored["line_offsets"] if source.line_dedup else None
     def kept_docs(rejected: _RejectedWriter):
-        for j, (text, meta) in enumerate(docs):
+        for j, (text, meta) in enumerate(_counted(docs, Counter())):
             if exact_dup is not None and exact_dup[j]:
                 rejected.add("duplicate", text, meta)
                 continue
@@ -194,27 +205,59 @@ def _pass2(source: Source, shard: _Shard, exact_dup: np.ndarray | None, near_dup
     return stats
 
 
+class _SharedProgress:
+    """Documents done, summed over worker processes; the main process polls `done`."""
+
+    def __init__(self, ctx) -> None:
+        self._value = ctx.Value("q", 0)
+
+    def add(self, n: int) -> None:
+        with self._value.get_lock():
+            self._value.value += n
+
+    @property
+    def done(self) -> int:
+        return self._value.value
+
+
+class _BarProgress:
+    """In-process work: documents done go straight to the bar."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+
+    def add(self, n: int) -> None:
+        self.bar.update(n)
+
+
 def _run_parallel(fn, tasks: list[tuple], workers: int, desc: str, progress: bool) -> list[dict]:
-    """Run fn(*task) for each task on `workers` processes, with a progress bar over shards."""
+    """Run fn(*task) for each task on `workers` processes, with a progress bar over documents."""
     results: list[dict] = []
     totals = Counter()
-    bar = tqdm(total=len(tasks), desc=desc, unit="shard", disable=not progress or not tasks)
+    bar = tqdm(desc=desc, unit="doc", disable=not progress or not tasks, mininterval=0.5)
 
     def done(stats):
         results.append(stats)
-        totals["docs"] += stats["input_docs"]
         totals["kept"] += stats.get("output_docs", stats.get("kept", 0))
-        bar.set_postfix(docs=totals["docs"], kept=totals["kept"])
-        bar.update()
+        bar.set_postfix(shards=f"{len(results)}/{len(tasks)}", kept=totals["kept"], refresh=False)
 
     if workers <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            done(fn(*task))
+        _set_progress(_BarProgress(bar))
+        try:
+            for task in tasks:
+                done(fn(*task))
+        finally:
+            _set_progress(None)
     else:
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-            for fut in as_completed([pool.submit(fn, *task) for task in tasks]):
-                done(fut.result())
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        shared = _SharedProgress(ctx)
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_set_progress, initargs=(shared,)) as pool:
+            pending = {pool.submit(fn, *task) for task in tasks}
+            while pending:
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    done(fut.result())
+                bar.update(shared.done - bar.n)
     bar.close()
     return results
 
