@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Clean one source of the LLaMA mixture into JSONL for tools/preprocess_data.py.
 
-  python tools/clean_corpus.py --source commoncrawl --input CC-MAIN-*.warc.wet.gz \
+  python tools/clean_corpus.py --source commoncrawl --input CC-MAIN-*.warc.wet.gz \\
       --output cleaned/commoncrawl --report cleaned/commoncrawl.json --workers 16
 
 Each output line is {"text": ..., "meta": {"source", "id" or "url", "lang", "lang_score", ...}}.

@@ -2,7 +2,7 @@
 """Train the paper's quality classifier: pages used as references in Wikipedia (positive) vs.
 random CommonCrawl pages (negative), a fastText linear model for clean_corpus.py --quality-model.
 
-  python tools/train_quality_classifier.py --positive refs.jsonl --negative random.jsonl \
+  python tools/train_quality_classifier.py --positive refs.jsonl --negative random.jsonl \\
       --output quality.bin
 
 Inputs are JSONL files with a "text" field (e.g. clean_corpus.py output) or plain .txt files

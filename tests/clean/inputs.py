@@ -10,14 +10,14 @@ import tarfile
 from xml.sax.saxutils import escape, quoteattr
 
 
-def write_wet(path: str, pages: list[tuple[str, str]]) -> None:
-    """A gzipped WET file (conversion records) written with warcio."""
+def write_wet(path: str, pages: list[tuple[str, str | bytes]]) -> None:
+    """A gzipped WET file (conversion records) written with warcio; bytes pages are written as is."""
     from warcio.warcwriter import WARCWriter
 
     with open(path, "wb") as f:
         writer = WARCWriter(f, gzip=True)
         for url, text in pages:
-            record = writer.create_warc_record(url, "conversion", payload=io.BytesIO(text.encode("utf-8")),
+            record = writer.create_warc_record(url, "conversion", payload=io.BytesIO(text if isinstance(text, bytes) else text.encode("utf-8")),
                                                warc_headers_dict={"Content-Type": "text/plain"})
             writer.write_record(record)
 

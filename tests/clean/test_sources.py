@@ -35,7 +35,8 @@ def test_commoncrawl_wet_warc_and_jsonl(tmp_path):
     boiler = "Copyright 2024 Example Media Group. All rights reserved worldwide."
     pages = [page(rng) + "\n" + boiler for _ in range(3)]
     inputs.write_wet(str(tmp_path / "a.warc.wet.gz"),
-                     [(f"http://a/{i}", p) for i, p in enumerate(pages)] + [("http://a/de", page(rng, "de"))])
+                     [(f"http://a/{i}", p) for i, p in enumerate(pages[:2])] + [("http://a/bad", b"caf\xe9 latin-1 bytes")]
+                     + [("http://a/2", pages[2]), ("http://a/de", page(rng, "de"))])
     inputs.write_warc_html(str(tmp_path / "b.warc.gz"), [
         ("http://b/0", "<html><head><script>var x;</script></head><body><p>" + "</p><p>".join(page(rng).split("\n"))
          + f"</p><p>{boiler}</p></body></html>")])
@@ -46,7 +47,7 @@ def test_commoncrawl_wet_warc_and_jsonl(tmp_path):
         {"url": "http://c/none"},
     ], raw_lines={1: b"{not json", 2: b'{"text": "bad \xff utf8"}'})
     docs, report = run("commoncrawl", sorted(tmp_path.glob("*.*")), tmp_path)
-    assert report["dropped"] == {"bad_json": 1, "bad_utf8": 1, "duplicate": 1, "language": 1, "missing_text": 1,
+    assert report["dropped"] == {"bad_json": 1, "bad_utf8": 2, "duplicate": 1, "language": 1, "missing_text": 1,
                                  "too_short": 1}
     assert [d["meta"]["url"] for d in docs] == ["http://a/0", "http://a/1", "http://a/2", "http://b/0", "http://c/html"]
     assert sum(boiler in d["text"] for d in docs) == 1  # line dedup over the whole input: first kept
