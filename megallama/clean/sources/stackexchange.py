@@ -5,6 +5,8 @@ parsed one by one, so a broken row is counted and the rest of the file goes on."
 from __future__ import annotations
 
 import os
+import sqlite3
+import tempfile
 import xml.etree.ElementTree as ET
 from typing import Iterator
 
@@ -22,9 +24,9 @@ def site_name(path: str) -> str:
     return folder or "stackexchange"
 
 
-def _score(row: dict) -> int:
+def _int(row: dict, key: str) -> int:
     try:
-        return int(row.get("Score", 0))
+        return int(row.get(key, 0))
     except ValueError:
         return 0
 
@@ -35,8 +37,31 @@ class StackExchange(Source):
 
     def read(self, path: str) -> Iterator[Document | Rejected]:
         site = site_name(path)
-        questions: dict[str, dict] = {}
-        answers: dict[str, list[dict]] = {}
+        # posts go to a temporary SQLite table, so a site as large as stackoverflow.com (tens of
+        # millions of posts) is grouped on disk, not in memory
+        with tempfile.TemporaryDirectory(prefix="stackexchange-") as tmp:
+            db = sqlite3.connect(os.path.join(tmp, "posts.db"))
+            try:
+                db.execute("CREATE TABLE question (id TEXT, score INTEGER, title TEXT, body TEXT)")
+                db.execute("CREATE TABLE answer (parent TEXT, id INTEGER, score INTEGER, body TEXT)")
+                yield from self._load(path, site, db)
+                db.execute("CREATE INDEX answer_parent ON answer (parent, score DESC, id)")
+                db.execute("CREATE INDEX question_id ON question (id)")
+                for qid, score, title, body in db.execute("SELECT id, score, title, body FROM question ORDER BY rowid"):
+                    answers = [b for (b,) in db.execute(
+                        "SELECT body FROM answer WHERE parent = ? ORDER BY score DESC, id", (qid,))]
+                    parts = [title, html_to_text(body)] + [html_to_text(b) for b in answers]
+                    meta = {"source": self.name, "id": f"{site}/{qid}", "url": f"https://{site}/questions/{qid}",
+                            "answers": len(answers), "score": score}
+                    yield Document("\n\n".join(p for p in parts if p.strip()), meta)
+                for aid, body in db.execute("SELECT a.id, a.body FROM answer a WHERE NOT EXISTS "
+                                            "(SELECT 1 FROM question q WHERE q.id = a.parent) ORDER BY a.rowid"):
+                    yield Rejected("orphan_answer", body, {"source": self.name, "id": f"{site}/{aid}"})
+            finally:
+                db.close()
+
+    def _load(self, path: str, site: str, db: sqlite3.Connection) -> Iterator[Rejected]:
+        """Store the questions and answers of Posts.xml; yield the rows that are neither or broken."""
         with open_binary(path) as f:
             for lineno, raw in enumerate(f, 1):
                 line = raw.strip()
@@ -48,27 +73,19 @@ class StackExchange(Source):
                     yield Rejected("bad_utf8", line.decode("utf-8", "replace"), where)
                     continue
                 try:
-                    row = dict(ET.fromstring(text).attrib)
+                    row = ET.fromstring(text).attrib
                 except ET.ParseError:
                     yield Rejected("bad_xml", text, where)
                     continue
                 kind = row.get("PostTypeId")
                 if kind == QUESTION and row.get("Id"):
-                    questions[row["Id"]] = row
+                    db.execute("INSERT INTO question VALUES (?, ?, ?, ?)",
+                               (row["Id"], _int(row, "Score"), row.get("Title", ""), row.get("Body", "")))
                 elif kind == ANSWER and row.get("ParentId"):
-                    answers.setdefault(row["ParentId"], []).append(row)
+                    db.execute("INSERT INTO answer VALUES (?, ?, ?, ?)",
+                               (row["ParentId"], _int(row, "Id"), _int(row, "Score"), row.get("Body", "")))
                 else:
                     yield Rejected("not_question", text, where)
-        for qid, q in questions.items():
-            thread = sorted(answers.pop(qid, []), key=lambda a: (-_score(a), int(a.get("Id", "0") or 0)))
-            parts = [q.get("Title", ""), html_to_text(q.get("Body", ""))]
-            parts += [html_to_text(a.get("Body", "")) for a in thread]
-            meta = {"source": self.name, "id": f"{site}/{qid}", "url": f"https://{site}/questions/{qid}",
-                    "answers": len(thread), "score": _score(q)}
-            yield Document("\n\n".join(p for p in parts if p.strip()), meta)
-        for parent, orphans in answers.items():
-            for a in orphans:
-                yield Rejected("orphan_answer", a.get("Body", ""), {"source": self.name, "id": f"{site}/{a.get('Id')}"})
 
     def post(self, doc: Document) -> str | None:
         if not doc.text.strip():
