@@ -5,20 +5,19 @@
 // (one that no multi-character piece contains, such as a newline in LLaMA's vocabulary) never
 // merges with its neighbours either, so a word can also be cut just before a run of barriers.
 // Cutting the raw text at those places gives chunks whose ids, concatenated, are the ids of the
-// whole text (a chunk starting with a barrier is encoded as the inside of a word). Natural text repeats a small set of chunks, so each is tokenized once: a batch is
-// scanned here, the chunks not seen before are handed back to Python for SentencePiece, and
-// finish() assembles the ids. Only valid for models that leave spaces alone (identity
+// whole text (a chunk starting with a barrier is encoded as the inside of a word).
+//
+// Natural text repeats a small set of chunks, so each is tokenized once: scan() splits a batch
+// and hands back the chunks not seen before, Python runs SentencePiece on those, and finish()
+// assembles every text's ids. Only valid for models that leave spaces alone (identity
 // normalization, no whitespace collapsing); the Python side checks that.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <cstring>
-#include <algorithm>
-#include <memory>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <vector>
 
 namespace py = pybind11;
@@ -37,6 +36,29 @@ inline size_t space_len(const char* p, const char* end) {
   return 0;
 }
 
+inline uint64_t mix(uint64_t x) {
+  x ^= x >> 32;
+  x *= 0xd6e8feb86659fd93ULL;
+  x ^= x >> 32;
+  return x;
+}
+
+// Eight bytes at a time; never 0 (0 marks an empty slot).
+inline uint64_t hash_bytes(const char* p, size_t n) {
+  uint64_t h = 0x9E3779B97F4A7C15ULL ^ n;
+  while (n >= 8) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    h = mix(h ^ w) * 0x9E3779B97F4A7C15ULL;
+    p += 8;
+    n -= 8;
+  }
+  uint64_t w = 0;
+  std::memcpy(&w, p, n);
+  h = mix(h ^ w ^ (static_cast<uint64_t>(n) << 59));
+  return h ? h : 1;
+}
+
 std::string_view utf8_of(const py::handle& obj) {
   Py_ssize_t size = 0;
   const char* data = PyUnicode_AsUTF8AndSize(obj.ptr(), &size);
@@ -53,48 +75,48 @@ class ChunkCache {
       if (static_cast<unsigned char>(c) >= 0x80 || c == ' ') throw py::value_error("barrier characters must be ASCII, not space");
       barrier_[static_cast<unsigned char>(c)] = true;
     }
+    clear();
   }
 
-  // Scans a batch of texts; returns the distinct chunks (as keys) that are not cached yet. With a
+  // Splits a batch of texts; returns the distinct chunks (as keys) with no ids cached yet. With a
   // dummy prefix the first chunk's key gets the space SentencePiece adds in front of the text.
   py::list scan(const py::list& texts) {
     if (pending_) throw py::value_error("scan() called twice without finish()");
-    if (static_cast<int64_t>(index_.size()) >= max_entries_) clear();
+    if (static_cast<int64_t>(entries_.size()) >= max_entries_) clear();
     segments_.clear();
     doc_segments_.clear();
-    miss_keys_.clear();
-    miss_index_.clear();
+    misses_.clear();
     std::string first_key;
     for (const py::handle& item : texts) {
       if (!PyUnicode_Check(item.ptr())) throw py::type_error("texts must be a list of str");
       const std::string_view text = utf8_of(item);
       const char* p = text.data();
       const char* end = p + text.size();
-      int64_t nseg = 0;
       const char* start = p;
-      bool prev_space = true;  // no boundary before the first character
-      bool prev_barrier = true;
+      int64_t nseg = 0;
+      bool prev_space = true, prev_barrier = true;  // no cut before the first character
       while (p < end) {
         const size_t sl = space_len(p, end);
         const bool barrier = barrier_[static_cast<unsigned char>(*p)];
         if (p > start && ((sl && !prev_space) || (barrier && !prev_barrier))) {
-          add_segment(start, p, nseg == 0, first_key);
-          ++nseg;
+          add_segment(start, p, nseg++ == 0, first_key);
           start = p;
         }
         prev_space = sl != 0;
         prev_barrier = barrier;
         p += sl ? sl : 1;
       }
-      if (end > start) {
-        add_segment(start, end, nseg == 0, first_key);
-        ++nseg;
-      }
+      if (end > start) add_segment(start, end, nseg++ == 0, first_key);
       doc_segments_.push_back(nseg);
     }
     pending_ = true;
     py::list out;
-    for (const auto& k : miss_keys_) out.append(py::str(k.data(), k.size()));
+    for (const int64_t e : misses_) {
+      const Entry& en = entries_[e];
+      PyObject* s = PyUnicode_DecodeUTF8(arena_.data() + en.key_offset, en.key_len, "strict");
+      if (s == nullptr) throw py::error_already_set();
+      out.append(py::reinterpret_steal<py::str>(s));
+    }
     return out;
   }
 
@@ -104,25 +126,30 @@ class ChunkCache {
   py::tuple finish(const ArrI32& key_ids, const ArrI64& key_lengths, int64_t append_id) {
     if (!pending_) throw py::value_error("finish() called without scan()");
     pending_ = false;
-    if (key_lengths.ndim() != 1 || static_cast<size_t>(key_lengths.shape(0)) != miss_keys_.size())
+    if (key_lengths.ndim() != 1 || static_cast<size_t>(key_lengths.shape(0)) != misses_.size()) {
+      clear();  // the pending entries would never get their ids
       throw py::value_error("finish() got " + std::to_string(key_lengths.size()) + " id counts for " +
-                            std::to_string(miss_keys_.size()) + " chunks");
+                            std::to_string(misses_.size()) + " chunks");
+    }
     const int32_t* kid = key_ids.data();
     const int64_t* klen = key_lengths.data();
-    std::vector<int64_t> miss_offset(miss_keys_.size() + 1, 0);
-    for (size_t i = 0; i < miss_keys_.size(); ++i) {
-      if (klen[i] < 0) throw py::value_error("negative id count");
-      miss_offset[i + 1] = miss_offset[i] + klen[i];
-    }
-    if (miss_offset.back() != key_ids.size())
+    int64_t offset = 0;
+    for (size_t i = 0; i < misses_.size(); ++i) offset += klen[i] >= 0 ? klen[i] : 0;
+    if (offset != key_ids.size()) {
+      clear();
       throw py::value_error("finish() got " + std::to_string(key_ids.size()) + " ids, the counts sum to " +
-                            std::to_string(miss_offset.back()));
-    // Cache the new chunks while there is room, so repeated chunks hit next time.
-    for (size_t i = 0; i < miss_keys_.size() && static_cast<int64_t>(index_.size()) < max_entries_; ++i)
-      insert(miss_keys_[i], kid + miss_offset[i], klen[i]);
-    int64_t total = 0;
-    for (const int64_t s : segments_) total += s >= 0 ? entries_[s].len : klen[-s - 1];
-    total += append_id >= 0 ? static_cast<int64_t>(doc_segments_.size()) : 0;
+                            std::to_string(offset));
+    }
+    offset = 0;
+    for (size_t i = 0; i < misses_.size(); ++i) {
+      Entry& e = entries_[misses_[i]];
+      e.ids_offset = static_cast<int64_t>(values_.size());
+      e.ids_len = klen[i];
+      values_.insert(values_.end(), kid + offset, kid + offset + klen[i]);
+      offset += klen[i];
+    }
+    int64_t total = append_id >= 0 ? static_cast<int64_t>(doc_segments_.size()) : 0;
+    for (const int64_t s : segments_) total += entries_[s].ids_len;
     py::array_t<int32_t> flat(total);
     py::array_t<int64_t> counts(static_cast<int64_t>(doc_segments_.size()));
     int32_t* out = flat.mutable_data();
@@ -131,15 +158,9 @@ class ChunkCache {
     for (size_t d = 0; d < doc_segments_.size(); ++d) {
       int32_t* doc_start = out;
       for (int64_t k = 0; k < doc_segments_[d]; ++k, ++seg) {
-        const int64_t s = segments_[seg];
-        if (s >= 0) {
-          const Entry& e = entries_[s];
-          std::memcpy(out, values_.data() + e.offset, e.len * sizeof(int32_t));
-          out += e.len;
-        } else {
-          std::memcpy(out, kid + miss_offset[-s - 1], klen[-s - 1] * sizeof(int32_t));
-          out += klen[-s - 1];
-        }
+        const Entry& e = entries_[segments_[seg]];
+        std::memcpy(out, values_.data() + e.ids_offset, e.ids_len * sizeof(int32_t));
+        out += e.ids_len;
       }
       if (append_id >= 0) *out++ = static_cast<int32_t>(append_id);
       cnt[d] = out - doc_start;
@@ -147,22 +168,25 @@ class ChunkCache {
     return py::make_tuple(flat, counts);
   }
 
-  int64_t size() const { return static_cast<int64_t>(index_.size()); }
+  int64_t size() const { return static_cast<int64_t>(entries_.size()); }
 
   void clear() {
-    index_.clear();
     entries_.clear();
     values_.clear();
     arena_.clear();
-    arena_used_ = kBlock;
+    slots_.assign(1 << 16, Slot{0, 0});
+    mask_ = slots_.size() - 1;
   }
 
  private:
   struct Entry {
-    int64_t offset;
-    int64_t len;
+    int64_t key_offset, key_len;  // in arena_
+    int64_t ids_offset, ids_len;  // in values_; ids_len < 0 until finish() gives the ids
   };
-  static constexpr size_t kBlock = 1 << 20;
+  struct Slot {
+    uint64_t hash;  // 0: empty
+    int64_t entry;
+  };
 
   void add_segment(const char* a, const char* b, bool first, std::string& first_key) {
     std::string_view key(a, static_cast<size_t>(b - a));
@@ -171,50 +195,55 @@ class ChunkCache {
       first_key.append(key);
       key = first_key;
     }
-    auto it = index_.find(key);
-    if (it != index_.end()) {
-      segments_.push_back(it->second);
-      return;
-    }
-    auto m = miss_index_.find(std::string(key));
-    if (m == miss_index_.end()) {
-      m = miss_index_.emplace(std::string(key), static_cast<int64_t>(miss_keys_.size())).first;
-      miss_keys_.emplace_back(key);
-    }
-    segments_.push_back(-(m->second + 1));
+    segments_.push_back(find_or_add(key));
   }
 
-  // Copies the key into stable storage (the index holds views) and records its ids.
-  void insert(const std::string& key, const int32_t* ids, int64_t n) {
-    const auto found = index_.find(std::string_view(key));
-    if (found != index_.end()) return;
-    if (arena_used_ + key.size() > kBlock || arena_.empty()) {
-      arena_.emplace_back(new char[std::max(kBlock, key.size())]);
-      arena_used_ = 0;
+  // Open addressing with linear probing over (hash, entry); a new key becomes a pending entry.
+  int64_t find_or_add(std::string_view key) {
+    const uint64_t h = hash_bytes(key.data(), key.size());
+    size_t i = h & mask_;
+    while (slots_[i].hash != 0) {
+      if (slots_[i].hash == h) {
+        const Entry& e = entries_[slots_[i].entry];
+        if (static_cast<size_t>(e.key_len) == key.size() && std::memcmp(arena_.data() + e.key_offset, key.data(), key.size()) == 0)
+          return slots_[i].entry;
+      }
+      i = (i + 1) & mask_;
     }
-    char* dst = arena_.back().get() + arena_used_;
-    std::memcpy(dst, key.data(), key.size());
-    arena_used_ += key.size();
     const int64_t id = static_cast<int64_t>(entries_.size());
-    entries_.push_back({static_cast<int64_t>(values_.size()), n});
-    values_.insert(values_.end(), ids, ids + n);
-    index_.emplace(std::string_view(dst, key.size()), id);
+    entries_.push_back({static_cast<int64_t>(arena_.size()), static_cast<int64_t>(key.size()), 0, -1});
+    arena_.insert(arena_.end(), key.begin(), key.end());
+    slots_[i] = {h, id};
+    misses_.push_back(id);
+    if (entries_.size() * 2 > slots_.size()) grow();
+    return id;
+  }
+
+  void grow() {
+    std::vector<Slot> old(slots_.size() * 2, Slot{0, 0});
+    old.swap(slots_);
+    mask_ = slots_.size() - 1;
+    for (const Slot& s : old) {
+      if (s.hash == 0) continue;
+      size_t i = s.hash & mask_;
+      while (slots_[i].hash != 0) i = (i + 1) & mask_;
+      slots_[i] = s;
+    }
   }
 
   bool dummy_prefix_;
   int64_t max_entries_;
   bool barrier_[256] = {};
   bool pending_ = false;
-  std::unordered_map<std::string_view, int64_t> index_;
   std::vector<Entry> entries_;
   std::vector<int32_t> values_;
-  std::vector<std::unique_ptr<char[]>> arena_;
-  size_t arena_used_ = kBlock;
-  // State of the batch between scan() and finish(): per segment an entry id (>= 0) or -(miss + 1).
+  std::vector<char> arena_;
+  std::vector<Slot> slots_;
+  size_t mask_ = 0;
+  // The batch between scan() and finish(): the entry of every chunk, chunks per text, new entries.
   std::vector<int64_t> segments_;
   std::vector<int64_t> doc_segments_;
-  std::vector<std::string> miss_keys_;
-  std::unordered_map<std::string, int64_t> miss_index_;
+  std::vector<int64_t> misses_;
 };
 
 }  // namespace
