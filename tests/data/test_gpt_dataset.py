@@ -156,7 +156,9 @@ def _rank_builds(rank, world, init_file, prefix, cache, out_dir):
 def test_one_rank_builds_the_others_load(tmp_path):
     prefix = str(tmp_path / "d")
     write_dataset(prefix, 200, 2)
-    mp.spawn(_rank_builds, args=(2, str(tmp_path / "init"), prefix, str(tmp_path / "cache"), str(tmp_path)), nprocs=2)
+    # fork: the ranks need nothing but this process's imports (spawn would re-import torch twice)
+    mp.start_processes(_rank_builds, args=(2, str(tmp_path / "init"), prefix, str(tmp_path / "cache"), str(tmp_path)),
+                       nprocs=2, start_method="fork")
     assert int(np.load(tmp_path / "built0.npy")) == 1
     assert int(np.load(tmp_path / "built1.npy")) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy"))
