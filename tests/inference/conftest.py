@@ -1,10 +1,11 @@
 """Shared fixtures: a tiny random LLaMA (as an HF model and as ours) and a tiny SentencePiece model."""
+import importlib.util
+import os
 import random
 
 import pytest
 import sentencepiece as spm
 import torch
-import transformers
 
 from megallama.config import LlamaConfig
 from megallama.model import LlamaModel
@@ -20,8 +21,10 @@ def tiny_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**{**base, **overrides})
 
 
-def random_hf_model(config: LlamaConfig, seed: int = 0) -> transformers.LlamaForCausalLM:
+def random_hf_model(config: LlamaConfig, seed: int = 0):
     """An HF LLaMA with random weights, norms randomised too (so that a swapped norm shows)."""
+    import transformers  # not at module level: spawned test ranks import this file
+
     torch.manual_seed(seed)
     hf_config = config.to_hf()
     hf_config._attn_implementation = "sdpa"
@@ -35,7 +38,21 @@ def random_hf_model(config: LlamaConfig, seed: int = 0) -> transformers.LlamaFor
     return model
 
 
-def ours_from_hf(hf: transformers.LlamaForCausalLM, config: LlamaConfig) -> LlamaModel:
+def seeded_model(config: LlamaConfig, seed: int = 0) -> LlamaModel:
+    """Our model drawn from ``seed`` (the same weights at any tensor-parallel size), scaled so that
+    the logits are far from uniform, norms randomised."""
+    torch.manual_seed(seed)
+    model = LlamaModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.mul_(4.0)
+    return model
+
+
+def ours_from_hf(hf, config: LlamaConfig) -> LlamaModel:
     model = LlamaModel(config).eval()
     model.load_hf_state_dict(hf.state_dict())
     return model
@@ -51,3 +68,21 @@ def sp_model(tmp_path_factory) -> str:
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tok"), vocab_size=320,
                                    minloglevel=2, **LLAMA_TRAINER_SETTINGS)
     return str(folder / "tok.model")
+
+
+def load_tool(name: str):
+    """tools/NAME.py as a module (tools/ holds scripts, not a package)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"megallama_tool_{name}", os.path.abspath(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster than two, and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

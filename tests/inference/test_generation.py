@@ -4,17 +4,15 @@ import torch
 
 from megallama.inference import SamplingParams, generate, sample_next_token
 from megallama.inference.generation import KVCache, cached_forward
-from megallama.model import LlamaModel
 from tests.distributed_utils import run_distributed
-from tests.inference.conftest import ours_from_hf, random_hf_model, tiny_config
+from tests.inference.conftest import seeded_model, tiny_config
 
 PROMPTS = [[1, 17, 93, 4, 250, 8, 61], [1, 5], [1, 300, 22, 22, 9]]
 
 
 @pytest.fixture(scope="module")
 def model():
-    config = tiny_config()
-    return ours_from_hf(random_hf_model(config), config)
+    return seeded_model(tiny_config())
 
 
 def test_cache_and_recomputation_give_the_same_tokens(model):
@@ -86,9 +84,7 @@ def _generate_under_tp(tp, prompts, new_tokens, sampling):
     parallel.initialize_model_parallel(tensor_model_parallel_size=tp)
     try:
         config = tiny_config()
-        hf = random_hf_model(config)
-        model = LlamaModel(config).eval()
-        model.load_hf_state_dict(hf.state_dict())
+        model = seeded_model(config)
         assert model.layers["0"].attention.wqkv.weight.shape[0] == 3 * config.hidden_size // tp
         return [generate(model, prompts, new_tokens), generate(model, prompts, new_tokens, SamplingParams(**sampling))]
     finally:

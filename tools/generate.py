@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Generate text from a megallama, HF or Meta checkpoint, with a key/value cache.
+
+  python tools/generate.py --load SAVE --tokenizer-model tokenizer.model --prompt "The capital of France" --greedy
+  torchrun --nproc-per-node 2 tools/generate.py --load SAVE --tokenizer-model tokenizer.model \
+      --prompt-file prompts.txt --max-new-tokens 64 --temperature 0.8 --top-p 0.95 --seed 1
+
+The prompt is prefilled once, then tokens come one at a time (no recomputation of the prefix).
+Under torchrun the model is split over all processes with tensor parallelism (the checkpoint is
+resharded on load, whatever layout saved it). With one prompt the continuation is printed as it
+is generated; with several (batched together) each prompt and its continuation are printed when
+the batch is done, with a progress bar meanwhile. Generation stops at the tokenizer's EOS.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, metavar="DIR",
+                   help="checkpoint: a megallama save folder (any TP/PP layout), an HF folder or a Meta folder")
+    p.add_argument("--tokenizer-model", metavar="M",
+                   help="SentencePiece model (default: the tokenizer.model stored with the checkpoint)")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", metavar="TEXT",
+                         help="a prompt; repeat the flag for several (generated as one batch)")
+    prompts.add_argument("--prompt-file", metavar="F", help="a text file with one prompt a line (one batch)")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                   help="tokens to generate per prompt at most (default 128)")
+    p.add_argument("--greedy", action="store_true",
+                   help="always take the most likely token (the sampling flags must then be left out)")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="sampling: divide the logits by T (default 0.8, as in Meta's example)")
+    p.add_argument("--top-p", type=float, metavar="P",
+                   help="sampling: keep the smallest set of tokens whose probability reaches P (default 0.95)")
+    p.add_argument("--top-k", type=int, metavar="K", help="sampling: keep the K most likely tokens (default 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    sampling_flags = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    if args.greedy and any(v is not None for v in sampling_flags.values()):
+        print("error: --greedy takes no --temperature/--top-p/--top-k", file=sys.stderr)
+        return 2
+    if args.max_new_tokens < 1:
+        print(f"error: --max-new-tokens must be at least 1, got {args.max_new_tokens}", file=sys.stderr)
+        return 2
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            print(f"error: {args.prompt_file} holds no prompt", file=sys.stderr)
+            return 2
+    else:
+        prompts = args.prompt
+
+    from megallama.inference.checkpoint_io import load_model
+    from megallama.inference.generation import SamplingParams
+    from megallama.inference.runtime import init_tensor_parallel_from_env, is_rank0, shutdown
+    from megallama.inference.text import generate_text
+    from megallama.tokenizer import SentencePieceTokenizer
+
+    device = init_tensor_parallel_from_env()
+    rank0 = is_rank0()
+    try:
+        sampling = SamplingParams(
+            greedy=args.greedy, seed=args.seed,
+            temperature=0.8 if args.temperature is None else args.temperature,
+            top_p=0.95 if args.top_p is None else args.top_p, top_k=args.top_k or 0)
+        model, reader = load_model(args.load, device=device)
+        tokenizer_model = args.tokenizer_model or reader.tokenizer_model()
+        if tokenizer_model is None:
+            raise ValueError(f"{args.load} holds no tokenizer.model: give --tokenizer-model")
+        tokenizer = SentencePieceTokenizer(tokenizer_model)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        shutdown()
+        return 1
+
+    if len(prompts) == 1:
+        if rank0:
+            print(prompts[0], end="", flush=True)
+
+        def on_text(row, text):
+            if rank0:
+                print(text, end="", flush=True)
+        generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, on_text)
+        if rank0:
+            print()
+    else:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.max_new_tokens, desc=f"generating {len(prompts)} prompts", unit="token",
+                   disable=not rank0, file=sys.stderr)
+        continuations = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling,
+                                      on_step=lambda step: bar.update())
+        bar.close()
+        if rank0:
+            for prompt, continuation in zip(prompts, continuations):
+                print(prompt + continuation)
+                print("-" * 40)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
