@@ -14,7 +14,7 @@ from megallama.clean import runner
 from megallama.clean.quality import QualityClassifier, train_quality_classifier
 from megallama.clean.runner import clean_corpus
 from tests.clean import inputs
-from tests.clean.samples import SENTENCES, page
+from tests.clean.samples import page
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,6 +1,5 @@
 """Each source cleaner on small inputs in its real download format, through the runner."""
 
-import bz2
 import gzip
 import json
 import os
