@@ -43,7 +43,7 @@ class Source:
 
     def settings(self) -> dict:
         """What determines the output besides the inputs (recorded to refuse mixing runs)."""
-        return {"source": self.name, "quality_model": self.quality.model_path if self.quality else None,
+        return {"source": self.name, "quality_model": os.path.abspath(self.quality.model_path) if self.quality else None,
                 "quality_threshold": self.quality.threshold if self.quality else None,
                 "languages": sorted(self.languages) if self.languages else None,
                 "lang_threshold": self.lang_threshold}
