@@ -196,3 +196,25 @@ def test_train_quality_classifier_cli_reads_jsonl_and_txt(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"no_text": 1}\n')
     bad = subprocess.run(cmd[:3] + [str(tmp_path / "bad.jsonl")] + cmd[4:], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and 'bad.jsonl:2: not a JSON object with a "text" field' in bad.stderr
+
+
+def test_resume_after_a_crash_in_the_first_pass(tmp_path, monkeypatch):
+    paths = make_commoncrawl_shards(tmp_path, seed=2)
+    expected = clean_corpus("commoncrawl", paths, str(tmp_path / "ref"), str(tmp_path / "ref.json"), progress=False)
+    real_pass1 = runner._pass1
+    calls = []
+
+    def crash_on_third(source, shard, keep_docs):
+        calls.append(shard.index)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_pass1(source, shard, keep_docs)
+
+    monkeypatch.setattr(runner, "_pass1", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        clean_corpus("commoncrawl", paths, str(tmp_path / "out"), str(tmp_path / "out.json"), progress=False)
+    calls.clear()
+    monkeypatch.setattr(runner, "_pass1", lambda source, shard, keep: calls.append(shard.index) or real_pass1(source, shard, keep))
+    assert clean_corpus("commoncrawl", paths, str(tmp_path / "out"), str(tmp_path / "out.json"), progress=False) == expected
+    assert calls == [2, 3]  # shards read before the crash are not read again
+    assert read_output(tmp_path / "out") == read_output(tmp_path / "ref")
