@@ -53,8 +53,10 @@ class Source:
         out: list[str] = []
         for path in inputs:
             if os.path.isdir(path):
-                found = [os.path.join(root, f) for root, _, files in os.walk(path) for f in files
-                         if f.endswith(self.extensions) and not f.startswith(".")]
+                found = []
+                for root, dirs, files in os.walk(path):
+                    dirs[:] = [d for d in dirs if not d.startswith(".")]  # e.g. a cleaner's .clean state
+                    found += [os.path.join(root, f) for f in files if f.endswith(self.extensions) and not f.startswith(".")]
                 out.extend(sorted(found))
             elif os.path.isfile(path):
                 out.append(path)
