@@ -17,23 +17,22 @@ import torch.multiprocessing as mp
 from tests.pipeline import harness as H
 
 PG_TIMEOUT_S = 4
-FAIL_RANK = 2  # layout TP 1 × PP 2 × DP 2: global rank 2 is stage 1 of DP replica 0
 
 
 class _FailingForwardStep:
-    def __init__(self, hang: bool):
-        self.calls, self.hang = 0, hang
+    def __init__(self, hang: bool, fail_rank: int):
+        self.calls, self.hang, self.fail_rank = 0, hang, fail_rank
 
     def __call__(self, data_iterator, chunk, input_tensor):
         self.calls += 1
-        if dist.get_rank() == FAIL_RANK and self.calls == 3:  # mid-way through the first step
+        if dist.get_rank() == self.fail_rank and self.calls == 3:  # mid-way through the first step
             if self.hang:
                 time.sleep(60)  # alive but silent, as a wedged process would be
             raise RuntimeError("injected failure in stage 1")
         return H._forward_step(data_iterator, chunk, input_tensor)
 
 
-def _rank_main(rank, world_size, workdir, hang):
+def _rank_main(rank, world_size, workdir, hang, fail_rank):
     torch.set_num_threads(1)
     # A generous timeout for the rendezvous of slowly starting processes, then a short one.
     dist.init_process_group("gloo", init_method="file://" + os.path.join(workdir, "store"), rank=rank,
@@ -41,18 +40,19 @@ def _rank_main(rank, world_size, workdir, hang):
     dist.barrier()
     dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=PG_TIMEOUT_S))
     try:
-        H.parallel_run(H.config(), 1, 2, None, 1, False, 3, forward_step=_FailingForwardStep(hang))
+        H.parallel_run(H.config(), 1, 2, None, 1, False, 3, forward_step=_FailingForwardStep(hang, fail_rank))
     except BaseException as exc:
         with open(os.path.join(workdir, f"error_{rank}.txt"), "w") as f:
             f.write(f"{time.monotonic()!r}\n{type(exc).__name__}: {exc}")
         raise
 
 
-def _run(tmp_path, hang):
-    """Run until every rank but a wedged one exited; returns {rank: (time, error)}."""
-    context = mp.start_processes(_rank_main, args=(4, str(tmp_path), hang), nprocs=4, join=False,
-                                 start_method="spawn")
-    peers = [r for r in range(4) if not (hang and r == FAIL_RANK)]
+def _run(tmp_path, hang, world_size, fail_rank):
+    """Train PP 2 × DP world/2 with ``fail_rank`` failing (or wedged) mid-step, until every rank
+    but a wedged one exited; returns {rank: (time, error)}."""
+    context = mp.start_processes(_rank_main, args=(world_size, str(tmp_path), hang, fail_rank),
+                                 nprocs=world_size, join=False, start_method="spawn")
+    peers = [r for r in range(world_size) if not (hang and r == fail_rank)]
     deadline = time.monotonic() + 120
     while any(context.processes[r].is_alive() for r in peers) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -72,14 +72,16 @@ def _run(tmp_path, hang):
 
 
 def test_failing_stage_exits_every_rank(tmp_path):
-    errors = _run(tmp_path, hang=False)
-    assert "injected failure in stage 1" in errors[FAIL_RANK][1]
+    # Global rank 2 is stage 1 of DP replica 0: its failure must reach its stage-0 peer (p2p) and
+    # its DP peer (gradient buckets), and through them the other replica's stage 0.
+    errors = _run(tmp_path, hang=False, world_size=4, fail_rank=2)
+    assert "injected failure in stage 1" in errors[2][1]
 
 
 def test_wedged_stage_peers_exit_at_the_process_group_timeout(tmp_path):
     # The wedged rank never answers: its peers must give up by themselves (it is killed after).
-    errors = _run(tmp_path, hang=True)
-    assert FAIL_RANK not in errors
+    errors = _run(tmp_path, hang=True, world_size=2, fail_rank=1)
+    assert 1 not in errors
     for rank, (_, text) in errors.items():
         assert "timed out" in text.lower() or "connection closed" in text.lower(), (rank, text)
     assert any("timed out" in text.lower() for _, text in errors.values()), errors

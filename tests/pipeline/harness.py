@@ -4,14 +4,16 @@ The serial run is the reference: the whole model, the whole global batch, mean t
 ``torch.nn.utils.clip_grad_norm_`` and ``torch.optim.AdamW``. The parallel run goes through the
 stages, schedules, DDP buckets and optimizers under test, from the same initial weights and data.
 """
+import dataclasses
+
 import torch
-import torch.distributed as dist
 
 from megallama.config import LlamaConfig
 from megallama.distributed import (DistributedDataParallel, OptimizerConfig, build_optimizer,
                                    finalize_model_grads, global_mean_loss)
 from megallama.distributed.optimizer import default_adamw
 from megallama.model import LlamaModel
+from megallama import parallel
 from megallama.parallel import state
 from megallama.pipeline import build_model_chunks, get_forward_backward_func
 
@@ -29,8 +31,11 @@ def config(**overrides) -> LlamaConfig:
 
 
 def initial_state(cfg: LlamaConfig) -> dict:
+    """The serial model's initial weights (built before any model-parallel groups exist)."""
+    if state.model_parallel_is_initialized():
+        raise RuntimeError("initial_state must be taken before initialize_model_parallel")
     torch.manual_seed(1234)
-    return LlamaModel(cfg).state_dict()
+    return LlamaModel(dataclasses.replace(cfg, sequence_parallel=False)).state_dict()
 
 
 def batch(step: int):
@@ -63,6 +68,15 @@ def serial_run(cfg: LlamaConfig, steps: int):
     return losses, norms, {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def make_stage(cfg: LlamaConfig, spec, full: dict) -> LlamaModel:
+    """One stage's model holding this TP rank's shard of the full weights ``full``."""
+    m = LlamaModel(cfg, pre_process=spec.pre_process, post_process=spec.post_process,
+                   layer_ids=spec.layer_ids)
+    own = dict(m.named_parameters())
+    m.load_state_dict({k: parallel.shard_like(own[k], v) for k, v in full.items() if k in own})
+    return m
+
+
 def _forward_step(data_iterator, chunk, input_tensor):
     tokens, labels = next(data_iterator)
     model = getattr(chunk, "module", chunk)  # DDP-wrapped or not
@@ -80,20 +94,14 @@ def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distr
     ``resume={"params", "optimizer", "first_step"}`` starts from full model weights and a
     layout-free optimizer state (merged over stages) at global batch ``first_step``.
     """
+    full = resume["params"] if resume else initial_state(cfg)
     state.initialize_model_parallel(tp, pp, vp)
     try:
         dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
-        full = resume["params"] if resume else initial_state(cfg)
-
-        def make_stage(spec):
-            m = LlamaModel(cfg, pre_process=spec.pre_process, post_process=spec.post_process,
-                           layer_ids=spec.layer_ids)
-            m.load_state_dict({k: v for k, v in full.items() if k in m.state_dict()})
-            return m
 
         chunks = [DistributedDataParallel(m, use_distributed_optimizer=distributed_opt,
                                           bucket_size=bucket_size)
-                  for m in build_model_chunks(make_stage, cfg.num_layers, vp)]
+                  for m in build_model_chunks(lambda spec: make_stage(cfg, spec, full), cfg.num_layers, vp)]
         optimizer = build_optimizer(OptimizerConfig(use_distributed_optimizer=distributed_opt, **OPT),
                                     chunks)
         if resume:
@@ -110,7 +118,7 @@ def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distr
             data = [iter(mine) for _ in chunks] if vp else iter(mine)
             optimizer.zero_grad()
             losses = fwd_bwd(forward_step or _forward_step, data, chunks, num_micro, SEQ, micro_batch,
-                             cfg.hidden_size, torch.float32)
+                             cfg.hidden_size, torch.float32, sequence_parallel=cfg.sequence_parallel)
             finalize_model_grads(chunks, losses)
             if inject_inf_at is not None and inject_inf_at == (step, state.get_pipeline_model_parallel_rank()):
                 chunks[0].grad_buffer[0] = float("inf")
@@ -119,7 +127,9 @@ def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distr
             out["losses"].append(float(mean) if mean is not None else None)
             out["norms"].append(float(norm))
             out["applied"].append(applied)
-        out["params"] = {k: v.clone() for c in chunks for k, v in c.module.state_dict().items()}
+        # Full tensors (gathered over TP), comparable with the serial model's.
+        out["params"] = {k: parallel.gather_like(p, p.detach()).clone()
+                         for c in chunks for k, p in c.module.named_parameters()}
         out["optimizer"] = optimizer.state_dict()
         out["tp_rank"] = state.get_tensor_model_parallel_rank()
         out["dp_rank"] = dp_rank
@@ -149,17 +159,11 @@ def check_against_serial(results, serial, rtol=1e-5, atol=1e-6):
 
 def parallel_eval(cfg: LlamaConfig, pp: int, vp, micro_batch: int):
     """forward_only over global batch 0 at the initial weights; the global mean loss (last stage)."""
+    full = initial_state(cfg)
     state.initialize_model_parallel(1, pp, vp)
     try:
-        full = resume["params"] if resume else initial_state(cfg)
-
-        def make_stage(spec):
-            m = LlamaModel(cfg, pre_process=spec.pre_process, post_process=spec.post_process,
-                           layer_ids=spec.layer_ids)
-            m.load_state_dict({k: v for k, v in full.items() if k in m.state_dict()})
-            return m
-
-        chunks = [DistributedDataParallel(m) for m in build_model_chunks(make_stage, cfg.num_layers, vp)]
+        chunks = [DistributedDataParallel(m)
+                  for m in build_model_chunks(lambda spec: make_stage(cfg, spec, full), cfg.num_layers, vp)]
         tokens, labels = batch(0)
         mine = [(tokens[i:i + micro_batch], labels[i:i + micro_batch])
                 for i in range(0, GLOBAL_BATCH, micro_batch)]

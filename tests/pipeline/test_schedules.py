@@ -1,4 +1,4 @@
-"""The schedules, DDP buckets and optimizers under PP/DP layouts equal the serial run (fp32)."""
+"""Schedules, DDP buckets and optimizers under (TP, PP, DP) layouts equal the serial run (fp32)."""
 import pytest
 import torch
 
@@ -34,8 +34,21 @@ FOUR_RANK_LAYOUTS = [
 ]
 
 
+# (sequence parallel, (tp, pp, virtual, micro_batch, distributed optimizer))
+TENSOR_PARALLEL_LAYOUTS = [
+    (False, (2, 2, None, 1, False)),  # TP 2 × PP 2, 1F1B
+    (True, (2, 2, 2, 1, False)),      # TP 2 × PP 2, interleaved, sequence parallel
+    (False, (2, 1, None, 2, True)),   # TP 2 × DP 2, distributed optimizer
+    (True, (2, 1, None, 1, False)),   # TP 2 × DP 2, sequence parallel
+]
+
+
 def _train_layouts(layouts):
     return [H.parallel_run(H.config(), *layout, STEPS) for layout in layouts]
+
+
+def _train_tensor_parallel_layouts(layouts):
+    return [H.parallel_run(H.config(sequence_parallel=sp), *layout, STEPS) for sp, layout in layouts]
 
 
 class _RecordingForwardStep:
@@ -86,17 +99,41 @@ def _schedule_properties():
     return out
 
 
-def test_two_stage_layouts_equal_serial(serial):
-    results = run_distributed(_train_layouts, 2, TWO_RANK_LAYOUTS, timeout=240)
+def _two_rank_work():
+    return {"layouts": _train_layouts(TWO_RANK_LAYOUTS), "properties": _schedule_properties()}
+
+
+def _four_rank_work():
+    return {"layouts": _train_layouts(FOUR_RANK_LAYOUTS),
+            "tensor_parallel": _train_tensor_parallel_layouts(TENSOR_PARALLEL_LAYOUTS),
+            "resume": _resume_across_layouts()}
+
+
+# One spawn per world size for all checks: starting processes is the expensive part.
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_distributed(_two_rank_work, 2, timeout=280)
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return run_distributed(_four_rank_work, 4, timeout=400)
+
+
+def test_two_stage_layouts_equal_serial(serial, two_ranks):
     for i, layout in enumerate(TWO_RANK_LAYOUTS):
-        H.check_against_serial([r[i] for r in results], serial)
+        H.check_against_serial([r["layouts"][i] for r in two_ranks], serial)
     assert serial[1][0] > H.OPT["clip_grad"], "clipping must be active for the norm to matter"
 
 
-def test_four_rank_layouts_equal_serial(serial):
-    results = run_distributed(_train_layouts, 4, FOUR_RANK_LAYOUTS, timeout=280)
+def test_four_rank_layouts_equal_serial(serial, four_ranks):
     for i, layout in enumerate(FOUR_RANK_LAYOUTS):
-        H.check_against_serial([r[i] for r in results], serial)
+        H.check_against_serial([r["layouts"][i] for r in four_ranks], serial)
+
+
+def test_tensor_parallel_layouts_equal_serial(serial, four_ranks):
+    for i, layout in enumerate(TENSOR_PARALLEL_LAYOUTS):
+        H.check_against_serial([r["tensor_parallel"][i] for r in four_ranks], serial)
 
 
 def _resume_across_layouts():
@@ -113,8 +150,8 @@ def _resume_across_layouts():
             "dp4_plain": H.parallel_run(cfg, 1, 1, None, 1, False, 1, resume=resume)}
 
 
-def test_optimizer_state_is_layout_free_and_resumes_in_another_layout(serial):
-    results = run_distributed(_resume_across_layouts, 4, timeout=200)
+def test_optimizer_state_is_layout_free_and_resumes_in_another_layout(serial, four_ranks):
+    results = [r["resume"] for r in four_ranks]
     zero1, plain = results[0]["zero1_state"], results[0]["plain_state"]
     assert zero1["step"] == plain["step"] == 2
     assert set(zero1["params"]) == set(plain["params"]) == set(serial[2])
@@ -132,8 +169,8 @@ def test_optimizer_state_is_layout_free_and_resumes_in_another_layout(serial):
             torch.testing.assert_close(value, params[name], rtol=1e-5, atol=1e-6)
 
 
-def test_schedule_properties():
-    results = run_distributed(_schedule_properties, 2, timeout=180)
+def test_schedule_properties(two_ranks):
+    results = [r["properties"] for r in two_ranks]
     expected = H.serial_eval(H.config())
     for value in results[1]["eval"]:  # the last stage reports the loss
         assert value == pytest.approx(expected, rel=1e-6)

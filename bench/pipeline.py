@@ -1,0 +1,145 @@
+"""Measured pipeline bubble of 1F1B and interleaved 1F1B at PP=2 on CPU, against the theory.
+
+Two gloo processes (one thread each) run a LLaMA split into two stages. On every rank the time
+spent waiting in point-to-point exchanges is the bubble (idle) time; the bubble fraction is
+idle / total schedule time, averaged over ranks and iterations. Theory (Narayanan et al. 2021):
+1F1B idles (p − 1) micro-batch slots out of m + p − 1, i.e. (p − 1)/(m + p − 1); interleaving
+with v chunks per rank divides the idle slots by v: ((p − 1)/v)/(m + (p − 1)/v). The two
+schedules are alternated iteration by iteration so machine load hits both alike.
+
+    python bench/pipeline.py                       # m = 2, 4, 8 micro-batches, v = 2
+    python bench/pipeline.py --microbatches 4 16 --num-layers 16 --virtual-size 4
+"""
+import argparse
+import datetime
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+PP = 2
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-layers", type=int, default=8, help="transformer layers (divisible by 2 × virtual size)")
+    p.add_argument("--hidden-size", type=int, default=256, help="model width")
+    p.add_argument("--num-attention-heads", type=int, default=4, help="attention heads")
+    p.add_argument("--seq-length", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch")
+    p.add_argument("--microbatches", type=int, nargs="+", default=[2, 4, 8],
+                   help="numbers of micro-batches m to measure (even, for the interleaved schedule)")
+    p.add_argument("--virtual-size", type=int, default=2, help="model chunks per rank v for interleaving")
+    p.add_argument("--iters", type=int, default=4, help="measured iterations per (m, schedule)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured iterations per (m, schedule) first")
+    return p.parse_args(argv)
+
+
+def _timed_communicate(record):
+    from megallama.pipeline.p2p import PipelineCommunicator
+
+    original = PipelineCommunicator.communicate
+
+    def communicate(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            record[0] += time.perf_counter() - start
+
+    PipelineCommunicator.communicate = communicate
+
+
+def _forward_step(data_iterator, model, input_tensor):
+    tokens, labels = next(data_iterator)
+    out = model(input_ids=tokens if model.pre_process else None,
+                labels=labels if model.post_process else None, hidden_states=input_tensor)
+    return out, lambda per_token: (per_token.sum(), per_token.numel())
+
+
+def _build(cfg, vp):
+    from megallama.model import LlamaModel
+    from megallama.parallel import state
+    from megallama.pipeline import build_model_chunks
+
+    state.initialize_model_parallel(1, PP, vp)
+    torch.manual_seed(0)
+    return build_model_chunks(lambda s: LlamaModel(cfg, pre_process=s.pre_process,
+                                                   post_process=s.post_process,
+                                                   layer_ids=s.layer_ids), cfg.num_layers, vp)
+
+
+def _rank(rank, args, store):
+    from megallama.config import LlamaConfig
+    from megallama.parallel import state
+    from megallama.pipeline import get_forward_backward_func
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=PP,
+                            timeout=datetime.timedelta(seconds=300))
+    cfg = LlamaConfig(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                      num_attention_heads=args.num_attention_heads, vocab_size=512,
+                      max_position_embeddings=args.seq_length)
+    waited = [0.0]
+    _timed_communicate(waited)
+    g = torch.Generator().manual_seed(0)
+    results = {}
+    for m in args.microbatches:
+        data = [(t[:, :-1], t[:, 1:]) for t in
+                (torch.randint(0, cfg.vocab_size, (args.micro_batch_size, args.seq_length + 1), generator=g)
+                 for _ in range(m))]
+        # Both schedules' models are built once; each iteration re-initialises the groups.
+        for it in range(args.warmup + args.iters):
+            for name, vp in (("1F1B", None), ("interleaved", args.virtual_size)):
+                chunks = _build(cfg, vp)
+                iters = [iter(data) for _ in chunks] if vp else iter(data)
+                dist.barrier()
+                waited[0] = 0.0
+                start = time.perf_counter()
+                get_forward_backward_func(PP, vp)(_forward_step, iters, chunks, m, args.seq_length,
+                                                  args.micro_batch_size, cfg.hidden_size)
+                total = time.perf_counter() - start
+                state.destroy_model_parallel()
+                if it >= args.warmup:
+                    results.setdefault((m, name), []).append((waited[0], total))
+    gathered = [None] * PP
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        report(args, gathered)
+    dist.destroy_process_group()
+
+
+def report(args, per_rank):
+    p, v = PP, args.virtual_size
+    print(f"PP={p}, v={v}, {args.num_layers} layers, hidden {args.hidden_size}, seq {args.seq_length}, "
+          f"micro-batch {args.micro_batch_size}; bubble = time waiting in p2p / schedule time")
+    print(f"{'m':>4} {'schedule':>12} {'bubble':>8} {'theory':>8} {'time (s)':>9}")
+    for m in args.microbatches:
+        times = {}
+        for name in ("1F1B", "interleaved"):
+            samples = [s for r in per_rank for s in r[(m, name)]]
+            bubble = sum(w / t for w, t in samples) / len(samples)
+            slots = (p - 1) / (v if name == "interleaved" else 1)
+            theory = slots / (m + slots)
+            times[name] = sum(t for _, t in samples) / len(samples)
+            print(f"{m:>4} {name:>12} {bubble:>8.3f} {theory:>8.3f} {times[name]:>9.3f}")
+        print(f"{m:>4} {'ratio':>12} interleaved / 1F1B time = {times['interleaved'] / times['1F1B']:.3f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if any(m % PP for m in args.microbatches):
+        sys.exit(f"--microbatches must be multiples of {PP} (the interleaved schedule needs m % p == 0)")
+    if args.num_layers % (PP * args.virtual_size):
+        sys.exit(f"--num-layers ({args.num_layers}) must be divisible by {PP} × --virtual-size "
+                 f"({args.virtual_size})")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank, args=(args, os.path.join(tmp, "store")), nprocs=PP)
+
+
+if __name__ == "__main__":
+    main()
