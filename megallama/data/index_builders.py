@@ -27,8 +27,8 @@ def build_sample_idx(
     """
     sizes = np.ascontiguousarray(sizes, dtype=np.int32)
     document_idx = np.ascontiguousarray(document_idx, dtype=np.int32)
-    largest = max(document_idx.shape[0], int(sizes.max()) if sizes.size else 0)
-    build = _data.build_sample_idx_int32 if largest <= np.iinfo(np.int32).max else _data.build_sample_idx_int64
+    # offsets fit int32 because sizes are int32: only the document index length can need int64
+    build = _data.build_sample_idx_int32 if document_idx.shape[0] <= np.iinfo(np.int32).max else _data.build_sample_idx_int64
     return build(sizes, document_idx, int(seq_length), int(num_epochs), int(tokens_per_epoch),
                  bool(drop_last_partial_sequence), int(bool(add_extra_token_to_sequence)))
 

@@ -231,7 +231,8 @@ class IndexedDataset:
         need = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if seq_count else 0
         if bin_size < need:
             raise ValueError(f"{bpath} is truncated: {bin_size} bytes, the index needs {need}")
-        self._bin = np.memmap(bpath, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
+        self._bin_map = np.memmap(bpath, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
+        self._bin = memoryview(self._bin_map)  # np.frombuffer on a memoryview is the cheapest slice
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
@@ -255,9 +256,12 @@ class IndexedDataset:
         return np.frombuffer(self._bin, dtype=self.dtype, count=length, offset=start)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"sequence {i} out of range for a dataset of {len(self)}")
-        return self.get(int(i) % len(self))
+        n = len(self.sequence_lengths)
+        if not -n <= i < n:
+            raise IndexError(f"sequence {i} out of range for a dataset of {n}")
+        i = int(i) % n
+        return np.frombuffer(self._bin, dtype=self.dtype, count=int(self.sequence_lengths[i]),
+                             offset=int(self.sequence_pointers[i]))
 
     def document(self, d: int) -> list[np.ndarray]:
         """The sequences of document ``d``."""

@@ -137,4 +137,6 @@ def format_summary(summary: PreprocessSummary) -> str:
              f"{summary.docs_per_second:,.0f} docs/s, {summary.mb_per_second:.1f} MB/s over {summary.seconds:.1f} s",
              f"skipped {skipped:,} lines" + (":" if skipped else "")]
     lines += [f"  {n:,} {reason}" for reason, n in summary.skipped.most_common()]
+    if summary.documents == 0:
+        lines.append("warning: no documents were written (megatron-core cannot open an empty dataset)")
     return "\n".join(lines)
