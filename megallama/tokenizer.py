@@ -173,7 +173,9 @@ class SentencePieceTokenizer:
     @staticmethod
     def _barrier_characters(spec) -> str:
         """Newline, tab and carriage return when no multi-character piece contains them (true of
-        LLaMA's vocabulary): BPE can never merge across them."""
+        LLaMA's vocabulary): BPE can never merge across them. Needs byte fallback."""
+        if not spec.trainer_spec.byte_fallback:
+            return ""  # without byte fallback, unknown characters on both sides of a cut merge into one unk
         pieces = [p.piece for p in spec.pieces if len(p.piece) > 1]
         return "".join(c for c in "\n\t\r" if not any(c in p for p in pieces))
 

@@ -19,8 +19,13 @@ SAMPLES = [
 ]
 
 
-def varied_text(rng: np.random.Generator, n_docs: int) -> list[str]:
-    """Documents mixing languages, code, digits, runs of spaces, tabs and newlines, and edge cases."""
+# characters a tokenizer trained on SAMPLES has never seen (byte fallback or unk)
+RARE = ["龘", "𝔘", "ꙮ", "\x00", "\u200b", "🦙", "ǅ"]
+
+
+def varied_text(rng: np.random.Generator, n_docs: int, rare: bool = False) -> list[str]:
+    """Documents mixing languages, code, digits, runs of spaces, tabs and newlines, and edge cases;
+    with ``rare``, also characters outside the training text (next to spaces and newlines too)."""
     seps = [" ", "  ", "   ", "\n", "\n\n", "\t", " \n ", "", "\u3000", "\r\n"]
     docs = ["", " ", "  ", "a", " a", "a ", "a  ", "\n", "1234567890", "▁", " ▁ ", "x▁ y"]
     for _ in range(n_docs - len(docs)):
@@ -33,6 +38,8 @@ def varied_text(rng: np.random.Generator, n_docs: int) -> list[str]:
             parts.append(seps[int(rng.integers(len(seps)))])
             if rng.random() < 0.2:
                 parts.append(str(int(rng.integers(0, 10 ** int(rng.integers(1, 12))))))
+            if rare and rng.random() < 0.3:
+                parts.append("".join(RARE[int(k)] for k in rng.integers(0, len(RARE), size=int(rng.integers(1, 4)))))
         text = "".join(parts)
         if rng.random() < 0.2:
             text = " " * int(rng.integers(1, 4)) + text

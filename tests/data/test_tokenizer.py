@@ -27,7 +27,7 @@ def assert_batch_equals_sentencepiece(tok, docs, append_eod=False, batch=257):
 def test_batch_encode_identical_to_sentencepiece(tiny_tokenizer):
     tok = SentencePieceTokenizer(tiny_tokenizer)
     assert tok.supports_chunk_cache
-    docs = varied_text(np.random.default_rng(99), 6000)  # not the training corpus: unseen chunks too
+    docs = varied_text(np.random.default_rng(99), 6000, rare=True)  # unseen chunks and characters too
     assert_batch_equals_sentencepiece(tok, docs, append_eod=True)
     assert len(tok._cache) > 1000
     assert_batch_equals_sentencepiece(tok, docs[::-1])  # second pass: everything from the cache
@@ -42,18 +42,19 @@ def test_newline_is_a_barrier_only_when_no_piece_holds_it(tmp_path, tiny_tokeniz
     multi = [tok.id_to_piece(i) for i in range(tok.vocab_size) if len(tok.id_to_piece(i)) > 1]
     for c in "\n\t\r":
         assert (c in tok.barriers) == (not any(c in p for p in multi))
-    assert_batch_equals_sentencepiece(tok, varied_text(np.random.default_rng(8), 1500))
+    assert_batch_equals_sentencepiece(tok, varied_text(np.random.default_rng(8), 1500, rare=True))
 
 
 def test_batch_encode_exact_with_a_tiny_cache_that_keeps_clearing(tiny_tokenizer):
     tok = SentencePieceTokenizer(tiny_tokenizer, cache_entries=40)
-    assert_batch_equals_sentencepiece(tok, varied_text(np.random.default_rng(5), 800), batch=31)
+    assert_batch_equals_sentencepiece(tok, varied_text(np.random.default_rng(5), 800, rare=True), batch=31)
 
 
 @pytest.mark.parametrize("overrides", [
     {"allow_whitespace_only_pieces": False},
     {"add_dummy_prefix": False},
     {"split_digits": False, "split_by_unicode_script": False},
+    {"byte_fallback": False},  # unknown characters become unk (and runs of them merge)
     # SentencePiece's defaults: NFKC and collapsed spaces -> the chunk cache is not exact, falls back
     {"normalization_rule_name": "nmt_nfkc", "remove_extra_whitespaces": True},
 ])
@@ -62,7 +63,7 @@ def test_other_model_settings_stay_exact(tmp_path, corpus, overrides):
     model = train_sentencepiece(lines, 600, str(tmp_path / "m"), num_threads=2, **overrides)
     tok = SentencePieceTokenizer(model)
     assert tok.supports_chunk_cache == ("normalization_rule_name" not in overrides)
-    assert_batch_equals_sentencepiece(tok, varied_text(np.random.default_rng(7), 1500), append_eod=True)
+    assert_batch_equals_sentencepiece(tok, varied_text(np.random.default_rng(7), 1500, rare=True), append_eod=True)
 
 
 def test_trained_tokenizer_has_llamas_settings(tiny_tokenizer):
