@@ -155,18 +155,24 @@ class SentencePieceTokenizer:
         return flat, lengths
 
     def _encode_one_by_one(self, keys: list[str]) -> list[list[int]]:
+        """Each key as its own SentencePiece text (one batched call)."""
+        if not keys:
+            return []
+        if not self.add_dummy_prefix:
+            return self.sp.encode(keys)
+        # A key inside a word (starting with a barrier) is encoded after the dummy prefix's lone
+        # space, whose ids are then dropped; any other key drops its first space, which the dummy
+        # prefix puts back.
+        inside = [k[0] in self.barriers for k in keys]
+        texts = [k if i else k[1:] for k, i in zip(keys, inside)]
         out = []
-        for key in keys:
-            if key[0] in self.barriers:  # the inside of a word: encode after a lone space, drop its ids
-                ids = self.sp.encode(key)
-                if self.add_dummy_prefix:
-                    if ids[:len(self._lone_space)] != self._lone_space:
-                        raise RuntimeError(f"unexpected ids {ids} for chunk {key!r}")
-                    ids = ids[len(self._lone_space):]
-            elif not self.add_dummy_prefix:
-                ids = self.sp.encode(key)
-            else:
-                ids = self._lone_space if len(key) == 1 else self.sp.encode(key[1:])
+        for key, text, is_inside, ids in zip(keys, texts, inside, self.sp.encode(texts)):
+            if is_inside:
+                if ids[:len(self._lone_space)] != self._lone_space:
+                    raise RuntimeError(f"unexpected ids {ids} for chunk {key!r}")
+                ids = ids[len(self._lone_space):]
+            elif not text:
+                ids = self._lone_space  # a lone space: SentencePiece gives an empty text no ids
             out.append(ids)
         return out
 
