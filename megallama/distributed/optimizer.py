@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 from megallama.distributed.clip_grads import clip_grads_, global_grad_norm, grads_for_norm, is_finite
 from megallama.distributed.data_parallel import DistributedDataParallel, all_gather_single
@@ -69,7 +68,11 @@ def build_optimizer(config: OptimizerConfig, model_chunks: List[DistributedDataP
 
 
 class _Entry:
-    """One fp32 main tensor: a whole model parameter, or (ZeRO-1) the slice [lo, hi) of it."""
+    """One fp32 main tensor: a whole model parameter, or (ZeRO-1) the flat slice [lo, hi) of it.
+
+    ``optimizer.entries`` (name, param, main, grad, lo, hi) is read by the sharded checkpoint code
+    (megallama.training.sharded_state), which saves each rank's slices without gathering.
+    """
 
     def __init__(self, name, param, main, grad, lo, hi):
         self.name, self.param, self.main, self.grad, self.lo, self.hi = name, param, main, grad, lo, hi
