@@ -36,6 +36,13 @@ class IncrementalDecoder:
         full = self.tokenizer.decode(self.prompt_ids + self.ids)
         return full[len(self.prefix):] if full.startswith(self.prefix) else self.tokenizer.decode(self.ids)
 
+    def flush(self) -> str:
+        """What :meth:`add` held back (an incomplete character at the end), once generation ended."""
+        text = self.text()
+        delta = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted = text
+        return delta
+
 
 def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                   sampling: SamplingParams | None = None,
@@ -61,4 +68,8 @@ def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
 
     generate(model, ids, max_new_tokens, sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
              on_tokens=on_tokens)
+    for row, decoder in enumerate(decoders):
+        rest = decoder.flush()
+        if rest and on_text is not None:
+            on_text(row, rest)
     return [d.text() for d in decoders]
