@@ -114,8 +114,8 @@ class Demo:
                              f"{shlex.join(shown)}")
         return printed.decode("utf-8", "replace")
 
-    def tool(self, name: str, *args: str) -> None:
-        self.run([sys.executable, os.path.join(REPO, "tools", name), *args])
+    def tool(self, name: str, *args: str, capture: bool = False) -> str:
+        return self.run([sys.executable, os.path.join(REPO, "tools", name), *args], capture=capture)
 
     # -- stages --------------------------------------------------------------------------------
     def corpus(self) -> None:
@@ -148,12 +148,13 @@ class Demo:
                                              "dropped": r["dropped"]}
         self.done("clean", t)
 
-    def cleaned_files(self, source: str | None = None) -> list[str]:
-        return sorted(glob.glob(self.path("cleaned", source or "*", "*.jsonl")))
+    def cleaned_glob(self, source: str = "*") -> str:
+        """The cleaned JSONL of one source or all (the tools expand the glob themselves)."""
+        return self.path("cleaned", source, "*.jsonl")
 
     def tokenizer(self) -> None:
         t = self.banner(f"Train a SentencePiece BPE tokenizer, {self.s.vocab_size} pieces (tools/train_tokenizer.py)")
-        self.tool("train_tokenizer.py", "--input", *self.cleaned_files(), "--vocab-size", str(self.s.vocab_size),
+        self.tool("train_tokenizer.py", "--input", self.cleaned_glob(), "--vocab-size", str(self.s.vocab_size),
                   "--output-prefix", self.path("tokenizer", "demo"))
         self.summary["tokenizer"] = self.path("tokenizer", "demo.model")
         self.done("tokenizer", t)
@@ -162,7 +163,7 @@ class Demo:
         t = self.banner("Tokenize each source into Megatron's indexed format (tools/preprocess_data.py)")
         self.summary["tokens"] = {}
         for source in SOURCES:
-            self.tool("preprocess_data.py", "--input", *self.cleaned_files(source), "--output-prefix",
+            self.tool("preprocess_data.py", "--input", self.cleaned_glob(source), "--output-prefix",
                       self.path("data", source), "--tokenizer-type", "SentencePieceTokenizer",
                       "--tokenizer-model", self.summary["tokenizer"], "--append-eod", "--workers", "1")
             self.summary["tokens"][source] = IndexedDataset(self.data_prefix(source)).num_tokens
@@ -183,7 +184,7 @@ class Demo:
         s = self.s
         t = self.banner(f"Pretrain a {s.num_layers}-layer LLaMA, TP=2 x PP=2 on 4 CPU processes "
                         "(torchrun -m megallama.pretrain)")
-        eval_interval = max(s.train_iters // 3, 1)
+        eval_interval = max(s.train_iters // 6, 1)
         self.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
                   "-m", "megallama.pretrain",
                   "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel",
@@ -216,9 +217,8 @@ class Demo:
     def generate(self) -> None:
         t = self.banner("Generate continuations with the exported model (tools/generate.py)")
         prompts = [x for prompt in PROMPTS for x in ("--prompt", prompt)]
-        printed = self.run([sys.executable, os.path.join(REPO, "tools", "generate.py"), "--load", self.path("hf"),
-                            "--tokenizer-model", self.summary["tokenizer"], *prompts,
-                            "--max-new-tokens", str(self.s.max_new_tokens), *SAMPLING], capture=True)
+        printed = self.tool("generate.py", "--load", self.path("hf"), "--tokenizer-model", self.summary["tokenizer"],
+                            *prompts, "--max-new-tokens", str(self.s.max_new_tokens), *SAMPLING, capture=True)
         with atomic_open(self.path("generations.txt"), "w") as f:
             f.write(printed)
         self.summary["generations"] = self.path("generations.txt")
@@ -266,10 +266,11 @@ def plot_loss_curve(tensorboard_dir: str, png: str) -> str:
 
     scalars = read_scalars(tensorboard_dir)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for tag, style in (("lm loss", "-o"), ("lm loss validation", "s--")):
+    for tag, style, label in (("lm loss", "-o", "training (mean since the previous point)"),
+                              ("lm loss validation", "s--", "validation (held-out 10% of each source)")):
         if tag in scalars:
             steps, values = zip(*scalars[tag])
-            ax.plot(steps, values, style, label=tag, markersize=3)
+            ax.plot(steps, values, style, label=label, markersize=3)
     ax.set_xlabel("iteration")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("megallama demo: TP=2 x PP=2 on 4 CPU processes")
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder for everything the demo writes (default ./demo_out; an earlier demo's "
                         "folder is replaced)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny corpus, tiny model, few iterations: the whole chain in about a minute (tests)")
+                   help="tiny corpus, tiny model, few iterations: the whole chain in a minute or two (tests)")
     args = p.parse_args(argv)
     out = os.path.abspath(args.out)
     prepare_output(out)

@@ -68,7 +68,7 @@ class CorpusSizes:
 
     @classmethod
     def full(cls) -> "CorpusSizes":
-        return cls(bytes_per_package=96_000, stdlib_bytes=160_000, max_file_bytes=48_000,
+        return cls(bytes_per_package=40_000, stdlib_bytes=160_000, max_file_bytes=48_000,
                    pydoc_topics=0, docstring_bytes=900_000, catalogues=80, catalogue_bytes=16_000,
                    shards=4)
 
