@@ -11,6 +11,7 @@ class Document:
 
     text: str
     meta: dict = field(default_factory=dict)
+    lines_removed: int = 0  # by line dedup; a post stage re-checks length rules only when > 0
 
 
 @dataclass

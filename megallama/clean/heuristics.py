@@ -37,7 +37,6 @@ def c4_filter(text: str, config: C4Config = C4Config()) -> tuple[str, str | None
     "javascript" nor a cookie/policy phrase. Pages with "lorem ipsum" or a curly brace, fewer than
     `min_sentences` sentences, or a bad word are dropped."""
     kept: list[str] = []
-    sentences = 0
     for raw in text.split("\n"):
         line = raw.strip()
         if not line:
@@ -47,7 +46,7 @@ def c4_filter(text: str, config: C4Config = C4Config()) -> tuple[str, str | None
             continue
         if len(line) > config.max_word_length and any(len(w) > config.max_word_length for w in words):
             continue
-        if config.remove_citations:
+        if config.remove_citations and "[" in line:
             line = _CITATION.sub("", line)
         if not line.endswith(TERMINAL_PUNCTUATION) or line.endswith("..."):
             continue
@@ -58,13 +57,13 @@ def c4_filter(text: str, config: C4Config = C4Config()) -> tuple[str, str | None
             continue
         if "{" in line:
             return "", "curly_brace"
-        if any(p in lower for p in POLICY_PHRASES):
+        if ("cookie" in lower or "terms of use" in lower or "privacy policy" in lower) and any(
+                p in lower for p in POLICY_PHRASES):  # all but two of the phrases mention cookies
             continue
-        sentences += count_sentences(line)
         kept.append(line)
-    if sentences < config.min_sentences:
-        return "", "too_few_sentences"
     out = "\n".join(kept)
+    if count_sentences(out) < config.min_sentences:  # sentences never span lines: count once
+        return "", "too_few_sentences"
     if config.bad_words and not config.bad_words.isdisjoint(re.findall(r"\w+", out.lower())):
         return "", "bad_words"
     return out, None

@@ -184,11 +184,13 @@ def _pass2(source: Source, shard: _Shard, exact_dup: np.ndarray | None, near_dup
             if near_dup is not None and near_dup[j]:
                 rejected.add("near_duplicate", text, meta)
                 continue
+            removed = 0
             if keep_line is not None:
                 mask = keep_line[offsets[j]:offsets[j + 1]]
                 if not mask.all():
                     text = "\n".join(line for line, k in zip(text.split("\n"), mask.tolist()) if k)
-            doc = Document(text, meta)
+                    removed = len(mask) - int(mask.sum())
+            doc = Document(text, meta, lines_removed=removed)
             reason = source.post(doc)
             if reason is None:
                 yield doc

@@ -62,10 +62,12 @@ def test_c4_heuristics_dedup_and_language(tmp_path):
             {"text": good[1] + "\nLorem ipsum dolor sit amet, consectetur.", "url": "u1"},
             {"text": good[2], "url": "u2"},
             {"text": good[2], "url": "u3"},
-            {"text": page(rng, "fr"), "url": "u4"}]
+            {"text": page(rng, "fr"), "url": "u4"},
+            # passes C4's rules alone, but after line dedup only its last sentence is left
+            {"text": "\n".join(good[2].split("\n")[:5] + ["A new closing sentence, seen only here."]), "url": "u5"}]
     inputs.write_jsonl(str(tmp_path / "c4-train.00000-of-01024.json.gz"), rows)
     docs, report = run("c4", [tmp_path / "c4-train.00000-of-01024.json.gz"], tmp_path)
-    assert report["dropped"] == {"duplicate": 1, "language": 1, "lorem_ipsum": 1}
+    assert report["dropped"] == {"duplicate": 1, "language": 1, "lorem_ipsum": 1, "too_few_sentences": 1}
     assert [d["meta"]["url"] for d in docs] == ["u0", "u2"]
     assert "javascript" not in docs[0]["text"].lower() and "Menu" not in docs[0]["text"]
     assert docs[0]["meta"]["timestamp"] == "2019"

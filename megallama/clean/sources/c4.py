@@ -42,7 +42,7 @@ class C4(Source):
         return reason
 
     def post(self, doc: Document) -> str | None:
-        if count_sentences(doc.text) < self.c4_config.min_sentences:
+        if doc.lines_removed and count_sentences(doc.text) < self.c4_config.min_sentences:
             return "too_few_sentences"
         return self.language(doc) or self.quality_check(doc)
 
