@@ -80,11 +80,21 @@ def _stage_docs(source: Source, shard: _Shard, stage: Callable[[Document], str |
         if isinstance(item, Rejected):
             rejected.add(item.reason, item.raw, {"source": source.name, **item.meta})
             continue
-        reason = stage(item)
+        reason = _apply(stage, item)
         if reason is None:
             yield item
         else:
             rejected.add(reason, item.text, item.meta)
+
+
+def _apply(stage: Callable[[Document], str | None], doc: Document) -> str | None:
+    """`stage(doc)`; a stage failing on one document drops that document, not the run."""
+    try:
+        return stage(doc)
+    except Exception as e:  # noqa: BLE001 - counted and reported, the shard goes on
+        where = doc.meta.get("id") or doc.meta.get("url")
+        print(f"warning: {where}: {type(e).__name__}: {e} (document dropped as processing_error)", file=sys.stderr)
+        return "processing_error"
 
 
 _PROGRESS = None  # where this process reports documents done (set by _run_parallel)
@@ -191,7 +201,7 @@ def _pass2(source: Source, shard: _Shard, exact_dup: np.ndarray | None, near_dup
                     text = "\n".join(line for line, k in zip(text.split("\n"), mask.tolist()) if k)
                     removed = len(mask) - int(mask.sum())
             doc = Document(text, meta, lines_removed=removed)
-            reason = source.post(doc)
+            reason = _apply(source.post, doc)
             if reason is None:
                 yield doc
             else:

@@ -218,3 +218,20 @@ def test_resume_after_a_crash_in_the_first_pass(tmp_path, monkeypatch):
     assert clean_corpus("commoncrawl", paths, str(tmp_path / "out"), str(tmp_path / "out.json"), progress=False) == expected
     assert calls == [2, 3]  # shards read before the crash are not read again
     assert read_output(tmp_path / "out") == read_output(tmp_path / "ref")
+
+
+def test_a_stage_failing_on_one_document_drops_only_that_document(tmp_path, capsys):
+    from megallama.clean.sources.c4 import C4
+
+    class Fragile(C4):
+        def pre(self, doc):
+            if doc.meta["url"] == "boom":
+                raise RecursionError("pathological input")
+            return super().pre(doc)
+
+    rng = random.Random(9)
+    inputs.write_jsonl(str(tmp_path / "c4.jsonl"), [{"url": u, "text": page(rng)} for u in ("a", "boom", "b")])
+    report = clean_corpus(Fragile(), [str(tmp_path / "c4.jsonl")], str(tmp_path / "out"), str(tmp_path / "r.json"),
+                          progress=False)
+    assert report["dropped"] == {"processing_error": 1} and report["output_docs"] == 2
+    assert "boom: RecursionError: pathological input" in capsys.readouterr().err

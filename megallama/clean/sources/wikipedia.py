@@ -153,7 +153,11 @@ class Wikipedia(Source):
                 elif page.find("redirect") is not None:
                     yield Rejected("redirect", title, meta)
                 else:
-                    yield Document(wikitext_to_text(page.findtext("revision/text") or "", dropped), meta)
+                    wikitext = page.findtext("revision/text") or ""
+                    try:
+                        yield Document(wikitext_to_text(wikitext, dropped), meta)
+                    except (RecursionError, ValueError) as e:  # pathological markup: this page only
+                        yield Rejected("bad_wikitext", f"{type(e).__name__}: {e}\n{wikitext[:2000]}", meta)
 
     def post(self, doc: Document) -> str | None:
         if not doc.text:
