@@ -10,6 +10,7 @@ import io
 import os
 import re
 import tarfile
+import zlib
 from typing import Iterator
 
 from megallama.clean.document import Document, Rejected
@@ -224,7 +225,7 @@ class ArXiv(Source):
                         yield from self._tar_papers(inner, paper_id)
                 else:
                     yield self._paper(paper_id, [(paper_id + ".tex", data)])
-            except (OSError, EOFError, tarfile.TarError):
+            except (OSError, EOFError, zlib.error, tarfile.TarError):
                 yield Rejected("bad_archive", "", {"source": self.name, "id": paper_id})
 
     def read(self, path: str) -> Iterator[Document | Rejected]:
