@@ -19,7 +19,7 @@ import time
 import torch
 
 from megallama.config import LlamaConfig
-from megallama.inference import generate
+from megallama.inference import generate, prepare_for_inference
 from megallama.model import LlamaModel
 
 # bench/train_step.py's model
@@ -41,9 +41,9 @@ def build(config: LlamaConfig, seed: int = 0):
                 p.uniform_(0.5, 1.5)
     hf.generation_config.eos_token_id = None  # both sides generate exactly --new-tokens tokens
     hf.generation_config.pad_token_id = 0
-    ours = LlamaModel(config).eval()
+    ours = LlamaModel(config)
     ours.load_hf_state_dict(hf.state_dict())
-    return ours, hf
+    return prepare_for_inference(ours), hf  # as tools/generate.py loads it
 
 
 def run_ours(model, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:

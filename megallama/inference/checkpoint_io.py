@@ -142,8 +142,9 @@ def convert_checkpoint(load: str, save: str, target_format: str, source_format: 
 @torch.no_grad()
 def load_model(path: str, source_format: str | None = None, dtype: torch.dtype | None = None,
                device: torch.device | str = "cpu") -> tuple[LlamaModel, CheckpointReader]:
-    """A whole model (every layer; this rank's shard of each tensor under tensor parallelism) with
-    the checkpoint's weights, copied tensor by tensor; ``dtype`` defaults to the stored one."""
+    """A whole model for inference (every layer; this rank's shard of each tensor under tensor
+    parallelism) with the checkpoint's weights, copied tensor by tensor; ``dtype`` defaults to the
+    stored one. See ``prepare_for_inference`` for the weights' memory layout."""
     reader = open_checkpoint(path, source_format)
     config = dataclasses.replace(reader.config, sequence_parallel=False, recompute_granularity=None,
                                  params_dtype=dtype or reader.dtype)
@@ -152,7 +153,9 @@ def load_model(path: str, source_format: str | None = None, dtype: torch.dtype |
     _materialize(model, device)
     for name, param in model.named_parameters():
         param.copy_(shard_like(param, reader.load(name)))
-    return model.eval(), reader
+    from megallama.inference.generation import prepare_for_inference
+
+    return prepare_for_inference(model), reader
 
 
 def _materialize(model: torch.nn.Module, device) -> None:

@@ -1,8 +1,10 @@
 """Generation with the KV cache against recomputation, batching, sampling and TP=2."""
+import copy
+
 import pytest
 import torch
 
-from megallama.inference import SamplingParams, generate, sample_next_token
+from megallama.inference import SamplingParams, generate, prepare_for_inference, sample_next_token
 from megallama.inference.generation import KVCache, cached_forward
 from tests.distributed_utils import run_distributed
 from tests.inference.conftest import seeded_model, tiny_config
@@ -97,3 +99,13 @@ def test_tensor_parallel_generation_equals_serial(model):
     serial_sampled = generate(model, PROMPTS, 10, SamplingParams(**sampling))
     results = run_distributed(_generate_under_tp, 2, 2, PROMPTS, 10, sampling)
     assert results == [[serial_greedy, serial_sampled]] * 2
+
+
+def test_inference_layout_keeps_values_and_tokens(model):
+    prepared = prepare_for_inference(copy.deepcopy(model))
+    head = prepared.output.weight
+    assert not head.is_contiguous() and head.t().is_contiguous()
+    assert torch.equal(head, model.output.weight)
+    ids = torch.tensor([PROMPTS[0]])
+    torch.testing.assert_close(prepared(ids), model(ids), rtol=1e-5, atol=1e-5)
+    assert generate(prepared, PROMPTS, 12) == generate(model, PROMPTS, 12)
