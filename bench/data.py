@@ -23,34 +23,36 @@ import time
 import numpy as np
 import torch
 
+from benchlib import add_json_flag, ratio_row, write_json
 from megallama.data.index_builders import build_blending_indices, build_sample_idx
 from megallama.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megallama.data.preprocess import preprocess
 from megallama.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 
-def best_of(fn, rounds):
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def alternate(ours, theirs, rounds):
-    """Min time of each side over ``rounds``, alternating so both see the same machine load."""
+def alternate(ours, theirs, rounds, number=1):
+    """Min time of each side over ``rounds``, alternating (and swapping which goes first) so both
+    see the same machine load; ``number`` calls per timing for calls too short to time alone."""
     t_ours, t_theirs = [], []
-    for _ in range(rounds):
-        for fn, acc in ((ours, t_ours), (theirs, t_theirs)):
+    for r in range(rounds):
+        sides = ((ours, t_ours), (theirs, t_theirs))
+        for fn, acc in sides if r % 2 == 0 else sides[::-1]:
             t = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t)
+            for _ in range(number):
+                fn()
+            acc.append((time.perf_counter() - t) / number)
     return min(t_ours), min(t_theirs)
 
 
-def report(name, ours, theirs):
+ROWS: list = []
+DETAILS: dict = {}
+
+
+def report(name, ours, theirs, peer, target=""):
+    """Print one timing pair and keep it as a row of the README's performance table."""
     print(f"{name:<58} ours {ours * 1e3:9.2f} ms  peer {theirs * 1e3:9.2f} ms  speedup x{theirs / ours:5.2f}")
+    ROWS.append(ratio_row("data", f"{name} (speedup)", peer, theirs / ours, target))
+    DETAILS[name] = {"ours_s": ours, "peer_s": theirs}
 
 
 def bench_indexed(workdir, rounds):
@@ -79,19 +81,19 @@ def bench_indexed(workdir, rounds):
     t_o, t_m = alternate(write_ours, write_mc, rounds)
     mb = flat.nbytes / 1e6
     print(f"-- indexed dataset: {len(docs):,} documents, {flat.size / 1e6:.1f}M tokens ({mb:.0f} MB)")
-    report(f"write {mb:.0f} MB, one document per call", t_o, t_m)
+    report(f"indexed write {mb:.0f} MB, one document per call", t_o, t_m, "megatron-core IndexedDatasetBuilder")
     ours_ds, mc_ds = IndexedDataset(ours_prefix), MCDataset(mc_prefix)
     picks = rng.integers(0, len(docs), size=100_000)
 
     def read(ds):
         return lambda: [ds[int(i)] for i in picks]
 
-    t_o, t_m = alternate(read(ours_ds), read(mc_ds), rounds)
-    report(f"random read of {len(picks):,} sequences", t_o, t_m)
+    t_o, t_m = alternate(read(ours_ds), read(mc_ds), 2 * rounds)
+    report(f"indexed random read of {len(picks):,} sequences", t_o, t_m, "megatron-core IndexedDataset")
     offsets = [(int(i), int(lengths[i]) // 3, int(lengths[i]) // 3) for i in picks]
     t_o, t_m = alternate(lambda: [ours_ds.get(i, o, n) for i, o, n in offsets],
-                         lambda: [mc_ds.get(i, o, n) for i, o, n in offsets], rounds)
-    report(f"random partial read (get with offset) x{len(picks):,}", t_o, t_m)
+                         lambda: [mc_ds.get(i, o, n) for i, o, n in offsets], 2 * rounds)
+    report(f"indexed random partial read x{len(picks):,}", t_o, t_m, "megatron-core IndexedDataset")
 
 
 def bench_index_builders(rounds):
@@ -109,8 +111,8 @@ def bench_index_builders(rounds):
         assert np.array_equal(ours, theirs), "sample index differs from megatron-core's"
         t_o, t_m = alternate(lambda: build_sample_idx(sizes, doc_idx, seq, epochs, tpe),
                              lambda: helpers_cpp.build_sample_idx_int32(sizes, doc_idx, seq, epochs, tpe, True, 1),
-                             rounds + 2)
-        report(f"sample index, {epochs * tpe / 1e6:,.0f}M tokens, seq {seq}", t_o, t_m)
+                             rounds + 2, number=max(1, 2_000_000 // n_docs))
+        report(f"sample index, {epochs * tpe / 1e6:,.0f}M tokens, seq {seq}", t_o, t_m, "megatron-core helpers_cpp", "≥ 1")
     weights = np.array([67.0, 15.0, 4.5, 4.5, 4.5, 2.5, 2.0]) / 100
     for size in (1_000_000, 20_000_000):
         def theirs():
@@ -120,7 +122,7 @@ def bench_index_builders(rounds):
 
         assert all(np.array_equal(a, b) for a, b in zip(build_blending_indices(weights, size), theirs()))
         t_o, t_m = alternate(lambda: build_blending_indices(weights, size), theirs, rounds + 2)
-        report(f"blending index, LLaMA's 7 sources, {size / 1e6:.0f}M samples", t_o, t_m)
+        report(f"blending index, LLaMA's 7 sources, {size / 1e6:.0f}M samples", t_o, t_m, "megatron-core helpers_cpp", "≥ 1")
 
 
 def _machine_texts():
@@ -219,6 +221,10 @@ def bench_preprocess(workdir, corpus_mb, vocab_size, rounds):
     for name, ts in timings.items():
         t = min(ts)
         print(f"{name:<45} {len(texts) / t:9,.0f} docs/s {nbytes / 1e6 / t:7.2f} MB/s   x{base / t:5.2f} vs sentencepiece")
+        DETAILS[name] = {"docs_per_s": len(texts) / t, "mb_per_s": nbytes / 1e6 / t}
+        if name.startswith("preprocess"):
+            ROWS.append(ratio_row("data", f"{name}: docs/s on {nbytes / 1e6:.0f} MB, ids identical",
+                                  "sentencepiece encode(list, num_threads=2)", base / t, "≥ 1.5"))
 
 
 def main():
@@ -229,6 +235,7 @@ def main():
     p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary of the benchmark tokenizer")
     p.add_argument("--rounds", type=int, default=3, help="repetitions per side (the minimum is reported)")
     p.add_argument("--only", choices=["indexed", "builders", "preprocess"], nargs="*", help="run only these parts")
+    add_json_flag(p)
     args = p.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     parts = args.only or ["indexed", "builders", "preprocess"]
@@ -238,6 +245,7 @@ def main():
         bench_index_builders(args.rounds)
     if "preprocess" in parts:
         bench_preprocess(args.workdir, args.corpus_mb, args.vocab_size, args.rounds)
+    write_json(args.json, ROWS, DETAILS)
     return 0
 
 
