@@ -12,8 +12,9 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from megallama.config import LlamaConfig, llama_ffn_hidden_size
 from megallama.training.config import (
-    PAPER_MODELS,
+    PAPER_PEAK_LR,
     CheckpointArgs,
     DataArgs,
     LoggingArgs,
@@ -23,7 +24,6 @@ from megallama.training.config import (
     ParallelArgs,
     PretrainConfig,
     TrainingArgs,
-    llama_ffn_hidden_size,
 )
 
 DECAY_STYLES = ("cosine", "linear", "constant")
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model shape")
-    g.add_argument("--model-size", choices=sorted(PAPER_MODELS), default=None,
+    g.add_argument("--model-size", choices=sorted(PAPER_PEAK_LR), default=None,
                    help="Take the paper's shape (Table 2) and peak lr; explicit shape flags override it.")
     g.add_argument("--num-layers", type=int, default=None, help="Number of transformer layers.")
     g.add_argument("--hidden-size", type=int, default=None, help="Model width (the paper's dim).")
@@ -155,16 +155,14 @@ def _world_size(env) -> int:
 
 def config_from_namespace(ns: argparse.Namespace, world_size: int) -> PretrainConfig:
     """Fill the defaults that depend on other flags and group the flags into a ``PretrainConfig``."""
-    preset = PAPER_MODELS.get(ns.model_size, {})
+    preset = LlamaConfig.preset(ns.model_size) if ns.model_size else None
     shape = {}
     for name in ("num_layers", "hidden_size", "num_attention_heads"):
         value = getattr(ns, name)
-        shape[name] = value if value is not None else preset.get(name)
+        shape[name] = value if value is not None else getattr(preset, name, None)
         if shape[name] is None:
             raise ConfigError(f"--{name.replace('_', '-')} is required when --model-size is not given")
-    ffn = ns.ffn_hidden_size
-    if ffn is None:
-        ffn = preset.get("ffn_hidden_size") or llama_ffn_hidden_size(shape["hidden_size"])
+    ffn = ns.ffn_hidden_size if ns.ffn_hidden_size is not None else llama_ffn_hidden_size(shape["hidden_size"])
 
     tokenizer_type = ns.tokenizer_type or ("SentencePieceTokenizer" if ns.tokenizer_model else "NullTokenizer")
     if tokenizer_type in SENTENCEPIECE_ALIASES:
@@ -172,7 +170,7 @@ def config_from_namespace(ns: argparse.Namespace, world_size: int) -> PretrainCo
     vocab_size = ns.vocab_size
     if vocab_size is None and tokenizer_type == "NullTokenizer":
         vocab_size = 32000
-    lr = ns.lr if ns.lr is not None else preset.get("lr", 3.0e-4)
+    lr = ns.lr if ns.lr is not None else PAPER_PEAK_LR.get(ns.model_size, 3.0e-4)
     parallel = ParallelArgs(
         tensor_model_parallel_size=ns.tensor_model_parallel_size,
         pipeline_model_parallel_size=ns.pipeline_model_parallel_size,

@@ -10,20 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-# The paper's shapes (Table 2) and peak learning rates; FFN width from the released params.json
-# rule (2/3 · 4 · dim rounded up to a multiple of 256).
-PAPER_MODELS = {
-    "7b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008, lr=3.0e-4),
-    "13b": dict(num_layers=40, hidden_size=5120, num_attention_heads=40, ffn_hidden_size=13824, lr=3.0e-4),
-    "33b": dict(num_layers=60, hidden_size=6656, num_attention_heads=52, ffn_hidden_size=17920, lr=1.5e-4),
-    "65b": dict(num_layers=80, hidden_size=8192, num_attention_heads=64, ffn_hidden_size=22016, lr=1.5e-4),
-}
-
-
-def llama_ffn_hidden_size(hidden_size: int, multiple_of: int = 256) -> int:
-    """The FFN width LLaMA derives from the model width: 2/3 · 4 · dim, rounded up to ``multiple_of``."""
-    width = int(2 * 4 * hidden_size / 3)
-    return multiple_of * ((width + multiple_of - 1) // multiple_of)
+# The paper's peak learning rate per model size (Table 2); the shapes are LlamaConfig's presets.
+PAPER_PEAK_LR = {"7b": 3.0e-4, "13b": 3.0e-4, "33b": 1.5e-4, "65b": 1.5e-4}
 
 
 @dataclass
