@@ -21,6 +21,7 @@ from megallama.distributed.timeout import default_group_timeout, wait
 
 _FORWARD_TAG = 0
 _BACKWARD_TAG = 1
+_NCCL_GROUPS_READY = set()
 
 
 class PipelineCommunicator:
@@ -38,6 +39,11 @@ class PipelineCommunicator:
         self.device = device
         # A stage whose neighbour is wedged gives up after the job's process-group timeout.
         self.timeout = default_group_timeout()
+        if dist.get_backend(group) == "nccl" and id(group) not in _NCCL_GROUPS_READY:
+            # NCCL wants the first operation on a group to involve all of its ranks, and a
+            # pipeline's first exchanges are between neighbours only: start with a barrier.
+            dist.barrier(group=group)
+            _NCCL_GROUPS_READY.add(id(group))
 
     def _buffer(self, requires_grad: bool) -> torch.Tensor:
         # A received activation is a leaf of this stage's autograd graph: its .grad is what the
