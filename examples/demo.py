@@ -65,7 +65,7 @@ class Settings:
     @classmethod
     def full(cls) -> "Settings":
         return cls(CorpusSizes.full(), vocab_size=4000, num_layers=4, hidden_size=128, heads=4,
-                   seq_length=128, micro_batch=4, global_batch=16, train_iters=300, lr=3e-3,
+                   seq_length=128, micro_batch=4, global_batch=16, train_iters=400, lr=3e-3,
                    log_interval=10, max_new_tokens=40)
 
     @classmethod
@@ -247,10 +247,12 @@ def read_scalars(tensorboard_dir: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def training_figures(tensorboard_dir: str) -> dict:
+    """First and last logged training loss, last validation loss, mean tokens/s."""
     scalars = read_scalars(tensorboard_dir)
     loss = scalars["lm loss"]
-    # the first report includes start-up (index building, first pipeline fill): leave it out
-    speeds = [v for _, v in scalars.get("tokens-per-second", [])][1:] or [v for _, v in scalars.get("tokens-per-second", [])]
+    speeds = [v for _, v in scalars.get("tokens-per-second", [])]
+    # the first report includes start-up (first pipeline fill, warm caches): leave it out
+    speeds = speeds[1:] or speeds
     figures = {"first_loss": loss[0][1], "final_loss": loss[-1][1], "iterations": loss[-1][0],
                "tokens_per_second": round(sum(speeds) / len(speeds), 1) if speeds else None}
     if "lm loss validation" in scalars:

@@ -42,7 +42,8 @@ def test_cleaning_kept_and_dropped_by_reason(run):
     for source in SOURCES:
         with open(out / "cleaned" / f"{source}.report.json", encoding="utf-8") as f:
             report = json.load(f)
-        kept = sum(1 for path in glob.glob(str(out / "cleaned" / source / "*.jsonl")) for _ in open(path, encoding="utf-8"))
+        kept = sum(1 for path in glob.glob(str(out / "cleaned" / source / "*.jsonl"))
+                   for _ in open(path, encoding="utf-8"))
         assert kept == report["output_docs"] == summary["clean"][source]["kept"] > 0
         assert report["input_docs"] == summary["raw"][source]["documents"]
         assert report["output_docs"] + sum(report["dropped"].values()) == report["input_docs"]
@@ -87,7 +88,8 @@ def test_hf_export_loads_and_learned_the_corpus(run):
     out, _, summary = run
     model = AutoModelForCausalLM.from_pretrained(str(out / "hf")).eval()
     settings = summary["settings"]
-    assert (model.config.num_hidden_layers, model.config.hidden_size) == (settings["num_layers"], settings["hidden_size"])
+    shape = (model.config.num_hidden_layers, model.config.hidden_size)
+    assert shape == (settings["num_layers"], settings["hidden_size"])
     tokenizer = SentencePieceTokenizer(str(out / "tokenizer" / "demo.model"))
     with open(sorted(glob.glob(str(out / "cleaned" / "commoncrawl" / "*.jsonl")))[0], encoding="utf-8") as f:
         text = json.loads(f.readline())["text"]
