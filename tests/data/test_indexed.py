@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megallama.data.indexed import IndexedDataset, IndexedDatasetWriter, merge_indexed_datasets, optimal_dtype
+from tests.data.helpers import load_tool
 
 mcore = pytest.importorskip("megatron.core.datasets.indexed_dataset")
 
@@ -85,6 +86,9 @@ def test_merge_matches_megatron_add_index(tmp_path):
                 w.add_document(np.concatenate(doc), [len(s) for s in doc])
         prefixes.append(p)
     merged = merge_indexed_datasets(prefixes, str(tmp_path / "merged"))
+    assert load_tool("merge_datasets").main(["--input", *prefixes, "--output-prefix", str(tmp_path / "by_tool")]) == 0
+    assert filecmp.cmp(str(tmp_path / "merged.bin"), str(tmp_path / "by_tool.bin"), shallow=False)
+    assert filecmp.cmp(str(tmp_path / "merged.idx"), str(tmp_path / "by_tool.idx"), shallow=False)
 
     ref_prefix = str(tmp_path / "ref")
     builder = mcore.IndexedDatasetBuilder(ref_prefix + ".bin", dtype=np.uint16)
@@ -94,6 +98,19 @@ def test_merge_matches_megatron_add_index(tmp_path):
     assert filecmp.cmp(str(tmp_path / "merged.idx"), ref_prefix + ".idx", shallow=False)
     assert filecmp.cmp(str(tmp_path / "merged.bin"), ref_prefix + ".bin", shallow=False)
     assert len(merged) == sum(len(IndexedDataset(p)) for p in prefixes)
+
+
+def test_bulk_add_documents_writes_the_same_bytes(tmp_path):
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(0, 1000, size=int(rng.integers(0, 30))) for _ in range(100)]
+    with IndexedDatasetWriter(str(tmp_path / "one"), np.uint16) as w:
+        for d in docs:
+            w.add_document(d)
+    with IndexedDatasetWriter(str(tmp_path / "bulk"), np.uint16) as w:
+        w.add_documents(np.concatenate(docs[:60]), [len(d) for d in docs[:60]])
+        w.add_documents(np.concatenate(docs[60:]).astype(np.int32), [len(d) for d in docs[60:]])
+    for ext in (".bin", ".idx"):
+        assert filecmp.cmp(str(tmp_path / f"one{ext}"), str(tmp_path / f"bulk{ext}"), shallow=False)
 
 
 def test_exception_leaves_no_files(tmp_path):
