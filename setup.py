@@ -71,7 +71,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "sentencepiece", "tqdm", "safetensors"],
     extras_require={
-        "clean": ["fasttext-numpy2", "datasketch", "warcio", "zstandard"],
+        "clean": ["fasttext-numpy2", "datasketch", "warcio", "mwparserfromhell", "zstandard"],
         "train": ["tensorboard", "matplotlib"],
     },
     ext_modules=extensions(),
