@@ -95,6 +95,8 @@ def parse_lines(lines: list[bytes], json_keys: Sequence[str], path: str, first_l
                                 reason = f"key {key!r} is not a string"
                             elif not value:
                                 reason = f"empty {key!r}"
+                            elif (b"\\ud" in raw or b"\\uD" in raw) and not _encodes(value):
+                                reason = "invalid UTF-8"  # a lone surrogate escape such as \ud800
                             if reason:
                                 break
         if reason:
@@ -106,6 +108,14 @@ def parse_lines(lines: list[bytes], json_keys: Sequence[str], path: str, first_l
             texts[key].append(record[key])
         kept.append(first_line + offset)
     return texts, skipped, kept
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def iter_texts(paths: Sequence[str], json_keys: Sequence[str] = ("text",), strict: bool = False,

@@ -30,6 +30,7 @@ def inputs(tmp_path, corpus):
         30: json.dumps({"text": 17}).encode() + b"\n",
         40: b"\n",
         50: json.dumps({"text": ""}).encode() + b"\n",
+        60: b'{"text": "lone surrogate \\ud800 escape"}\n',
     }
     for pos in sorted(bad, reverse=True):
         lines.insert(pos, bad[pos])
@@ -51,7 +52,7 @@ def test_output_is_megatron_readable_and_skips_are_counted(tmp_path, tiny_tokeni
     assert run(tmp_path, tiny_tokenizer, "out", "--append-eod", "--log-interval", "100") == 0
     report = capsys.readouterr().out
     assert f"wrote {len(inputs):,} documents" in report
-    for reason in ["1 broken JSON", "1 missing key 'text'", "1 invalid UTF-8", "1 key 'text' is not a string",
+    for reason in ["1 broken JSON", "1 missing key 'text'", "2 invalid UTF-8", "1 key 'text' is not a string",
                    "1 blank line", "1 empty 'text'"]:
         assert reason in report
     ds = mcore.IndexedDataset(str(tmp_path / "out_text_document"))
