@@ -64,19 +64,22 @@ def measure(ours, hf, batch: int, prompt_len: int, new_tokens: int, rounds: int,
     for run in sides.values():  # warm-up
         run()
     times = {name: [] for name in sides}
+    cpu_times = {name: [] for name in sides}
     outputs = {}
     for _ in range(rounds):
         for name, run in sides.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             outputs[name] = run()
             times[name].append(time.perf_counter() - t0)
+            cpu_times[name].append(time.process_time() - c0)
     same = sum(a == b for ra, rb in zip(outputs["ours"], outputs["hf"]) for a, b in zip(ra, rb))
     result = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
               "token_agreement": same / (batch * new_tokens)}
     for name in sides:
-        t = statistics.median(times[name])
-        result[name] = {"seconds": t, "tokens_per_s": batch * new_tokens / t}
+        t, c = statistics.median(times[name]), statistics.median(cpu_times[name])
+        result[name] = {"seconds": t, "tokens_per_s": batch * new_tokens / t, "cpu_seconds": c}
     result["speedup"] = result["ours"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
+    result["cpu_time_ratio"] = result["hf"]["cpu_seconds"] / result["ours"]["cpu_seconds"]
     return result
 
 
@@ -96,10 +99,10 @@ def main() -> None:
                for b in args.batch]
     print(f"greedy generation, CPU fp32, {args.threads} threads, {args.prompt_len}-token prompts, "
           f"{args.new_tokens} new tokens, median of {args.rounds} alternated rounds")
-    print(f"{'batch':>6}{'ours tok/s':>12}{'HF tok/s':>11}{'speedup':>9}{'same tokens':>13}")
+    print(f"{'batch':>6}{'ours tok/s':>12}{'HF tok/s':>11}{'speedup':>9}{'CPU-time ratio':>16}{'same tokens':>13}")
     for r in results:
         print(f"{r['batch']:6d}{r['ours']['tokens_per_s']:12.0f}{r['hf']['tokens_per_s']:11.0f}"
-              f"{r['speedup']:8.2f}x{r['token_agreement']:13.1%}")
+              f"{r['speedup']:8.2f}x{r['cpu_time_ratio']:15.2f}x{r['token_agreement']:13.1%}")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from megallama import ops
 from megallama.parallel import state as parallel_state
+from megallama.parallel.layers import gather_tensor
 
 __all__ = ["SamplingParams", "KVCache", "cached_forward", "generate", "prepare_for_inference", "sample_next_token"]
 
@@ -108,11 +109,31 @@ class KVCache:
         return allowed[:, None] if allowed.dim() == 3 else allowed[None, None]
 
 
+# The decoding forward calls the model's weights through the raw kernels: one token a step is a
+# few microseconds of arithmetic per op, so autograd-Function bookkeeping would cost more than the
+# work. The cache test checks it against the model's own forward.
+
+def _tp_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _norm(norm, x: torch.Tensor) -> torch.Tensor:
+    return ops.rms_norm_forward(x, norm.weight, norm.eps)[0]
+
+
+def _row_parallel(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` summed over the TP ranks (a row-parallel projection's forward)."""
+    y = F.linear(x, weight)
+    if _tp_size() > 1:
+        dist.all_reduce(y, group=parallel_state.get_tensor_model_parallel_group())
+    return y
+
+
 def _cached_attention(attention, xn, cos, sin, cache: KVCache, layer_id: str) -> torch.Tensor:
     head_dim = cache.keys[layer_id].shape[-1]
     b, s, _ = xn.shape
     start, end = cache.length, cache.length + s
-    qkv = attention.wqkv(xn).view(b, s, 3, -1, head_dim)
+    qkv = F.linear(xn, attention.wqkv.weight).view(b, s, 3, -1, head_dim)  # this rank's heads
     keys, values = cache.keys[layer_id], cache.values[layer_id]
     # Rotated keys go straight into the cache; the [b, s, heads, d] views of the cache slices
     # are what the kernel and the copy write through.
@@ -130,7 +151,11 @@ def _cached_attention(attention, xn, cos, sin, cache: KVCache, layer_id: str) ->
         out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)
     else:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
-    return attention.wo(out.transpose(1, 2).reshape(b, s, -1))
+    return _row_parallel(out.transpose(1, 2).reshape(b, s, -1), attention.wo.weight)
+
+
+def _feed_forward(ff, xn: torch.Tensor) -> torch.Tensor:
+    return _row_parallel(ops.swiglu_forward(F.linear(xn, ff.w13.weight)), ff.w2.weight)
 
 
 def _check_inference_model(model) -> None:
@@ -144,7 +169,10 @@ def _check_inference_model(model) -> None:
 
 def full_logits(model, h: torch.Tensor) -> torch.Tensor:
     """Logits over the whole vocabulary for final hidden states ``h`` (gathered under TP)."""
-    return model.output(model.norm(h))
+    logits = F.linear(_norm(model.norm, h), model.output.weight)
+    if _tp_size() > 1:
+        logits = gather_tensor(logits, -1, full_size=model.config.vocab_size)
+    return logits
 
 
 @torch.no_grad()
@@ -154,11 +182,14 @@ def cached_forward(model, input_ids: torch.Tensor, cache: KVCache) -> torch.Tens
     if cache.length + input_ids.shape[1] > cache.max_len:
         raise ValueError(f"the cache holds {cache.max_len} positions; {cache.length} are used and "
                          f"{input_ids.shape[1]} more were given")
-    h = model.tok_embeddings(input_ids)
+    if _tp_size() > 1:
+        h = model.tok_embeddings(input_ids)  # vocab-parallel lookup and sum
+    else:
+        h = F.embedding(input_ids, model.tok_embeddings.weight)
     cos, sin = model.rotary(input_ids.shape[1], h.device, offset=cache.length)
     for layer_id, block in model.layers.items():
-        h = h + _cached_attention(block.attention, block.attention_norm(h), cos, sin, cache, layer_id)
-        h = h + block.feed_forward(block.ffn_norm(h))
+        h = h + _cached_attention(block.attention, _norm(block.attention_norm, h), cos, sin, cache, layer_id)
+        h = h + _feed_forward(block.feed_forward, _norm(block.ffn_norm, h))
     cache.length += input_ids.shape[1]
     return full_logits(model, h[:, -1]).float()
 
