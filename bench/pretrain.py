@@ -1,14 +1,14 @@
 """Throughput and MFU of `megallama.pretrain --mock-data` runs, against a plain training loop.
 
 Each megallama run is a real launch of the entry point (``torchrun -m megallama.pretrain``) and the
-figures are read from its own log line: tokens/s, TFLOP/s per device and MFU, averaged over the
-second half of the run (the first half warms up). The peer is the plainest loop that trains the
+figures are read from its own log line: tokens/s and TFLOP/s per device, averaged over the second
+half of the run (the first half warms up); MFU is TFLOP/s per device over the peak below. The peer is the plainest loop that trains the
 same network on the same tokens: ``transformers.LlamaForCausalLM`` + ``F.cross_entropy`` + torch's
 fused AdamW, one process; the headline ratio is megallama's single-process tokens/s over the
 peer's. Runs alternate (ours, peer, layouts, …) for ``--rounds`` rounds; medians are reported.
 
 On CPU: fp32, layouts of 1 process × 2 threads (serial) and 2 processes × 1 thread (TP=2, PP=2,
-DP=2); the peak for MFU is the sgemm FLOP/s measured here at the same thread count per process.
+DP=2); the peak is the best sgemm FLOP/s measured (each round) at the same threads per process.
 On one GPU (unchanged command): bf16, the serial layout of a larger model, the peer under bf16
 autocast; the peak is the GPU's datasheet bf16 figure.
 
@@ -65,19 +65,16 @@ def model_flags(m: dict, iters: int) -> list[str]:
             "--mock-data", "--eval-iters", "0"]
 
 
-def run_megallama(m: dict, iters: int, nproc: int, threads: int, peak: float | None, extra: list[str]) -> dict:
+def run_megallama(m: dict, iters: int, nproc: int, threads: int, extra: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megallama.pretrain",
                *model_flags(m, iters), *extra]
-    if peak:
-        command += ["--peak-tflops", f"{peak:.6g}"]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    tokens, tflops, mfu = LINE.findall(result.stdout)[-1]
-    return {"tokens_per_s": float(tokens), "tflops": float(tflops),
-            "mfu": float(mfu.rstrip("%")) / 100 if mfu.endswith("%") else None}
+    tokens, tflops, _ = LINE.findall(result.stdout)[-1]
+    return {"tokens_per_s": float(tokens), "tflops": float(tflops)}
 
 
 def peer_worker(m: dict, iters: int, bf16: bool) -> dict:
@@ -122,8 +119,8 @@ def peer_worker(m: dict, iters: int, bf16: bool) -> dict:
     return {"tokens_per_s": m["global_batch_size"] * m["seq_length"] / per_iteration}
 
 
-def run_peer(m: dict, iters: int, threads: int, bf16: bool, peak: float | None) -> dict:
-    """The peer in a process of its own; TFLOP/s and MFU by the same count as megallama's log."""
+def run_peer(m: dict, iters: int, threads: int, bf16: bool) -> dict:
+    """The peer in a process of its own; TFLOP/s by the same count as megallama's log."""
     from megallama.training.flops import estimate_flops
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -136,7 +133,6 @@ def run_peer(m: dict, iters: int, threads: int, bf16: bool, peak: float | None) 
                                      ffn_hidden_size=m["ffn_hidden_size"], seq_length=m["seq_length"],
                                      vocab_size=m["vocab_size"]) / m["seq_length"]
     out["tflops"] = out["tokens_per_s"] * flops_per_token / 1e12
-    out["mfu"] = out["tflops"] / peak if peak else None
     return out
 
 
@@ -152,46 +148,55 @@ def main() -> None:
         return
     gpu = torch.cuda.is_available()
     m = GPU_MODEL if gpu else CPU_MODEL
+    # name: (processes, threads per process, extra flags); the first is the peer's counterpart.
     if gpu:
         from megallama.training.flops import detect_peak_tflops
 
         device_name = torch.cuda.get_device_name()
-        peak = detect_peak_tflops(torch.bfloat16, torch.device("cuda"))
-        runs = {"megallama 1 GPU bf16": (1, 1, peak, ["--bf16"])}
-        peer = ("plain loop 1 GPU bf16 autocast", 1, True, peak)
+        datasheet = detect_peak_tflops(torch.bfloat16, torch.device("cuda"))
+        runs = {"megallama 1 GPU bf16": (1, 1, ["--bf16"])}
+        peer = ("plain loop 1 GPU bf16 autocast", 1, True)
     else:
         device_name = "CPU"
-        peak1, peak2 = sgemm_tflops(1), sgemm_tflops(2)
-        print(f"measured sgemm peak: {peak1:.4f} TFLOP/s at 1 thread, {peak2:.4f} at 2 threads")
         runs = {
-            "megallama serial (1 proc × 2 threads)": (1, 2, peak2, []),
-            "megallama TP=2 (2 procs × 1 thread)": (2, 1, peak1, ["--tensor-model-parallel-size", "2"]),
-            "megallama PP=2 (2 procs × 1 thread)": (2, 1, peak1, ["--pipeline-model-parallel-size", "2"]),
-            "megallama DP=2 (2 procs × 1 thread)": (2, 1, peak1, []),
+            "megallama serial (1 proc × 2 threads)": (1, 2, []),
+            "megallama TP=2 (2 procs × 1 thread)": (2, 1, ["--tensor-model-parallel-size", "2"]),
+            "megallama PP=2 (2 procs × 1 thread)": (2, 1, ["--pipeline-model-parallel-size", "2"]),
+            "megallama DP=2 (2 procs × 1 thread)": (2, 1, []),
         }
-        peer = ("plain loop (1 proc × 2 threads)", 2, False, peak2)
+        peer = ("plain loop (1 proc × 2 threads)", 2, False)
+    sgemm: dict[int, list] = {1: [], 2: []}
     results: dict[str, list] = {name: [] for name in [*runs, peer[0]]}
     for r in range(args.rounds):
-        for name, (nproc, threads, peak_tflops, extra) in runs.items():
-            results[name].append(run_megallama(m, args.iters, nproc, threads, peak_tflops, extra))
+        if not gpu:  # the CPU's peak, re-measured each round: the best seen is the capacity
+            for threads in sgemm:
+                sgemm[threads].append(sgemm_tflops(threads))
+        for name, (nproc, threads, extra) in runs.items():
+            results[name].append(run_megallama(m, args.iters, nproc, threads, extra))
             if name == next(iter(runs)):
                 try:
-                    results[peer[0]].append(run_peer(m, args.iters, *peer[1:]))
+                    results[peer[0]].append(run_peer(m, args.iters, peer[1], peer[2]))
                 except RuntimeError as error:  # e.g. transformers not installed on this machine
                     print(f"peer unavailable: {str(error)[-300:]}")
         print(f"round {r + 1}/{args.rounds} done", flush=True)
-    print(f"\n{device_name}; model {m}")
+    threads_of = {name: spec[1] for name, spec in runs.items()}
+    threads_of[peer[0]] = peer[1]
+    if gpu:
+        peak = {name: datasheet for name in results}
+        print(f"\n{device_name} (datasheet bf16 peak {datasheet} TFLOP/s); model {m}")
+    else:
+        peak = {name: max(sgemm[threads_of[name]]) for name in results}
+        print(f"\nCPU, best measured sgemm {max(sgemm[1]):.4g} TFLOP/s at 1 thread, {max(sgemm[2]):.4g} at 2 "
+              f"threads (the MFU peak per process); model {m}")
     print(f"{'run':42s} {'tokens/s':>10s} {'TFLOP/s/dev':>12s} {'MFU':>7s}")
     medians = {}
     for name, samples in results.items():
         if not samples:
             continue
-        tokens = statistics.median(s["tokens_per_s"] for s in samples)
-        medians[name] = tokens
+        medians[name] = statistics.median(s["tokens_per_s"] for s in samples)
         tflops = statistics.median(s["tflops"] for s in samples)
-        mfus = [s["mfu"] for s in samples if s.get("mfu") is not None]
-        print(f"{name:42s} {tokens:10.1f} {tflops:12.4g} "
-              f"{(f'{100 * statistics.median(mfus):.1f}%') if mfus else 'n/a':>7s}")
+        mfu = f"{100 * tflops / peak[name]:.1f}%" if peak[name] else "n/a"
+        print(f"{name:42s} {medians[name]:10.1f} {tflops:12.4g} {mfu:>7s}")
     if peer[0] in medians:
         print(f"\nmegallama / plain loop tokens/s: {medians[next(iter(runs))] / medians[peer[0]]:.2f}×")
 
