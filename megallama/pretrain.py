@@ -1,7 +1,8 @@
 """``torchrun [torchrun flags] -m megallama.pretrain [flags]``: pretrain LLaMA (``--help`` for the flags).
 
 A bad configuration is reported before any work, as one line on each node's first process, and
-every rank exits with status 2; a run that must stop (non-finite loss) exits with status 1.
+every rank exits with status 2; a run that must stop (non-finite loss, a checkpoint that does not
+fit the model) exits with status 1.
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as error:
         _report(str(error))
         return 2
+    from megallama.training.checkpointing import CheckpointError
     from megallama.training.loop import Trainer, TrainingError, shutdown
 
     try:
         Trainer(config).train()
-    except TrainingError as error:
+    except (TrainingError, CheckpointError) as error:
         _report(str(error))
         return 1
     finally:

@@ -197,3 +197,12 @@ def test_bf16_tracks_fp32_and_resumes_exactly(serial, capsys, tmp_path):
     assert_curve(bf16, serial["losses"], range(1, 5), rtol=2e-2)
     resumed = run_serial(capsys, "--bf16", "--train-iters", "4", "--load", str(tmp_path), "--ckpt-step", "2")
     assert resumed == {3: bf16[3], 4: bf16[4]}
+
+
+def test_checkpoint_of_another_shape_is_a_one_line_error(serial, capsys):
+    flags = [*TINY, "--train-iters", str(ITERS), "--load", serial["checkpoint"]]
+    flags[flags.index("--hidden-size") + 1] = "64"
+    assert main(flags) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("megallama.pretrain: error: tensor 'model.") and "but the model expects" in err
+    assert "\n" not in err
