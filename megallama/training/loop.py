@@ -88,7 +88,8 @@ def llama_config(config: PretrainConfig) -> LlamaConfig:
 @torch.no_grad()
 def initialize_layout_free(chunk: LlamaModel, cfg: LlamaConfig, seed: int) -> None:
     """Re-draw the chunk's weights so they do not depend on the layout: each part (embedding, layer
-    ``i``, head) comes from a one-part model built under its own seed, as the model initialises it."""
+    ``i``, head) comes from a one-part model built on the CPU under its own seed, as the model
+    initialises it (so a GPU run starts from the same weights as a CPU run)."""
     fp32 = dataclasses.replace(cfg, params_dtype=torch.float32)
     parts = [(chunk.layers[str(i)], dict(layer_ids=[i], pre_process=False, post_process=False), i + 1)
              for i in (int(k) for k in chunk.layers)]
@@ -110,10 +111,11 @@ def build_model(config: PretrainConfig, device: torch.device) -> list[LlamaModel
     cfg = llama_config(config)
 
     def make_chunk(spec):
-        chunk = LlamaModel(cfg, pre_process=spec.pre_process, post_process=spec.post_process,
-                           layer_ids=spec.layer_ids)
+        with device:  # parameters are made where they will live: no whole-stage copy in host memory
+            chunk = LlamaModel(cfg, pre_process=spec.pre_process, post_process=spec.post_process,
+                               layer_ids=spec.layer_ids)
         initialize_layout_free(chunk, cfg, config.training.seed)
-        return chunk.to(device)
+        return chunk
 
     return build_model_chunks(make_chunk, cfg.num_layers, virtual_size(config))
 
