@@ -17,17 +17,19 @@ import torch.multiprocessing as mp
 from tests.pipeline import harness as H
 
 PG_TIMEOUT_S = 4
+HANG_AFTER_S = 60  # ranks still alive this long after the failure count as hung
 
 
 class _FailingForwardStep:
-    def __init__(self, hang: bool, fail_rank: int):
-        self.calls, self.hang, self.fail_rank = 0, hang, fail_rank
+    def __init__(self, hang: bool, fail_rank: int, workdir: str):
+        self.calls, self.hang, self.fail_rank, self.workdir = 0, hang, fail_rank, workdir
 
     def __call__(self, data_iterator, chunk, input_tensor):
         self.calls += 1
         if dist.get_rank() == self.fail_rank and self.calls == 3:  # mid-way through the first step
+            open(os.path.join(self.workdir, "failing"), "w").close()  # the hang clock starts
             if self.hang:
-                time.sleep(60)  # alive but silent, as a wedged process would be
+                time.sleep(2 * HANG_AFTER_S)  # alive but silent, as a wedged process would be
             raise RuntimeError("injected failure in stage 1")
         return H._forward_step(data_iterator, chunk, input_tensor)
 
@@ -36,11 +38,11 @@ def _rank_main(rank, world_size, workdir, hang, fail_rank):
     torch.set_num_threads(1)
     # A generous timeout for the rendezvous of slowly starting processes, then a short one.
     dist.init_process_group("gloo", init_method="file://" + os.path.join(workdir, "store"), rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
+                            world_size=world_size, timeout=datetime.timedelta(seconds=300))
     dist.barrier()
     dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=PG_TIMEOUT_S))
     try:
-        H.parallel_run(H.config(), 1, 2, None, 1, False, 3, forward_step=_FailingForwardStep(hang, fail_rank))
+        H.parallel_run(H.config(), 1, 2, None, 1, False, 3, forward_step=_FailingForwardStep(hang, fail_rank, workdir))
     except BaseException as exc:
         with open(os.path.join(workdir, f"error_{rank}.txt"), "w") as f:
             f.write(f"{time.monotonic()!r}\n{type(exc).__name__}: {exc}")
@@ -53,14 +55,19 @@ def _run(tmp_path, hang, world_size, fail_rank):
     context = mp.start_processes(_rank_main, args=(world_size, str(tmp_path), hang, fail_rank),
                                  nprocs=world_size, join=False, start_method="spawn")
     peers = [r for r in range(world_size) if not (hang and r == fail_rank)]
-    deadline = time.monotonic() + 120
+    # Slow process start-up on a busy machine is not a hang: the clock starts at the failure.
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "failing").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    deadline = min(deadline, time.monotonic() + HANG_AFTER_S)
     while any(context.processes[r].is_alive() for r in peers) and time.monotonic() < deadline:
         time.sleep(0.2)
     alive = [r for r in peers if context.processes[r].is_alive()]
     for p in context.processes:
         p.kill()
         p.join()
-    assert not alive, f"ranks {alive} still running 120 s after a stage failed: a hang"
+    assert (tmp_path / "failing").exists(), "the failing stage never reached its failure"
+    assert not alive, f"ranks {alive} still running {HANG_AFTER_S} s after a stage failed: a hang"
     errors = {}
     for rank in peers:
         path = tmp_path / f"error_{rank}.txt"
