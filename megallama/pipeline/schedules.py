@@ -19,6 +19,10 @@ token loss over the global batch, whatever the split into micro-batches, stages 
 returned list holds, on the last pipeline stage, ``{"loss_sum", "num_tokens"}`` per micro-batch (an
 empty list on the other stages).
 
+A stage's output is sent, then its storage is freed (only its autograd node is kept for backward),
+so a stage's last operation must not save its own output for backward (LLaMA's residual add
+saves nothing).
+
 Model chunks that have a ``no_sync()`` context (:class:`megallama.distributed.DistributedDataParallel`)
 reduce their gradients only during the backward of their last micro-batch.
 """

@@ -113,7 +113,9 @@ def _schedule_properties():
 
 
 def _two_rank_work():
-    return {"layouts": _train_layouts(TWO_RANK_LAYOUTS), "properties": _schedule_properties()}
+    return {"layouts": _train_layouts(TWO_RANK_LAYOUTS), "properties": _schedule_properties(),
+            # Full recompute: a sent (freed) output must not be needed by the re-run forward.
+            "recompute": H.parallel_run(H.config(recompute_granularity="full"), 1, 2, 2, 1, False, STEPS)}
 
 
 def _four_rank_work():
@@ -136,6 +138,7 @@ def four_ranks():
 def test_two_stage_layouts_equal_serial(serial, two_ranks):
     for i, layout in enumerate(TWO_RANK_LAYOUTS):
         H.check_against_serial([r["layouts"][i] for r in two_ranks], serial)
+    H.check_against_serial([r["recompute"] for r in two_ranks], serial)
     assert serial[1][0] > H.OPT["clip_grad"], "clipping must be active for the norm to matter"
 
 
