@@ -2,7 +2,9 @@
 
 Two gloo processes (one thread each) run a LLaMA split into two stages. On every rank the time
 spent waiting in point-to-point exchanges is the bubble (idle) time; the bubble fraction is
-idle / total schedule time, averaged over ranks and iterations. Theory (Narayanan et al. 2021):
+idle / total schedule time, averaged over ranks and iterations. Part of that wait is the transfer
+itself (latency, copies), not the schedule: a ping-pong of the same activation measures the cost of
+one exchange, and "net" subtracts (exchanges × that cost). Theory (Narayanan et al. 2021):
 1F1B idles (p − 1) micro-batch slots out of m + p − 1, i.e. (p − 1)/(m + p − 1); interleaving
 with v chunks per rank divides the idle slots by v: ((p − 1)/v)/(m + (p − 1)/v). The two
 schedules are alternated iteration by iteration so machine load hits both alike.
@@ -40,6 +42,7 @@ def parse_args(argv=None):
 
 
 def _timed_communicate(record):
+    """Patch the communicator so record = [seconds waited, exchanges made]."""
     from megallama.pipeline.p2p import PipelineCommunicator
 
     original = PipelineCommunicator.communicate
@@ -50,8 +53,24 @@ def _timed_communicate(record):
             return original(self, *args, **kwargs)
         finally:
             record[0] += time.perf_counter() - start
+            record[1] += 1
 
     PipelineCommunicator.communicate = communicate
+
+
+def _exchange_cost(shape, reps=20):
+    """Seconds per exchange of one activation between the two (idle) stages."""
+    from megallama.parallel import state
+    from megallama.pipeline.p2p import PipelineCommunicator
+
+    comm = PipelineCommunicator(state.get_pipeline_model_parallel_group(), shape, torch.float32,
+                                torch.device("cpu"))
+    x = torch.randn(shape)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(reps):
+        comm.communicate(send_next=x, recv_prev=True)
+    return (time.perf_counter() - start) / reps
 
 
 def _forward_step(data_iterator, model, input_tensor):
@@ -84,8 +103,9 @@ def _rank(rank, args, store):
     cfg = LlamaConfig(num_layers=args.num_layers, hidden_size=args.hidden_size,
                       num_attention_heads=args.num_attention_heads, vocab_size=512,
                       max_position_embeddings=args.seq_length)
-    waited = [0.0]
+    waited = [0.0, 0]
     _timed_communicate(waited)
+    shape = (args.micro_batch_size, args.seq_length, cfg.hidden_size)
     g = torch.Generator().manual_seed(0)
     results = {}
     for m in args.microbatches:
@@ -97,15 +117,16 @@ def _rank(rank, args, store):
             for name, vp in (("1F1B", None), ("interleaved", args.virtual_size)):
                 chunks = _build(cfg, vp)
                 iters = [iter(data) for _ in chunks] if vp else iter(data)
+                cost = _exchange_cost(shape)
                 dist.barrier()
-                waited[0] = 0.0
+                waited[:] = [0.0, 0]
                 start = time.perf_counter()
                 get_forward_backward_func(PP, vp)(_forward_step, iters, chunks, m, args.seq_length,
                                                   args.micro_batch_size, cfg.hidden_size)
                 total = time.perf_counter() - start
                 state.destroy_model_parallel()
                 if it >= args.warmup:
-                    results.setdefault((m, name), []).append((waited[0], total))
+                    results.setdefault((m, name), []).append((waited[0], waited[1] * cost, total))
     gathered = [None] * PP
     dist.all_gather_object(gathered, results)
     if rank == 0:
@@ -116,17 +137,19 @@ def _rank(rank, args, store):
 def report(args, per_rank):
     p, v = PP, args.virtual_size
     print(f"PP={p}, v={v}, {args.num_layers} layers, hidden {args.hidden_size}, seq {args.seq_length}, "
-          f"micro-batch {args.micro_batch_size}; bubble = time waiting in p2p / schedule time")
-    print(f"{'m':>4} {'schedule':>12} {'bubble':>8} {'theory':>8} {'time (s)':>9}")
+          f"micro-batch {args.micro_batch_size}; bubble = time waiting in p2p / schedule time, "
+          "net = without the measured transfer cost")
+    print(f"{'m':>4} {'schedule':>12} {'bubble':>8} {'net':>8} {'theory':>8} {'time (s)':>9}")
     for m in args.microbatches:
         times = {}
         for name in ("1F1B", "interleaved"):
             samples = [s for r in per_rank for s in r[(m, name)]]
-            bubble = sum(w / t for w, t in samples) / len(samples)
+            bubble = sum(w / t for w, _, t in samples) / len(samples)
+            net = sum(max(0.0, w - c) / t for w, c, t in samples) / len(samples)
             slots = (p - 1) / (v if name == "interleaved" else 1)
             theory = slots / (m + slots)
-            times[name] = sum(t for _, t in samples) / len(samples)
-            print(f"{m:>4} {name:>12} {bubble:>8.3f} {theory:>8.3f} {times[name]:>9.3f}")
+            times[name] = sum(t for _, _, t in samples) / len(samples)
+            print(f"{m:>4} {name:>12} {bubble:>8.3f} {net:>8.3f} {theory:>8.3f} {times[name]:>9.3f}")
         print(f"{m:>4} {'ratio':>12} interleaved / 1F1B time = {times['interleaved'] / times['1F1B']:.3f}")
 
 
