@@ -94,17 +94,21 @@ def _schedule_properties():
         out["errors"] = errors
     finally:
         state.destroy_model_parallel()
-    # DP 2: buckets start reducing from the backward hooks of the last micro-batch only.
+    # DP 2: buckets start reducing from the backward hooks of the last micro-batch only; the
+    # bucket holding a parameter that gets no gradient is reduced by finish_grad_sync.
     state.initialize_model_parallel(1, 1)
     try:
-        chunk = H.DistributedDataParallel(H.LlamaModel(cfg), bucket_size=3000)
+        model = H.LlamaModel(cfg)
+        model.unused = torch.nn.Parameter(torch.ones(3))
+        chunk = H.DistributedDataParallel(model, bucket_size=3000)
         with chunk.no_sync():
             chunk(tokens[:2], labels=labels[:2]).sum().backward()
         launched_in_no_sync = sum(b.work is not None for b in chunk.buckets)
         chunk(tokens[2:4], labels=labels[2:4]).sum().backward()
         launched_by_backward = sum(b.work is not None for b in chunk.buckets)
         chunk.finish_grad_sync()
-        out["buckets"] = (len(chunk.buckets), launched_in_no_sync, launched_by_backward)
+        out["buckets"] = (len(chunk.buckets), launched_in_no_sync, launched_by_backward,
+                          float(model.unused.main_grad.abs().sum()))
     finally:
         state.destroy_model_parallel()
     # An inf gradient on stage 0 at step 1: every rank skips that step, and only that one.
@@ -199,5 +203,6 @@ def test_schedule_properties(two_ranks):
         assert "list of 2 data iterators" in second
         assert "runs 2 model chunk(s) per rank, got 1" in third
         assert r["inf"] == [True, False, True]
-        num_buckets, in_no_sync, by_backward = r["buckets"]
-        assert num_buckets > 1 and in_no_sync == 0 and by_backward == num_buckets
+        num_buckets, in_no_sync, by_backward, unused_grad = r["buckets"]
+        assert num_buckets > 2 and in_no_sync == 0 and by_backward == num_buckets - 1
+        assert unused_grad == 0.0
