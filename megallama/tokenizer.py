@@ -178,12 +178,15 @@ class SentencePieceTokenizer:
 
     @staticmethod
     def _barrier_characters(spec) -> str:
-        """Newline, tab and carriage return when no multi-character piece contains them (true of
-        LLaMA's vocabulary): BPE can never merge across them. Needs byte fallback."""
+        """ASCII characters that no multi-character piece contains (in LLaMA's vocabulary: newline,
+        the other control characters and, with split_digits, the digits): BPE can never merge
+        across them. Byte pieces such as <0x0A> are not matched against text and do not count.
+        Needs byte fallback."""
         if not spec.trainer_spec.byte_fallback:
             return ""  # without byte fallback, unknown characters on both sides of a cut merge into one unk
-        pieces = [p.piece for p in spec.pieces if len(p.piece) > 1]
-        return "".join(c for c in "\n\t\r" if not any(c in p for p in pieces))
+        mergeable = (spec.pieces[0].NORMAL, spec.pieces[0].USER_DEFINED)
+        text = "".join(p.piece for p in spec.pieces if len(p.piece) > 1 and p.type in mergeable)
+        return "".join(chr(c) for c in range(1, 128) if chr(c) != " " and chr(c) not in text)
 
     def _find_separator_ids(self, spec):
         """Ids of the separator word, if it ends in a byte id that nothing but the separator makes."""

@@ -7,6 +7,7 @@ batch encoder and return flat id arrays; results are written in input order. Out
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import time
@@ -87,7 +88,11 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str = 
             results = map(_encode_batch, tasks)
         else:
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            # Frozen objects are not scanned by the workers' garbage collector, so forked workers
+            # do not copy the parent's memory page by page (copy-on-write) when they collect.
+            gc.freeze()
             pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
+            gc.unfreeze()
             results = _bounded_imap(pool, tasks, 2 * workers)
         for encoded, skipped, nbytes in results:
             for key, (flat, counts) in encoded.items():
