@@ -34,7 +34,9 @@ def test_batch_encode_identical_to_sentencepiece(tiny_tokenizer):
 
 
 def test_newline_is_a_barrier_only_when_no_piece_holds_it(tmp_path, tiny_tokenizer, corpus):
-    assert "\n" in SentencePieceTokenizer(tiny_tokenizer).barriers  # trained on lines: no piece has one
+    barriers = SentencePieceTokenizer(tiny_tokenizer).barriers
+    assert "\n" in barriers  # trained on lines: no piece holds a newline
+    assert set("0123456789") <= set(barriers)  # split_digits: no piece holds a digit and more
     # trained on whole documents, pieces may hold newlines and tabs: those are then no barriers
     model = train_sentencepiece([d for d in corpus[:1500] if d.strip()], 600, str(tmp_path / "docs"),
                                 num_threads=2, max_sentence_length=100_000)
