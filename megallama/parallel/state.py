@@ -24,11 +24,14 @@ def initialize_model_parallel(
     tensor_model_parallel_size=1,
     pipeline_model_parallel_size=1,
     virtual_pipeline_model_parallel_size=None,
+    timeout=None,
 ):
     """Build this process's TP, PP, DP and model-parallel (TP x PP) groups.
 
     The data-parallel size is what is left: world_size / (TP x PP). Every rank must call this
-    with the same arguments (``new_group`` is collective).
+    with the same arguments (``new_group`` is collective). ``timeout`` (a timedelta) bounds every
+    collective of the new groups; pass the one given to ``init_process_group``, since groups
+    otherwise get torch's default (30 minutes) and a failed peer would hang them that long.
     """
     global _TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP, _MODEL_GROUP
     global _TENSOR_RANKS, _PIPELINE_RANKS, _DATA_RANKS
@@ -66,24 +69,24 @@ def initialize_model_parallel(
     for p in range(pp):
         for d in range(dp):
             ranks = [global_rank(t, d, p) for t in range(tp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 _TENSOR_GROUP, _TENSOR_RANKS = group, ranks
     for p in range(pp):
         for t in range(tp):
             ranks = [global_rank(t, d, p) for d in range(dp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 _DATA_GROUP, _DATA_RANKS = group, ranks
     for d in range(dp):
         for t in range(tp):
             ranks = [global_rank(t, d, p) for p in range(pp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 _PIPELINE_GROUP, _PIPELINE_RANKS = group, ranks
     for d in range(dp):
         ranks = [global_rank(t, d, p) for p in range(pp) for t in range(tp)]
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             _MODEL_GROUP = group
     if virtual_pipeline_model_parallel_size is not None:

@@ -63,7 +63,7 @@ def init_distributed(config: PretrainConfig) -> torch.device:
         raise RuntimeError(f"the flags were checked for world size {par.world_size}, the process group has "
                            f"{dist.get_world_size()}")
     state.initialize_model_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                                    virtual_size(config))
+                                    virtual_size(config), timeout=timeout)
     return device
 
 
