@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from benchlib import add_json_flag, ratio_row, write_json
 from megallama import ops
 
 # name -> (tokens as batch x seq, hidden, ffn, heads, head_dim)
@@ -118,6 +119,7 @@ def main():
     parser.add_argument("--reps", type=int, default=5, help="fwd+bwd calls per round")
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES),
                         help="shape sets to run (default all)")
+    add_json_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -125,6 +127,7 @@ def main():
     print(f"threads={args.threads} dtype={args.dtype}; fwd+bwd per call; ratio = reference / ours")
     print(f"{'shape':<9} {'op':<9} {'ours ms':>9} {'ref ms':>9} {'speedup':>8} "
           f"{'saved MB ours':>14} {'ref':>7}")
+    rows, details = [], {}
     for shape_name in args.shapes:
         batch_seq, hidden, ffn, heads, head_dim = SHAPES[shape_name]
         for op_name, make in CASES.items():
@@ -133,6 +136,11 @@ def main():
             mb_ours, mb_ref = saved_bytes(ours_fwd) / 2**20, saved_bytes(ref_fwd) / 2**20
             print(f"{shape_name:<9} {op_name:<9} {t_ours * 1e3:9.3f} {t_ref * 1e3:9.3f} "
                   f"{t_ref / t_ours:7.2f}x {mb_ours:14.2f} {mb_ref:7.2f}")
+            details[f"{shape_name} {op_name}"] = {"ours_ms": t_ours * 1e3, "ref_ms": t_ref * 1e3,
+                                                  "saved_mb_ours": mb_ours, "saved_mb_ref": mb_ref}
+            rows.append(ratio_row(f"fused {op_name} fwd+bwd, {shape_name}, CPU {args.dtype}", "speed",
+                                  "plain torch (autograd)", t_ref / t_ours))
+    write_json(args.json, rows, details)
 
 
 if __name__ == "__main__":

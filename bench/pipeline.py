@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchlib import add_json_flag, ratio_row, write_json
+
 PP = 2
 
 
@@ -38,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--virtual-size", type=int, default=2, help="model chunks per rank v for interleaving")
     p.add_argument("--iters", type=int, default=4, help="measured iterations per (m, schedule)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured iterations per (m, schedule) first")
+    add_json_flag(p)
     return p.parse_args(argv)
 
 
@@ -140,6 +143,7 @@ def report(args, per_rank):
           f"micro-batch {args.micro_batch_size}; bubble = time waiting in p2p / schedule time, "
           "net = without the measured transfer cost")
     print(f"{'m':>4} {'schedule':>12} {'bubble':>8} {'net':>8} {'theory':>8} {'time (s)':>9}")
+    rows, details = [], {}
     for m in args.microbatches:
         times = {}
         for name in ("1F1B", "interleaved"):
@@ -150,7 +154,17 @@ def report(args, per_rank):
             theory = slots / (m + slots)
             times[name] = sum(t for _, _, t in samples) / len(samples)
             print(f"{m:>4} {name:>12} {bubble:>8.3f} {net:>8.3f} {theory:>8.3f} {times[name]:>9.3f}")
+            details[f"m={m} {name}"] = {"bubble": bubble, "net_bubble": net, "theory": theory, "time_s": times[name]}
+            if m == max(args.microbatches):
+                theory_name = f"(p−1)/(m+p−1){'/v' if name == 'interleaved' else ''}"
+                rows.append(ratio_row(f"PP=2 {name} (v={v if name == 'interleaved' else 1}), m={m}",
+                                      "bubble fraction (net of transfers)", f"theory {theory_name} = {theory:.3f}",
+                                      net / theory))
         print(f"{m:>4} {'ratio':>12} interleaved / 1F1B time = {times['interleaved'] / times['1F1B']:.3f}")
+        if m == max(args.microbatches):
+            rows.append(ratio_row(f"PP=2 interleaved vs 1F1B, m={m}", "iteration time", "1F1B",
+                                  times["interleaved"] / times["1F1B"]))
+    write_json(args.json, rows, details)
 
 
 def main(argv=None):

@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from benchlib import add_json_flag, ratio_row, write_json
+
 CPU_MODEL = dict(num_layers=4, hidden_size=256, num_attention_heads=4, ffn_hidden_size=688, vocab_size=8000,
                  seq_length=256, micro_batch_size=2, global_batch_size=8)
 GPU_MODEL = dict(num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632, vocab_size=32000,
@@ -141,6 +143,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="Alternating rounds; medians are reported.")
     parser.add_argument("--iters", type=int, default=6, help="Iterations per run (the second half is timed).")
     parser.add_argument("--peer-worker", nargs=3, help=argparse.SUPPRESS)
+    add_json_flag(parser)
     args = parser.parse_args()
     if args.peer_worker:
         m, iters, bf16 = json.loads(args.peer_worker[0]), int(args.peer_worker[1]), bool(int(args.peer_worker[2]))
@@ -189,16 +192,22 @@ def main() -> None:
         print(f"\nCPU, best measured sgemm {max(sgemm[1]):.4g} TFLOP/s at 1 thread, {max(sgemm[2]):.4g} at 2 "
               f"threads (the MFU peak per process); model {m}")
     print(f"{'run':42s} {'tokens/s':>10s} {'TFLOP/s/dev':>12s} {'MFU':>7s}")
-    medians = {}
+    medians, details = {}, {"device": device_name, "model": m}
     for name, samples in results.items():
         if not samples:
             continue
         medians[name] = statistics.median(s["tokens_per_s"] for s in samples)
         tflops = statistics.median(s["tflops"] for s in samples)
-        mfu = f"{100 * tflops / peak[name]:.1f}%" if peak[name] else "n/a"
-        print(f"{name:42s} {medians[name]:10.1f} {tflops:12.4g} {mfu:>7s}")
+        mfu = tflops / peak[name] if peak[name] else None
+        details[name] = {"tokens_per_s": medians[name], "tflops": tflops, "mfu": mfu}
+        print(f"{name:42s} {medians[name]:10.1f} {tflops:12.4g} {f'{100 * mfu:.1f}%' if mfu else 'n/a':>7s}")
+    rows = []
     if peer[0] in medians:
-        print(f"\nmegallama / plain loop tokens/s: {medians[next(iter(runs))] / medians[peer[0]]:.2f}×")
+        ratio = medians[next(iter(runs))] / medians[peer[0]]
+        print(f"\nmegallama / plain loop tokens/s: {ratio:.2f}×")
+        label = f"pretrain --mock-data, {'1 GPU bf16' if gpu else 'CPU fp32 serial'}"
+        rows.append(ratio_row(label, "tokens/s", "HF model + plain loop", ratio))
+    write_json(args.json, rows, details)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 
+from benchlib import add_json_flag, ratio_row, write_json
 from megallama import parallel
 from megallama.config import LlamaConfig
 from megallama.model import LlamaModel
@@ -135,10 +136,9 @@ def report(args, times, comm, losses):
     drift = max(abs(a - b) / abs(b) for name in losses for a, b in zip(losses[name], reference))
     result["max_relative_loss_difference"] = drift
     print(f"max relative loss difference between sides {drift:.1e}")
-    if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)
+    write_json(args.json, [
+        ratio_row(f"TP=2 fwd+bwd (2 procs × 1 thread), SP {sp}", "tokens/s", "TP=1, 1 proc × 2 threads",
+                  result[f"ratio_tp2_sp_{sp}_vs_tp1_2threads"], f"≥ {TARGET}×") for sp in ("off", "on")], result)
 
 
 def main():
@@ -147,7 +147,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--batch", type=int, default=4, help="micro-batch size")
     p.add_argument("--seq", type=int, default=256, help="sequence length")
-    p.add_argument("--json", help="also write the figures to this JSON file")
+    add_json_flag(p)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="megallama_bench_tp_") as workdir:
         barrier = torch.multiprocessing.get_context("spawn").Barrier(3)
