@@ -15,7 +15,6 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 from tqdm import tqdm
 
 from megallama.data.indexed import IndexedDatasetWriter, optimal_dtype

@@ -3,7 +3,6 @@ compressed inputs, atomic outputs, bounded read-ahead."""
 import filecmp
 import gzip
 import json
-import os
 
 import numpy as np
 import pytest
