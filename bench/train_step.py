@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from benchlib import add_json_flag, ratio_row, write_json
 from megallama.config import LlamaConfig
 from megallama.model import LlamaModel, get_param_groups
+from megallama.training.flops import estimate_flops
 
 CONFIG = dict(num_layers=4, hidden_size=256, num_attention_heads=4, ffn_hidden_size=688,
               vocab_size=8000, max_position_embeddings=256)
@@ -158,7 +159,9 @@ def main() -> None:
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
     sgemm = sgemm_flops(tokens, config)
-    flops_per_step = config.flops_per_token(args.seq) * tokens
+    flops_per_step = estimate_flops(num_layers=config.num_layers, hidden_size=config.hidden_size,
+                                    ffn_hidden_size=config.ffn_hidden_size, seq_length=args.seq,
+                                    vocab_size=config.vocab_size, num_sequences=args.batch)
     result = {"config": CONFIG, "batch": args.batch, "seq": args.seq, "threads": args.threads,
               "sgemm_gflops": sgemm / 1e9}
     for name in sides:

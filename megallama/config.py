@@ -137,13 +137,6 @@ class LlamaConfig:
             raise ValueError(f"unknown LlamaConfig fields: {sorted(unknown)}")
         return cls(**d)
 
-    def flops_per_token(self, seq_length: int) -> float:
-        """Training FLOPs per token as PaLM counts them (Chowdhery et al. 2022, App. B): 6 per
-        matrix parameter (forward ×1, backward ×2, two FLOPs a multiply-add) plus attention's
-        ``12·layers·hidden·seq`` (scores and weighted sum, causal mask not discounted)."""
-        matrix_params = self.num_parameters(include_embedding=False) - (2 * self.num_layers + 1) * self.hidden_size
-        return 6.0 * matrix_params + 12.0 * self.num_layers * self.hidden_size * seq_length
-
     def num_parameters(self, include_embedding: bool = True) -> int:
         h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
         per_layer = 4 * h * h + 3 * h * f + 2 * h
