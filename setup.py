@@ -69,7 +69,7 @@ setup(
     description="The LLaMA pretraining recipe as a Megatron-style codebase that runs and is tested on CPU",
     packages=find_packages(include=["megallama", "megallama.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "sentencepiece", "tqdm", "safetensors"],
+    install_requires=["torch>=2.4", "numpy", "sentencepiece", "protobuf", "tqdm", "safetensors"],
     extras_require={
         "clean": ["fasttext-numpy2", "datasketch", "warcio", "mwparserfromhell", "zstandard"],
         "train": ["tensorboard", "matplotlib"],
