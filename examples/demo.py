@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout without installing
 
-from megallama.clean.io import atomic_open, write_json  # noqa: E402
+from megallama.clean.io import write_json  # noqa: E402
+from megallama.fileio import atomic_open  # noqa: E402
 from megallama.data.indexed import IndexedDataset  # noqa: E402
 from megallama.demo_corpus import CorpusSizes, assemble_corpus  # noqa: E402
 

@@ -31,7 +31,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from megallama.clean.io import atomic_open, dumps_line
+from megallama.clean.io import dumps_line
+from megallama.fileio import atomic_open
 
 # Packages this project installs (requirements-dev.txt), so every machine running the demo has them.
 DISTRIBUTIONS = ("transformers", "torch", "numpy", "datatrove", "tensorboard", "megatron-core",

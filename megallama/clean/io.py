@@ -5,10 +5,9 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
-import os
-import tempfile
-from contextlib import contextmanager
-from typing import IO, Iterator
+from typing import IO
+
+from megallama.fileio import atomic_open
 
 try:  # orjson is 3-5x faster on the JSONL hot path; the stdlib gives the same output
     import orjson
@@ -53,23 +52,6 @@ def strip_compression(name: str) -> str:
         if name.endswith(ext):
             return name[: -len(ext)]
     return name
-
-
-@contextmanager
-def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
-    """Write to a temporary file beside `path`; rename over it only if the block succeeds, so a
-    crash never leaves a half-written file under the final name."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_json(path: str, obj) -> None:

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from megallama.clean import dedup
 from megallama.clean.document import Document, Rejected
-from megallama.clean.io import atomic_open, dumps_line, read_json, write_json
+from megallama.clean.io import dumps_line, read_json, write_json
+from megallama.fileio import atomic_open
 from megallama.clean.sources import Source, make_source
 
 STATE_DIR = ".clean"

@@ -9,27 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Callable
 
 import numpy as np
 import torch.distributed as dist
 
+from megallama.fileio import atomic_open
+
 
 def description_hash(description: dict) -> str:
     return hashlib.md5(json.dumps(description, sort_keys=True).encode()).hexdigest()
-
-
-def _atomic_save(path: str, writer: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _paths(cache_dir: str, stem: str, names) -> tuple[str, dict]:
@@ -45,13 +34,10 @@ def _save(cache_dir: str, description: dict, marker: str, files: dict, arrays: d
     os.makedirs(cache_dir, exist_ok=True)
     for name, path in files.items():
         arr = np.ascontiguousarray(arrays[name])
-        _atomic_save(path, lambda tmp, a=arr: np.save(open(tmp, "wb"), a, allow_pickle=False))
-
-    def write_marker(tmp):
-        with open(tmp, "w") as f:
-            json.dump(description, f, indent=1, sort_keys=True)
-
-    _atomic_save(marker, write_marker)
+        with atomic_open(path, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+    with atomic_open(marker, "w") as f:
+        json.dump(description, f, indent=1, sort_keys=True)
 
 
 def cached_arrays(cache_dir: str | None, kind: str, description: dict, names: list[str],

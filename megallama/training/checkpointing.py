@@ -24,12 +24,13 @@ import json
 import math
 import os
 import random
-import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+
+from megallama.fileio import atomic_open
 
 FORMAT_VERSION = 1
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -84,31 +85,6 @@ def rank_filename(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through ``write(file)`` to a temporary file beside ``path``, fsync, rename over ``path``."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-
-
 def read_tracker(root: str) -> Optional[int]:
     """The latest complete iteration under ``root``, or None when nothing was saved there."""
     path = os.path.join(root, TRACKER_FILENAME)
@@ -122,7 +98,8 @@ def read_tracker(root: str) -> Optional[int]:
 
 
 def write_tracker(root: str, iteration: int) -> None:
-    _atomic_write(os.path.join(root, TRACKER_FILENAME), lambda f: f.write(f"{iteration}\n"), mode="w")
+    with atomic_open(os.path.join(root, TRACKER_FILENAME), "w", fsync=True) as f:
+        f.write(f"{iteration}\n")
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -148,7 +125,8 @@ def write_rank_file(iter_dir: str, rank: int, pieces: Sequence[ShardedTensor], r
         tensors.append(_own_storage(piece.data))
     os.makedirs(iter_dir, exist_ok=True)
     payload = {"tensors": tensors, "rank_state": rank_state}
-    _atomic_write(os.path.join(iter_dir, rank_filename(rank)), lambda f: torch.save(payload, f))
+    with atomic_open(os.path.join(iter_dir, rank_filename(rank)), "wb", fsync=True) as f:
+        torch.save(payload, f)
     return metadata
 
 
@@ -159,7 +137,8 @@ def write_metadata(iter_dir: str, iteration: int, world_size: int, pieces: Seque
         index.setdefault(entry["key"], []).append(entry)
     document = {"format_version": FORMAT_VERSION, "iteration": iteration, "world_size": world_size,
                 "common": common, "pieces": index}
-    _atomic_write(os.path.join(iter_dir, METADATA_FILENAME), lambda f: json.dump(document, f), mode="w")
+    with atomic_open(os.path.join(iter_dir, METADATA_FILENAME), "w", fsync=True) as f:
+        json.dump(document, f)
 
 
 def save_checkpoint(

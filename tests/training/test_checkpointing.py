@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from megallama.fileio import atomic_open
 from megallama.training import checkpointing as ck
 
 
@@ -91,7 +92,9 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     ck.write_rank_file(iter_dir, 0, _pieces(FULL, 2, 0, 1, 0, DIMS, False), {})
     # Crash while writing a file: nothing appears under the final name, no temporary is left.
     with pytest.raises(RuntimeError, match="disk gone"):
-        ck._atomic_write(os.path.join(iter_dir, "metadata.json"), lambda f: (f.write("{"), _fail()), mode="w")
+        with atomic_open(os.path.join(iter_dir, "metadata.json"), "w", fsync=True) as f:
+            f.write("{")
+            _fail()
     assert sorted(os.listdir(iter_dir)) == ["rank_00000.pt"]
     iteration, loaded_dir, metadata = ck.latest_checkpoint(root)
     assert iteration == 100
