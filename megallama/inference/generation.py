@@ -46,7 +46,22 @@ def prepare_for_inference(model):
     for name, param in model.named_parameters():
         if name.endswith(_PROJECTIONS) and param.device.type == "cpu" and param.dim() == 2:
             param.data = param.data.t().contiguous().t()
+    model._packed_output = _pack_for_onednn(model.output.weight)
     return model.eval()
+
+
+def _pack_for_onednn(weight: torch.Tensor):
+    """The output head's weight reordered for oneDNN's matrix multiply (a copy), or None where
+    torch has no oneDNN. With several rows (batched decoding) MKL's sgemm runs this wide, flat
+    product at a fraction of oneDNN's speed on some CPUs (3× slower on the AMD EPYC here)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    except (AttributeError, RuntimeError):  # an op of torch's own, absent from some builds
+        return None
+    # the weight's version counter tells whether it changed since (then the copy is stale)
+    return packed, weight, weight._version
 
 
 @dataclass
@@ -169,7 +184,12 @@ def _check_inference_model(model) -> None:
 
 def full_logits(model, h: torch.Tensor) -> torch.Tensor:
     """Logits over the whole vocabulary for final hidden states ``h`` (gathered under TP)."""
-    logits = F.linear(_norm(model.norm, h), model.output.weight)
+    hn = _norm(model.norm, h)
+    packed = getattr(model, "_packed_output", None)
+    if packed is not None and packed[1] is model.output.weight and packed[2] == packed[1]._version:
+        logits = torch.ops.mkldnn._linear_pointwise(hn, packed[0], None, "none", [], "")
+    else:
+        logits = F.linear(hn, model.output.weight)
     if _tp_size() > 1:
         logits = gather_tensor(logits, -1, full_size=model.config.vocab_size)
     return logits

@@ -109,3 +109,8 @@ def test_inference_layout_keeps_values_and_tokens(model):
     ids = torch.tensor([PROMPTS[0]])
     torch.testing.assert_close(prepared(ids), model(ids), rtol=1e-5, atol=1e-5)
     assert generate(prepared, PROMPTS, 12) == generate(model, PROMPTS, 12)
+    # a weight changed after preparing is used as it is now, not as it was packed
+    with torch.no_grad():
+        prepared.output.weight.mul_(-1.0)
+    cache = KVCache(prepared, 1, 8)
+    torch.testing.assert_close(cached_forward(prepared, ids, cache)[0], prepared(ids)[0, -1], rtol=1e-5, atol=1e-5)
