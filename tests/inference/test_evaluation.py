@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megallama.data.indexed import IndexedDatasetWriter
 from megallama.inference import evaluation
