@@ -154,6 +154,10 @@ def save_megallama(reader: CheckpointReader, folder: str, tp: int, pp: int, toke
         iteration = 0
     common["layout"] = {"world_size": tp * pp, "tensor": tp, "pipeline": pp, "virtual": None}
     same_layout = from_megallama and reader.common.get("layout") == common["layout"]
+    if not same_layout:
+        # No rank's RNG state of a run in this layout exists. The trainer restores RNG states only
+        # for the layout that saved them; this mark never equals a run's layout, so it doesn't.
+        common["layout"]["rng_states"] = "none (converted checkpoint)"
 
     iter_dir = ckpt.checkpoint_dir(folder, iteration)
     os.makedirs(iter_dir, exist_ok=True)
@@ -171,8 +175,7 @@ def save_megallama(reader: CheckpointReader, folder: str, tp: int, pp: int, toke
                 pieces += _rank_pieces(full, key, layout[_parameter_of(key)], tp_rank, tp)
                 bar.update()
             # RNG states belong to a rank of a layout: kept only when the layout is unchanged.
-            rank_state = (ckpt.read_rank_state(reader.iter_dir, rank) if same_layout else
-                          ckpt.capture_rng_state(extra={"tracker": {}}))
+            rank_state = ckpt.read_rank_state(reader.iter_dir, rank) if same_layout else {}
             metadata += ckpt.write_rank_file(iter_dir, rank, pieces, rank_state)
             del pieces
         bar.update(tp * (len(keys) - len(stage_keys)))

@@ -101,3 +101,15 @@ def test_written_layout_is_the_one_training_saves(trained, tmp_path):
     assert layout(ours) == layout(by_training)
     a, b = load_model(by_training)[1], load_model(ours)[1]
     assert all(torch.equal(a.load_key(k), b.load_key(k)) for k in a.keys())
+
+
+def test_same_layout_keeps_rank_states_and_a_new_one_marks_them_absent(trained, tmp_path):
+    save, resumed = trained
+    same, other = str(tmp_path / "same"), str(tmp_path / "other")
+    convert_checkpoint(save, same, "megallama", progress=False)
+    convert_checkpoint(save, other, "megallama", target_tensor_parallel_size=2, progress=False)
+    source_dir, same_dir = ckpt.checkpoint_dir(save, 2), ckpt.checkpoint_dir(same, 2)
+    assert torch.equal(ckpt.read_rank_state(same_dir, 0)["torch"], ckpt.read_rank_state(source_dir, 0)["torch"])
+    assert ckpt.read_metadata(same_dir)["common"]["layout"] == ckpt.read_metadata(source_dir)["common"]["layout"]
+    assert "rng_states" in ckpt.read_metadata(ckpt.checkpoint_dir(other, 2))["common"]["layout"]
+    assert train("--train-iters", "4", "--load", same) == resumed  # RNG states restored, nothing else changes
