@@ -1,9 +1,9 @@
 """Text generation with a key/value cache: prefill the prompts once, then one token a step.
 
-The cached forward reuses the model's own modules (embedding, norms, projections, feed-forward,
-output head) and the fused rotary kernel; only attention differs from training: each layer writes
-its rotated keys and values into a preallocated cache and the new queries attend over everything
-cached so far. No prefix is ever recomputed.
+The cached forward runs the model's own weights through the fused kernels (RMSNorm, rotary,
+SwiGLU) without autograd; only attention differs from training: each layer writes its rotated keys
+and values into a preallocated cache and the new queries attend over everything cached so far. No
+prefix is ever recomputed. Tests hold it equal to the model's training forward.
 
 Prompts of different lengths are left-padded into one batch. Padded key positions are masked out;
 rotary embeddings encode relative positions only, so a row shifted right by its padding scores its
@@ -40,8 +40,9 @@ def prepare_for_inference(model):
 
     ``F.linear`` then runs ``x @ W.T`` as a plain product of row-major matrices, which MKL does
     several times faster for the one-row products of decoding on CPU (the output head most of all)
-    and as fast for prefill. Only for a model that no longer trains: its optimizer would see the
-    parameters' storage change.
+    and as fast for prefill. On CPU it also keeps a oneDNN-packed copy of the output head
+    (vocabulary × hidden floats more memory). Only for a model that no longer trains: its optimizer
+    would see the parameters' storage change.
     """
     for name, param in model.named_parameters():
         if name.endswith(_PROJECTIONS) and param.device.type == "cpu" and param.dim() == 2:
