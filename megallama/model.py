@@ -109,19 +109,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         tokens = hn.shape[0]
         acc_dtype = torch.promote_types(hn.dtype, torch.float32)
         loss = torch.empty(tokens, dtype=acc_dtype, device=hn.device)
-        unit_grad = torch.empty(tokens, weight.shape[0], dtype=hn.dtype, device=hn.device)
+        single_chunk = tokens <= chunk_tokens  # then the chunk's buffer is kept as is, no copy
+        unit_grad = None if single_chunk else torch.empty(tokens, weight.shape[0], dtype=hn.dtype, device=hn.device)
         valid = target != ignore_index
         safe_target = torch.where(valid, target, torch.zeros_like(target))
         for start in range(0, tokens, chunk_tokens):
             rows = slice(start, min(start + chunk_tokens, tokens))
             logits = (hn[rows] @ weight.t()).to(acc_dtype)
-            lse = torch.logsumexp(logits, dim=-1)
-            tgt = safe_target[rows]
-            loss[rows] = (lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid[rows]
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs.scatter_add_(1, tgt[:, None], torch.full_like(lse[:, None], -1.0))
-            probs.mul_(valid[rows, None])
-            unit_grad[rows] = probs
+            tgt = safe_target[rows, None]
+            keep = valid[rows, None].to(acc_dtype)
+            target_logit = logits.gather(1, tgt)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            # One exp pass serves both the log-sum-exp and the softmax (in place on the logits).
+            probs = logits.sub_(row_max).exp_()
+            sum_exp = probs.sum(dim=-1, keepdim=True)
+            loss[rows] = ((row_max + sum_exp.log() - target_logit) * keep).squeeze(1)
+            probs.mul_(keep / sum_exp).scatter_add_(1, tgt, -keep)
+            if single_chunk:
+                unit_grad = probs.to(hn.dtype)
+            else:
+                unit_grad[rows] = probs
         ctx.save_for_backward(hn, weight, unit_grad)
         ctx.chunk_tokens = chunk_tokens
         return loss
@@ -130,14 +137,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         hn, weight, unit_grad = ctx.saved_tensors
         grad_hn = torch.empty_like(hn) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_w = None
         for start in range(0, hn.shape[0], ctx.chunk_tokens):
             rows = slice(start, min(start + ctx.chunk_tokens, hn.shape[0]))
             grad_logits = unit_grad[rows] * grad_loss[rows, None].to(unit_grad.dtype)
             if grad_hn is not None:
                 torch.mm(grad_logits, weight, out=grad_hn[rows])
-            if grad_w is not None:
-                grad_w.addmm_(grad_logits.t(), hn[rows])
+            if ctx.needs_input_grad[1]:
+                chunk_grad_w = grad_logits.t() @ hn[rows]
+                grad_w = chunk_grad_w if grad_w is None else grad_w.add_(chunk_grad_w)
         return grad_hn, grad_w, None, None, None
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Callable
 
 import torch
 
 from megallama.config import LlamaConfig
+from megallama.fileio import atomic_path
 from megallama.model import LlamaModel
 from megallama.parallel import shard_like
 
@@ -177,16 +177,8 @@ def progress_bar(total: int, enabled: bool, desc: str):
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it to ``path``."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def copy_tokenizer(tokenizer_model: str | None, folder: str) -> None:
