@@ -6,6 +6,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -128,29 +129,9 @@ void check_weights(const ArrF64& weights) {
 
 // Position i goes to the dataset whose sample count lags its share the most: argmax over d of
 // weights[d] * max(i, 1) - count[d], the first one on ties.
-template <int N>
-void blend_fixed(const double* w, int64_t size, int16_t* dataset_index, int64_t* sample_index) {
-  double count[N];
-  for (int d = 0; d < N; ++d) count[d] = 0.0;
-  for (int64_t i = 0; i < size; ++i) {
-    const double x = i > 1 ? static_cast<double>(i) : 1.0;
-    int best = 0;
-    double best_err = w[0] * x - count[0];
-    for (int d = 1; d < N; ++d) {
-      const double err = w[d] * x - count[d];
-      if (err > best_err) {
-        best_err = err;
-        best = d;
-      }
-    }
-    dataset_index[i] = static_cast<int16_t>(best);
-    sample_index[i] = static_cast<int64_t>(count[best]);
-    count[best] += 1.0;
-  }
-}
-
-void blend_any(const double* w, int n, int64_t size, int16_t* dataset_index, int64_t* sample_index) {
-  std::vector<double> count(n, 0.0);
+template <typename Counts>
+void blend_greedy(const double* w, int n, Counts& count, int64_t size, int16_t* dataset_index,
+                  int64_t* sample_index) {
   for (int64_t i = 0; i < size; ++i) {
     const double x = i > 1 ? static_cast<double>(i) : 1.0;
     int best = 0;
@@ -166,6 +147,19 @@ void blend_any(const double* w, int n, int64_t size, int16_t* dataset_index, int
     sample_index[i] = static_cast<int64_t>(count[best]);
     count[best] += 1.0;
   }
+}
+
+// A compile-time number of datasets lets the compiler unroll the inner loop and keep the counts
+// in registers; the common mixtures (up to a dozen sources) take this path.
+template <int N>
+void blend_fixed(const double* w, int64_t size, int16_t* dataset_index, int64_t* sample_index) {
+  std::array<double, N> count{};
+  blend_greedy(w, N, count, size, dataset_index, sample_index);
+}
+
+void blend_any(const double* w, int n, int64_t size, int16_t* dataset_index, int64_t* sample_index) {
+  std::vector<double> count(n, 0.0);
+  blend_greedy(w, n, count, size, dataset_index, sample_index);
 }
 
 py::tuple build_blending_indices(const ArrF64& weights, int64_t size) {
