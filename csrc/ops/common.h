@@ -94,4 +94,22 @@ inline at::ScalarType acc_dtype(at::ScalarType st) {
   return st == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Calls f(T{}, W{}) for the supported (input, weight) dtype pairs.
+template <typename F>
+inline void dispatch_x_weight(const at::Tensor& x, const at::Tensor& weight, const char* op, F&& f) {
+  const auto xt = x.scalar_type(), wt = weight.scalar_type();
+  if (xt == at::kFloat && wt == at::kFloat) {
+    f(float{}, float{});
+  } else if (xt == at::kDouble && wt == at::kDouble) {
+    f(double{}, double{});
+  } else if (xt == at::kBFloat16 && wt == at::kBFloat16) {
+    f(c10::BFloat16{}, c10::BFloat16{});
+  } else if (xt == at::kBFloat16 && wt == at::kFloat) {
+    f(c10::BFloat16{}, float{});
+  } else {
+    TORCH_CHECK(false, op, ": weight dtype ", wt, " does not go with input dtype ", xt,
+                " (weight must have the input's dtype, or be float32 for a bfloat16 input)");
+  }
+}
+
 }  // namespace megallama_ops
