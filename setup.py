@@ -69,10 +69,13 @@ setup(
     description="The LLaMA pretraining recipe as a Megatron-style codebase that runs and is tested on CPU",
     packages=find_packages(include=["megallama", "megallama.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "sentencepiece", "protobuf", "tqdm", "safetensors"],
+    # torch.load(weights_only=True) is a security boundary only from torch 2.6 (CVE-2025-32434)
+    install_requires=["torch>=2.6", "numpy", "sentencepiece", "protobuf", "tqdm", "safetensors"],
     extras_require={
-        "clean": ["fasttext-numpy2", "datasketch", "warcio", "mwparserfromhell", "zstandard"],
+        "clean": ["fasttext-numpy2", "datasketch", "warcio", "mwparserfromhell", "zstandard", "kenlm"],
         "train": ["tensorboard", "matplotlib"],
+        "cluster": ["ray==2.60.0"],  # --executor ray for the data tools
+        "eval": ["lm-eval==0.4.13", "transformers"],  # tools/run_lm_eval.py (--model megallama)
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

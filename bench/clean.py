@@ -17,6 +17,13 @@ spaCy here, gets a regex sentence splitter equal to ours; its exact dedup hashes
 default, xxhash, is not installed). Both sides keep the same documents (printed as "kept").
 
   python bench/clean.py --docs 20000 --shards 8 --workers 2
+
+With --executor ray it measures the Ray executor's overhead instead: the same input cleaned by
+megallama (commoncrawl) on a local Ray cluster of --workers nodes with one CPU each, against the
+local executor with --workers processes (the same CPUs), sides alternating; prints docs/s of each,
+their ratio (target >= 0.8) and docs/s per CPU (what a cluster is sized by).
+
+  python bench/clean.py --executor ray
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from benchlib import add_json_flag, ratio_row, write_json
 from megallama.clean.heuristics import SENTENCE_END
 from megallama.clean.langid import default_model_path
 from megallama.clean.runner import clean_corpus
+from megallama.executors import LocalExecutor
 
 WORDS = {
     "en": {"adj": "small old new quiet busy bright local famous ancient modern public rural".split(),
@@ -103,10 +111,54 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def run_ours(source: str, paths: list[str], out: str, workers: int) -> tuple[float, int]:
+def run_ours(source: str, paths: list[str], out: str, workers: int, executor=None) -> tuple[float, int]:
     t = time.perf_counter()
-    report = clean_corpus(source, paths, out, out + ".report.json", workers=workers, progress=False)
+    report = clean_corpus(source, paths, out, out + ".report.json", workers=workers, executor=executor, progress=False)
     return time.perf_counter() - t, report["output_docs"]
+
+
+def compare_executors(args, paths: list[str], tmp: str) -> int:
+    """Local executor against Ray on a local cluster of args.workers one-CPU nodes."""
+    import ray
+
+    from megallama.executors.ray_cluster import RayExecutor
+    from megallama.executors.ray_local_cluster import LocalRayCluster
+
+    best: dict[str, tuple[float, int]] = {}
+    with LocalRayCluster(nodes=args.workers, cpus_per_node=1) as cluster:
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        try:
+            with RayExecutor(cluster.address) as on_ray, LocalExecutor(args.workers) as local:
+                assert on_ray.cpus == local.cpus == args.workers
+                # one untimed Ray run: starts the workers and loads the models, as a long job would once
+                run_ours("commoncrawl", paths, os.path.join(tmp, "warm"), args.workers, on_ray)
+                for r in range(args.repeats):
+                    for name, executor in (("local", local), ("ray", on_ray)):
+                        out = os.path.join(tmp, f"{name}-{r}")
+                        seconds, kept = run_ours("commoncrawl", paths, out, args.workers, executor)
+                        shutil.rmtree(out, ignore_errors=True)
+                        if name not in best or seconds < best[name][0]:
+                            best[name] = (seconds, kept)
+                        print(f"  run {r}: {name:<6} {seconds:7.2f} s  kept {best[name][1]}", flush=True)
+        finally:
+            ray.shutdown()
+    assert best["local"][1] == best["ray"][1]
+    rate = {k: args.docs / v[0] for k, v in best.items()}
+    ratio = rate["ray"] / rate["local"]
+    input_mb = sum(os.path.getsize(x) for x in paths) / 1e6
+    mb_per_cpu = {k: input_mb / v[0] / args.workers for k, v in best.items()}
+    print(f"\n{args.docs} documents, {args.shards} shards, {args.workers} CPUs each side (best of {args.repeats})")
+    print(f"local executor, {args.workers} processes:      {rate['local']:8.0f} docs/s  {rate['local'] / args.workers:6.0f} docs/s per CPU")
+    print(f"ray, {args.workers} nodes x 1 CPU:               {rate['ray']:8.0f} docs/s  {rate['ray'] / args.workers:6.0f} docs/s per CPU")
+    print(f"ray / local: {ratio:.2f}x (target >= 0.8x); input {input_mb:.1f} MB ({1e6 * input_mb / args.docs:.0f} bytes a "
+          f"document): {mb_per_cpu['ray']:.2f} MB/s per CPU on Ray")
+    rows = [ratio_row("clean commoncrawl on Ray", f"docs/s, {args.workers} nodes x 1 CPU, {args.docs} docs",
+                      f"local executor, {args.workers} processes", ratio, "≥ 0.8×")]
+    write_json(args.json, rows, {"docs": args.docs, "shards": args.shards, "cpus": args.workers, "repeats": args.repeats,
+                                 "docs_per_second": rate, "docs_per_second_per_cpu": {k: v / args.workers for k, v in rate.items()},
+                                 "input_mb": input_mb, "mb_per_second_per_cpu": mb_per_cpu,
+                                 "best": {k: {"seconds": v[0], "kept": v[1]} for k, v in best.items()}})
+    return 0
 
 
 class LocalFT176LID(FT176LID):
@@ -198,6 +250,9 @@ def main() -> int:
     p.add_argument("--shards", type=int, default=8, help="input JSONL files = tasks (default 8)")
     p.add_argument("--workers", type=int, default=2, help="worker processes, both sides (default 2)")
     p.add_argument("--repeats", type=int, default=2, help="runs per side, best kept (default 2)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: ours against datatrove (default); ray: ours on a local Ray cluster against the "
+                        "local executor")
     add_json_flag(p)
     args = p.parse_args()
 
@@ -210,6 +265,8 @@ def main() -> int:
         data = os.path.join(tmp, "data")
         os.makedirs(data)
         paths = generate(data, args.docs, args.shards)
+        if args.executor == "ray":
+            return compare_executors(args, paths, tmp)
         best: dict[str, tuple[float, int, float]] = {}
         for r in range(args.repeats):
             for name in ("datatrove", "commoncrawl", "c4"):

@@ -34,9 +34,14 @@ BENCHMARKS = {
     "pipeline": [],
     "pretrain": [],
     "generate": [],
+    "finetune": ["--threads", "1"],  # one thread a side: steadier on a shared 2-core machine
     "data": [],
     "clean": [],
+    "clean_ray": ["--executor", "ray"],
+    "clean_dedup_memory": [],
+    "perplexity": [],
 }
+SCRIPTS = {"clean_ray": "clean"}  # results stored under a name of their own, made by another script
 
 
 def machine() -> str:
@@ -54,7 +59,7 @@ def run(name: str, extra: list[str]) -> bool:
     os.makedirs(RESULTS, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, os.path.join(HERE, f"{name}.py"), *extra, "--json", out]
+        cmd = [sys.executable, os.path.join(HERE, f"{SCRIPTS.get(name, name)}.py"), *extra, "--json", out]
         print(f"== {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.run(cmd)
         if proc.returncode != 0 or not os.path.exists(out):
@@ -63,7 +68,7 @@ def run(name: str, extra: list[str]) -> bool:
         with open(out) as f:
             result = json.load(f)
     result.update(machine=machine(), date=datetime.date.today().isoformat(),
-                  command=f"python bench/{name}.py {' '.join(extra)}".strip())
+                  command=f"python bench/{SCRIPTS.get(name, name)}.py {' '.join(extra)}".strip())
     tmp = os.path.join(RESULTS, f"{name}.json.tmp")
     with open(tmp, "w") as f:
         json.dump(result, f, indent=2)

@@ -44,8 +44,9 @@ class CommTimer:
     def __init__(self):
         self.seconds = 0.0
         for module, name in ((mappings, "_all_gather_flat"), (mappings, "_reduce_scatter_flat"),
-                             (mappings.dist, "all_reduce")):
+                             (mappings.dist, "all_reduce"), (mappings, "_wait")):
             # mappings.dist is torch.distributed itself: the loss's all-reduces are timed too.
+            # The layers start collectives asynchronously: their time is the launch plus the wait.
             setattr(module, name, self._timed(getattr(module, name)))
 
     def _timed(self, fn):

@@ -6,6 +6,9 @@
 #
 #   RAW=/data/raw OUT=/data/cleaned WORKERS=64 bash examples/clean_llama_corpus.sh
 #
+# EXECUTOR_FLAGS="--executor ray" runs every command on a Ray cluster instead (what
+# examples/clean_llama_corpus_ray.sh does).
+#
 # Expected layout under $RAW (what each project distributes):
 #   commoncrawl/*.warc.wet.gz            CommonCrawl WET files (the paper used five 2017-2020 dumps)
 #   c4/en/c4-train.*.json.gz             C4 English
@@ -23,23 +26,37 @@ cd "$(dirname "$0")/.."
 RAW=${RAW:-raw}
 OUT=${OUT:-cleaned}
 WORKERS=${WORKERS:-$(nproc)}
+EXECUTOR_FLAGS=${EXECUTOR_FLAGS:-}
 mkdir -p "$OUT"
 
 clean() {  # clean SOURCE INPUT... [-- extra flags]
     local source=$1; shift
     python tools/clean_corpus.py --source "$source" --output "$OUT/$source" \
-        --report "$OUT/$source.report.json" --workers "$WORKERS" --input "$@"
+        --report "$OUT/$source.report.json" --workers "$WORKERS" $EXECUTOR_FLAGS --input "$@"
 }
 
-# CommonCrawl, step 1: the reference-page classifier (Wikipedia references vs. random pages).
-# Random pages: a first CCNet pass (line dedup, language ID, length) without the classifier.
+# CommonCrawl, step 1: a first CCNet pass (line dedup, language ID, length) without the model
+# filters: the random pages of the classifier, and the sample that sets the perplexity buckets.
 python tools/clean_corpus.py --source commoncrawl --input "$RAW"/commoncrawl \
-    --output "$OUT/commoncrawl-unfiltered" --report "$OUT/commoncrawl-unfiltered.report.json" --workers "$WORKERS"
+    --output "$OUT/commoncrawl-unfiltered" --report "$OUT/commoncrawl-unfiltered.report.json" --workers "$WORKERS" \
+    $EXECUTOR_FLAGS
+# CommonCrawl, step 2: CCNet's n-gram model. English Wikipedia, cleaned; a SentencePiece model of it;
+# a 5-gram KenLM model (interpolated modified Kneser-Ney) over its pieces; the head/middle/tail
+# cut-offs are the 30th/60th perplexity percentiles of the unfiltered CommonCrawl pages.
+python tools/clean_corpus.py --source wikipedia --input "$RAW"/wikipedia/enwiki-2022*-pages-articles.xml.bz2 \
+    --output "$OUT/wikipedia-en" --report "$OUT/wikipedia-en.report.json" --workers "$WORKERS" $EXECUTOR_FLAGS
+python tools/train_tokenizer.py --input "$OUT"/wikipedia-en/*.jsonl --vocab-size 65536 --output-prefix "$OUT/lm/en.sp"
+python tools/train_ngram_lm.py --input "$OUT"/wikipedia-en/*.jsonl --tokenizer-model "$OUT/lm/en.sp.model" \
+    --order 5 --output "$OUT/lm/en.bin" --percentiles-from "$OUT"/commoncrawl-unfiltered/*.jsonl
+# CommonCrawl, step 3: the reference-page classifier (Wikipedia references vs. random pages).
 python tools/train_quality_classifier.py --positive "$RAW"/quality/references.jsonl \
     --negative "$OUT"/commoncrawl-unfiltered/*.jsonl --max-per-class 1000000 --output "$OUT/quality.bin"
-# CommonCrawl, step 2: the full recipe, keeping pages classified as references.
-python tools/clean_corpus.py --source commoncrawl --input "$RAW"/commoncrawl --quality-model "$OUT/quality.bin" \
-    --output "$OUT/commoncrawl" --report "$OUT/commoncrawl.report.json" --workers "$WORKERS"
+# CommonCrawl, step 4: the full recipe: the head and middle perplexity buckets (as RedPajama),
+# then the pages classified as references.
+python tools/clean_corpus.py --source commoncrawl --input "$RAW"/commoncrawl \
+    --perplexity-model "$OUT/lm/en.bin" --perplexity-buckets head,middle \
+    --quality-model "$OUT/quality.bin" --quality-threshold 0.5 \
+    --output "$OUT/commoncrawl" --report "$OUT/commoncrawl.report.json" --workers "$WORKERS" $EXECUTOR_FLAGS
 
 clean c4 "$RAW"/c4/en                           # C4 heuristics, exact + line dedup, English
 clean github "$RAW"/github                      # Apache/BSD/MIT, line-length and alphanumeric rules, header removal, dedup

@@ -6,11 +6,15 @@
 1. assemble a raw corpus shaped like three of LLaMA's sources from what Python installs: package
    and standard-library sources as BigQuery GitHub rows, the language reference (pydoc_data) as
    C4 rows, docstrings and gettext translations as CommonCrawl WET pages;
-2. clean each source (tools/clean_corpus.py), 3. train a SentencePiece tokenizer
+2. clean each source (tools/clean_corpus.py; CommonCrawl with CCNet's n-gram perplexity filter, a
+   5-gram model of the language reference from tools/train_ngram_lm.py), 3. train a SentencePiece tokenizer
    (tools/train_tokenizer.py), 4. tokenize each source to .bin/.idx (tools/preprocess_data.py),
 5. pretrain a small LLaMA with TP=2 x PP=2 on 4 CPU processes (torchrun -m megallama.pretrain,
    the sources blended with the paper's weights), 6. export it to Hugging Face format
-   (tools/convert_checkpoint.py), 7. generate continuations (tools/generate.py).
+   (tools/convert_checkpoint.py), 7. generate continuations (tools/generate.py), 8. turn the
+   language reference into questions and answers and tokenize them with an answer-only loss mask
+   (tools/preprocess_instructions.py), 9. finetune on them with TP=2 x PP=2 (--finetune, packed
+   examples) and chat with the model before and after (tools/generate.py --chat).
 
 Every stage runs the same command a user would run (printed before it runs). Outputs go under
 --out; a summary is printed at the end and written to OUT/summary.json.
@@ -35,7 +39,7 @@ sys.path.insert(0, REPO)  # run from a checkout without installing
 from megallama.clean.io import write_json  # noqa: E402
 from megallama.fileio import atomic_open  # noqa: E402
 from megallama.data.indexed import IndexedDataset  # noqa: E402
-from megallama.demo_corpus import CorpusSizes, assemble_corpus  # noqa: E402
+from megallama.demo_corpus import CorpusSizes, assemble_corpus, reference_instructions, write_jsonl  # noqa: E402
 
 MARKER = ".megallama-demo"  # an --out folder holding it may be wiped by a new run
 SOURCES = ("commoncrawl", "c4", "github")
@@ -43,7 +47,9 @@ SOURCES = ("commoncrawl", "c4", "github")
 WEIGHTS = {"commoncrawl": 67.0, "c4": 15.0, "github": 4.5}
 PROMPTS = ("def __init__(self", "The import statement", "Return the number of")
 SAMPLING = ("--temperature", "0.8", "--top-k", "40", "--seed", "1234")  # fixed seed: the same text each run
-STAGES = 7
+STAGES = 9
+# Asked before and after finetuning; the answer is in the instruction set (the language reference).
+CHAT_PROMPT = 'Explain the "assert" statement in Python.'
 
 
 @dataclass
@@ -62,6 +68,8 @@ class Settings:
     lr: float
     log_interval: int
     max_new_tokens: int
+    perplexity_buckets: str = "head,middle"  # CommonCrawl pages kept by the n-gram filter (RedPajama's)
+    finetune_iters: int = 60  # LLaMA-I: a short instruction finetune of the pretrained checkpoint
 
     @classmethod
     def full(cls) -> "Settings":
@@ -73,7 +81,10 @@ class Settings:
     def quick(cls) -> "Settings":
         return cls(CorpusSizes.quick(), vocab_size=1000, num_layers=4, hidden_size=64, heads=4,
                    seq_length=64, micro_batch=2, global_batch=8, train_iters=30, lr=3e-3,
-                   log_interval=5, max_new_tokens=16)
+                   log_interval=5, max_new_tokens=16,
+                   # toy size: a handful of English pages; dropping the tail would leave too few to
+                   # split off validation data, so the buckets are only labelled and reported
+                   perplexity_buckets="head,middle,tail", finetune_iters=6)
 
 
 class Demo:
@@ -138,16 +149,49 @@ class Demo:
     def clean(self) -> None:
         t = self.banner("Clean each source with its LLaMA recipe (tools/clean_corpus.py)")
         self.summary["clean"] = {}
-        for source in SOURCES:
+        for source in ("c4", "commoncrawl", "github"):  # c4 first: CommonCrawl's n-gram model learns its text
+            extra = (["--perplexity-model", self.ngram_model(), "--perplexity-buckets", self.s.perplexity_buckets]
+                     if source == "commoncrawl" else [])
             report = self.path("cleaned", f"{source}.report.json")
             self.tool("clean_corpus.py", "--source", source, "--input", self.path("raw", source),
                       "--output", self.path("cleaned", source), "--report", report,
-                      "--keep-rejected", self.path("rejected", source))
+                      "--keep-rejected", self.path("rejected", source), *extra)
             with open(report, encoding="utf-8") as f:
                 r = json.load(f)
             self.summary["clean"][source] = {"input_docs": r["input_docs"], "kept": r["output_docs"],
                                              "dropped": r["dropped"]}
+        self.summary["clean"]["commoncrawl"]["buckets"] = self.bucket_counts()
+        print("commoncrawl perplexity buckets: " + ", ".join(
+            f"{b} {n}" for b, n in self.summary["clean"]["commoncrawl"]["buckets"].items()))
         self.done("clean", t)
+
+    def ngram_model(self) -> str:
+        """CCNet's n-gram filter, with the language reference (c4 here) standing in for Wikipedia:
+        its SentencePiece model and 5-gram KenLM model; the bucket cut-offs are the perplexity
+        percentiles of the CommonCrawl pages after a first pass without the filter."""
+        print("CommonCrawl's n-gram filter: a first pass for the percentile sample, then the model")
+        sample = self.path("ngram", "commoncrawl-unfiltered")
+        self.tool("clean_corpus.py", "--source", "commoncrawl", "--input", self.path("raw", "commoncrawl"),
+                  "--output", sample, "--report", self.path("ngram", "commoncrawl-unfiltered.report.json"))
+        self.tool("train_tokenizer.py", "--input", self.cleaned_glob("c4"), "--vocab-size", str(self.s.vocab_size),
+                  "--output-prefix", self.path("ngram", "reference"))
+        model = self.path("ngram", "en.bin")
+        self.tool("train_ngram_lm.py", "--input", *glob.glob(self.cleaned_glob("c4")), "--tokenizer-model",
+                  self.path("ngram", "reference.model"), "--order", "5", "--output", model,
+                  "--percentiles-from", *glob.glob(os.path.join(sample, "*.jsonl")))
+        self.summary["ngram_model"] = model
+        return model
+
+    def bucket_counts(self) -> dict[str, int]:
+        """CommonCrawl pages per perplexity bucket, kept (cleaned/) or dropped (rejected/)."""
+        counts = {"head": 0, "middle": 0, "tail": 0}
+        for path in glob.glob(self.cleaned_glob("commoncrawl")) + glob.glob(self.path("rejected", "commoncrawl", "*.jsonl")):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    bucket = json.loads(line)["meta"].get("bucket")
+                    if bucket:
+                        counts[bucket] += 1
+        return counts
 
     def cleaned_glob(self, source: str = "*") -> str:
         """The cleaned JSONL of one source or all (the tools expand the glob themselves)."""
@@ -225,6 +269,48 @@ class Demo:
         self.summary["generations"] = self.path("generations.txt")
         self.done("generate", t)
 
+    def instructions(self) -> None:
+        t = self.banner("Build an instruction set from the language reference and tokenize it with its answer-only "
+                        "loss mask (tools/preprocess_instructions.py)")
+        path = self.path("instructions", "reference_qa.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        examples = write_jsonl(path, reference_instructions(self.s.corpus.pydoc_topics))
+        print(f"{examples} questions and answers in {path}")
+        self.tool("preprocess_instructions.py", "--input", path, "--format", "alpaca", "--tokenizer-model",
+                  self.summary["tokenizer"], "--output-prefix", self.path("sft", "reference_qa"), "--no-progress")
+        self.summary["instructions"] = {"examples": examples, "jsonl": path}
+        self.done("instructions", t)
+
+    def chat(self, checkpoint: str) -> str:
+        printed = self.tool("generate.py", "--load", checkpoint, "--tokenizer-model", self.summary["tokenizer"],
+                            "--chat", "--prompt", CHAT_PROMPT, "--greedy", "--max-new-tokens",
+                            str(self.s.max_new_tokens), capture=True)
+        return " ".join(printed.split("assistant> ", 1)[-1].split())  # one line for the summary
+
+    def finetune(self) -> None:
+        s = self.s
+        t = self.banner("Finetune on the instructions (LLaMA-I), TP=2 x PP=2, packed examples; chat before and after "
+                        "(torchrun -m megallama.pretrain --finetune, tools/generate.py --chat)")
+        before = self.chat(self.path("checkpoints"))
+        self.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                  "-m", "megallama.pretrain", "--finetune", "--load", self.path("checkpoints"),
+                  "--sft-data-path", self.path("sft", "reference_qa"), "--save", self.path("finetuned"),
+                  "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel",
+                  "--num-layers", str(s.num_layers), "--hidden-size", str(s.hidden_size),
+                  "--num-attention-heads", str(s.heads), "--seq-length", str(s.seq_length),
+                  "--micro-batch-size", str(s.micro_batch), "--global-batch-size", str(s.global_batch),
+                  "--train-iters", str(s.finetune_iters), "--lr", "1e-3", "--lr-warmup-iters", "2",
+                  "--split", "100,0,0", "--eval-iters", "0", "--tokenizer-model", self.summary["tokenizer"],
+                  "--log-interval", str(s.log_interval), "--tensorboard-dir", self.path("tensorboard_finetune")],
+                 env={"OMP_NUM_THREADS": "1"})
+        after = self.chat(self.path("finetuned"))
+        figures = training_figures(self.path("tensorboard_finetune"))
+        self.summary["finetune"] = {"first_loss": figures["first_loss"], "final_loss": figures["final_loss"],
+                                    "iterations": figures["iterations"], "prompt": CHAT_PROMPT,
+                                    "before": before, "after": after}
+        self.summary["finetuned"] = self.path("finetuned")
+        self.done("finetune", t)
+
     def report(self, started: float) -> None:
         self.summary["seconds"] = dict(self.timings, total=round(time.perf_counter() - started, 1))
         write_json(self.path("summary.json"), self.summary)
@@ -293,15 +379,24 @@ def format_summary(s: dict) -> str:
         dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(c["dropped"].items(), key=lambda kv: -kv[1]))
         lines.append(f"  {source:12s} {c['input_docs']:5d} → {c['kept']:5d}  {s['tokens'][source]:>9,d} tokens"
                      f"  weight {WEIGHTS[source]:4.1f}   dropped: {dropped or 'none'}")
+        if "buckets" in c:
+            lines.append(f"  {'':12s} perplexity buckets (n-gram model): "
+                         + ", ".join(f"{b} {n}" for b, n in c["buckets"].items()))
     t = s["training"]
     lines.append(f"training: loss {t['first_loss']:.3f} → {t['final_loss']:.3f} over {t['iterations']} iterations"
                  + (f" (validation {t['validation_loss']:.3f})" if "validation_loss" in t else "")
                  + (f", {t['tokens_per_second']:,.0f} tokens/s" if t["tokens_per_second"] else ""))
+    if "finetune" in s:
+        f = s["finetune"]
+        lines.append(f"finetune: {s['instructions']['examples']} instructions, answer-token loss {f['first_loss']:.3f} "
+                     f"→ {f['final_loss']:.3f} over {f['iterations']} iterations")
+        lines += [f"  user> {f['prompt']}", f"  before> {f['before']}", f"  after>  {f['after']}"]
     lines.append("written:")
     for label, key in (("raw corpus", "raw"), ("cleaned JSONL", "cleaned"), ("dropped docs", "rejected"),
-                       ("tokenizer", "tokenizer"),
+                       ("tokenizer", "tokenizer"), ("n-gram model", "ngram_model"),
                        ("indexed data", "data"), ("checkpoints", "checkpoints"), ("tensorboard", "tensorboard"),
                        ("loss curve", "loss_curve"), ("HF model", "hf"), ("generations", "generations"),
+                       ("finetuned", "finetuned"),
                        ("this summary", "summary.json")):
         value = os.path.join(s["output"], s[key] if isinstance(s.get(key), str) else key)
         lines.append(f"  {label:14s} {value}")
@@ -342,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"megallama demo{' (--quick)' if args.quick else ''}: writing to {out}; the commands shown run there")
     started = time.perf_counter()
     demo = Demo(out, Settings.quick() if args.quick else Settings.full())
-    for stage in (demo.corpus, demo.clean, demo.tokenizer, demo.preprocess, demo.pretrain, demo.export, demo.generate):
+    for stage in (demo.corpus, demo.clean, demo.tokenizer, demo.preprocess, demo.pretrain, demo.export, demo.generate,
+                  demo.instructions, demo.finetune):
         stage()
     demo.report(started)
     return 0

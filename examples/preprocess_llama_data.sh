@@ -6,13 +6,14 @@
 #
 # CLEAN/<source>/*.jsonl[.zst|.gz] are the cleaned JSONL shards (field "text") of each source, as
 # written by tools/clean_corpus.py. To use Meta's released tokenizer instead of training one, set
-# TOKENIZER=/path/to/tokenizer.model.
+# TOKENIZER=/path/to/tokenizer.model. EXECUTOR_FLAGS="--executor ray" tokenizes on a Ray cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CLEAN=${CLEAN:?set CLEAN to the folder holding one sub-folder of cleaned JSONL per source}
 OUT=${OUT:?set OUT to the folder for the tokenizer and the .bin/.idx files}
 WORKERS=${WORKERS:-$(nproc)}
+EXECUTOR_FLAGS=${EXECUTOR_FLAGS:-}
 TRAIN_TOKENS=${TRAIN_TOKENS:-1.4e12}
 mkdir -p "$OUT"
 
@@ -42,7 +43,7 @@ for s in "${SOURCES[@]}"; do
   fi
   python tools/preprocess_data.py --input "$CLEAN/$s/*.jsonl*" --json-keys text \
     --output-prefix "$OUT/$s" --tokenizer-type SentencePieceTokenizer \
-    --tokenizer-model "$TOKENIZER" --append-eod --workers "$WORKERS"
+    --tokenizer-model "$TOKENIZER" --append-eod --workers "$WORKERS" $EXECUTOR_FLAGS
 done
 
 # 3. The blend for training, and the epochs each source will see over TRAIN_TOKENS tokens.

@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import sysconfig
+import textwrap
 import uuid
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -198,6 +199,27 @@ def pydoc_topic_rows(limit: int = 0) -> Iterator[dict]:
         if limit and i >= limit:
             return
         yield {"text": topics[name], "url": f"pydoc_data.topics/{version}#{name}"}
+
+
+def reference_instructions(limit: int = 0) -> Iterator[dict]:
+    """Alpaca-format questions and answers from the language reference (the finetuning demo): per
+    topic, "Explain TITLE." → its first prose paragraph, and "Show the syntax of TITLE." → its
+    first indented block (grammar or example), when it has one."""
+    from pydoc_data.topics import topics
+
+    for i, name in enumerate(sorted(topics)):
+        if limit and i >= limit:
+            return
+        lines = topics[name].splitlines()
+        title = lines[0].strip() if lines else name
+        title = "the" + title[3:] if title.startswith("The ") else title
+        paragraphs = re.split(r"\n\s*\n", "\n".join(lines[2:]))
+        prose = [p for p in paragraphs if p.strip() and not p.startswith(" ") and not set(p.strip()) <= set("*=-")]
+        code = [p for p in paragraphs if p.strip() and p.startswith("   ")]
+        if prose:
+            yield {"instruction": f"Explain {title} in Python.", "output": " ".join(prose[0].split())}
+        if code:
+            yield {"instruction": f"Show the syntax of {title}.", "output": textwrap.dedent(code[0]).strip()}
 
 
 def package_description_rows(names: Iterable[str]) -> Iterator[dict]:

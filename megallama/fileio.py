@@ -1,11 +1,35 @@
 """Atomic file writes: a temporary file beside the target, renamed over it only when complete, so
-an interrupted run never leaves a half file under the final name."""
+an interrupted run never leaves a half file under the final name.
+
+The finished file gets the mode ``open()`` would give it (0666 less the umask): ``mkstemp`` makes
+its temporary 0600, which would hide checkpoints and data from teammates on a shared filesystem.
+A run killed mid-write (kill -9, a node lost) leaves its temporary (``.NAME.XXXX.tmp``);
+:func:`remove_temporaries` clears them where no write can be in progress.
+"""
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from contextlib import contextmanager
 from typing import IO, Iterator
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    """The process umask: from /proc on Linux (reading it with ``os.umask`` means setting it, which
+    would race with other threads creating files); elsewhere set and put straight back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: str) -> None:
@@ -22,10 +46,11 @@ def atomic_path(path: str, fsync: bool = False) -> Iterator[str]:
     remove it if not. ``fsync`` makes the file and the rename durable (checkpoints)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=TEMPORARY_SUFFIX)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         if fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -43,3 +68,17 @@ def atomic_open(path: str, mode: str = "wb", fsync: bool = False) -> Iterator[IO
     """``open(path, mode)`` through :func:`atomic_path`."""
     with atomic_path(path, fsync) as tmp, open(tmp, mode) as f:
         yield f
+
+
+def remove_temporaries(folder: str, name_pattern: str = "*") -> list[str]:
+    """Delete the temporaries that interrupted atomic writes of ``folder/NAME`` (NAME matching
+    ``name_pattern``) left behind; returns their paths. Call only where no write can be running."""
+    pattern = os.path.join(glob.escape(folder), "." + name_pattern + ".*" + TEMPORARY_SUFFIX)
+    removed = []
+    for path in sorted(glob.glob(pattern)):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed

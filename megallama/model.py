@@ -2,7 +2,7 @@
 
 Pre-norm RMSNorm, SwiGLU feed-forward, rotary embeddings on q and k, no biases, untied output
 head. Causal attention goes through ``scaled_dot_product_attention(is_causal=True)``: no score or
-mask tensor is built here. The attention input projection, the feed-forward block and the output
+mask tensor is built here (packed examples, given by ``position_ids``: ``megallama.attention``). The attention input projection, the feed-forward block and the output
 head with its loss have hand-written backwards (§2.4 of the paper): they save the inputs of their
 matrix multiplies and recompute the cheap elementwise parts, so a layer keeps fewer activation
 bytes than plain autograd would.
@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megallama import ops, parallel
+from megallama.attention import DocumentLayout, causal_attention
 from megallama.config import LlamaConfig
 
 __all__ = ["LlamaConfig", "LlamaModel", "TransformerBlock", "get_param_groups",
@@ -39,61 +40,76 @@ __all__ = ["LlamaConfig", "LlamaModel", "TransformerBlock", "get_param_groups",
 class _QKVRotary(torch.autograd.Function):
     """``xn @ wqkv.T`` split into q, k, v ``[b, s, heads, head_dim]``, rotary applied to q and k.
 
-    Saves only ``xn``; the backward writes the three gradients into one packed buffer, so the
-    weight and input gradients are single matrix multiplies.
+    ``column`` is the ``wqkv`` layer: under sequence parallelism ``xn`` is this rank's sequence
+    shard, gathered for the multiply. Saves only ``xn`` as received (the shard) and re-gathers it
+    in backward; the backward writes the three gradients into one packed buffer, so the weight
+    and input gradients are single matrix multiplies.
     """
 
     @staticmethod
-    def forward(ctx, xn, wqkv, cos, sin, head_dim):
-        b, s, _ = xn.shape
+    def forward(ctx, xn, wqkv, cos, sin, head_dim, column):
+        full = column.gather_input(xn)
+        b, s, _ = full.shape
         heads = wqkv.shape[0] // (3 * head_dim)
-        qkv = F.linear(xn, wqkv).view(b, s, 3, heads, head_dim)
+        qkv = F.linear(full, wqkv).view(b, s, 3, heads, head_dim)
+        del full
         q = ops.rope_forward(qkv[:, :, 0], cos, sin, out=torch.empty_like(qkv[:, :, 0]))
         k = ops.rope_forward(qkv[:, :, 1], cos, sin, out=torch.empty_like(qkv[:, :, 1]))
         v = qkv[:, :, 2].contiguous()  # a copy, so the packed qkv buffer is freed now
         ctx.save_for_backward(xn, wqkv, cos, sin)
+        ctx.column = column
         return q, k, v
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
         xn, wqkv, cos, sin = ctx.saved_tensors
+        gather = ctx.column.start_input_gather(xn) if ctx.needs_input_grad[1] else None
         b, s, heads, head_dim = grad_v.shape
         grad_qkv = torch.empty(b, s, 3, heads, head_dim, dtype=xn.dtype, device=xn.device)
         ops.rope_backward(grad_q, cos, sin, out=grad_qkv[:, :, 0])
         ops.rope_backward(grad_k, cos, sin, out=grad_qkv[:, :, 1])
         grad_qkv[:, :, 2].copy_(grad_v)
         grad_qkv = grad_qkv.view(b * s, -1)
-        grad_xn = (grad_qkv @ wqkv).view_as(xn) if ctx.needs_input_grad[0] else None
-        grad_w = grad_qkv.t() @ xn.reshape(b * s, -1) if ctx.needs_input_grad[1] else None
-        return grad_xn, grad_w, None, None, None
+        reduction = None
+        if ctx.needs_input_grad[0]:
+            reduction = ctx.column.start_input_grad_reduction((grad_qkv @ wqkv).view(b, s, -1))
+        grad_w = grad_qkv.t() @ gather.wait().reshape(b * s, -1) if gather is not None else None
+        grad_xn = reduction.wait() if reduction is not None else None
+        return grad_xn, grad_w, None, None, None, None
 
 
 class _SwiGLUFeedForward(torch.autograd.Function):
     """``w2(silu(w1 xn) * w3 xn)`` saving ``xn`` and the packed ``[w1 xn, w3 xn]`` only.
 
     Plain autograd would also keep ``silu(w1 xn)`` and the product; they are recomputed.
+    ``column`` is the ``w13`` layer: as in ``_QKVRotary``, ``xn`` is kept as received (the
+    sequence shard under sequence parallelism) and gathered again in backward. The output is
+    this rank's partial sum, before ``w2``'s reduction.
     """
 
     @staticmethod
-    def forward(ctx, xn, w13, w2):
-        ab = F.linear(xn, w13)
+    def forward(ctx, xn, w13, w2, column):
+        ab = F.linear(column.gather_input(xn), w13)
         out = F.linear(ops.swiglu_forward(ab), w2)
         ctx.save_for_backward(xn, ab, w13, w2)
+        ctx.column = column
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         xn, ab, w13, w2 = ctx.saved_tensors
-        tokens = grad_out.shape[:-1].numel()
+        gather = ctx.column.start_input_gather(xn)
+        lead_shape = grad_out.shape[:-1]  # [b, s] of the gathered input
+        tokens = lead_shape.numel()
         grad_out = grad_out.reshape(tokens, -1)
         ab = ab.view(tokens, -1)
         act = ops.swiglu_forward(ab)
         grad_w2 = grad_out.t() @ act
         del act
         grad_ab = ops.swiglu_backward(grad_out @ w2, ab)
-        grad_w13 = grad_ab.t() @ xn.reshape(tokens, -1)
-        grad_xn = (grad_ab @ w13).view_as(xn)
-        return grad_xn, grad_w13, grad_w2
+        reduction = ctx.column.start_input_grad_reduction((grad_ab @ w13).view(*lead_shape, -1))
+        grad_w13 = grad_ab.t() @ gather.wait().reshape(tokens, -1)
+        return reduction.wait(), grad_w13, grad_w2, None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -187,12 +203,12 @@ class Attention(nn.Module):
         self.wqkv = parallel.ColumnParallelLinear(h, 3 * h, stacked=3, sequence_parallel=sp, dtype=dtype)
         self.wo = parallel.RowParallelLinear(h, h, sequence_parallel=sp, dtype=dtype)
 
-    def forward(self, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = _QKVRotary.apply(self.wqkv.parallel_input(xn), self.wqkv.weight, cos, sin, self.head_dim)
+    def forward(self, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: DocumentLayout | None = None) -> torch.Tensor:
+        q, k, v = _QKVRotary.apply(xn, self.wqkv.weight, cos, sin, self.head_dim, self.wqkv)
         # q, k, v are [b, s, heads, d] in memory: SDPA takes the transposed views and returns
         # its output in the same layout, so the reshape for wo is free.
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), documents)
         out = out.transpose(1, 2).reshape(*q.shape[:2], -1)
         return self.wo(out)
 
@@ -205,7 +221,7 @@ class FeedForward(nn.Module):
         self.w2 = parallel.RowParallelLinear(f, h, sequence_parallel=sp, dtype=dtype)
 
     def forward(self, xn: torch.Tensor) -> torch.Tensor:
-        out = _SwiGLUFeedForward.apply(self.w13.parallel_input(xn), self.w13.weight, self.w2.weight)
+        out = _SwiGLUFeedForward.apply(xn, self.w13.weight, self.w2.weight, self.w13)
         return self.w2.parallel_output(out)
 
 
@@ -219,8 +235,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(*norm_args)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: DocumentLayout | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, documents)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -233,6 +250,8 @@ class LlamaModel(nn.Module):
     hidden states. ``layer_ids`` are the global ids of the layers held (default: all).
     Under tensor parallelism every rank returns the full logits or loss; with sequence parallelism
     the hidden states a stage takes or returns are this rank's part of the sequence.
+    ``position_ids`` ``[batch, seq]`` (full sequence, every stage) pack several examples in a row:
+    a 0 starts an example, rotary positions restart there and attention never crosses it.
     """
 
     def __init__(self, config: LlamaConfig, *, pre_process: bool = True, post_process: bool = True,
@@ -292,7 +311,8 @@ class LlamaModel(nn.Module):
         return cos[offset:end], sin[offset:end]
 
     def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+                hidden_states: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
         if self.pre_process:
             if input_ids is None:
                 raise ValueError("the first stage needs input_ids")
@@ -305,11 +325,17 @@ class LlamaModel(nn.Module):
         if self.config.sequence_parallel:  # h holds this rank's part of the sequence
             seq_len *= parallel.get_tensor_model_parallel_world_size()
         cos, sin = self.rotary(seq_len, h.device)
+        documents = None
+        if position_ids is not None:  # packed examples: positions restart, attention stays inside each
+            if position_ids.shape != (h.shape[0], seq_len):
+                raise ValueError(f"position_ids {tuple(position_ids.shape)} must be {(h.shape[0], seq_len)}")
+            documents = DocumentLayout(position_ids)
+            cos, sin = cos[position_ids], sin[position_ids]
         for layer in self.layers.values():
             if self.config.recompute_granularity == "full" and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, documents, use_reentrant=False)
             else:
-                h = layer(h, cos, sin)
+                h = layer(h, cos, sin, documents)
         if not self.post_process:
             return h
         h = self.norm(h)
@@ -318,7 +344,7 @@ class LlamaModel(nn.Module):
         if labels.shape != (h.shape[0], seq_len):
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {(h.shape[0], seq_len)}")
         if parallel.get_tensor_model_parallel_world_size() > 1:
-            logits = F.linear(self.output.parallel_input(h), self.output.weight)  # this rank's vocabulary
+            logits = self.output.local_output(h)  # this rank's vocabulary
             return parallel.vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size)
         loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output.weight, labels.reshape(-1))
         return loss.view(labels.shape)

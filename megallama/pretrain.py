@@ -1,8 +1,11 @@
 """``torchrun [torchrun flags] -m megallama.pretrain [flags]``: pretrain LLaMA (``--help`` for the flags).
 
-A bad configuration is reported before any work, as one line on each node's first process, and
-every rank exits with status 2; a run that must stop (non-finite loss, a checkpoint that does not
-fit the model) exits with status 1.
+A bad configuration is reported before any work and every rank exits with status 2; a run that must
+stop (non-finite loss, a damaged checkpoint or one that does not fit the model) exits with status 1.
+Every rank that fails writes its own one-line message to stderr (with its rank under torchrun) and
+to torchrun's error file, so the first cause shows whichever rank hit it and whichever exited first.
+SIGTERM, SIGINT or SIGUSR1 (``--exit-signal-handler``) ends the run after the current iteration,
+saved, with status 0 on every rank.
 """
 from __future__ import annotations
 
@@ -10,19 +13,24 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
+
 from megallama.training.arguments import ConfigError, parse_args
 
 
-def _report(message: str) -> None:
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"megallama.pretrain: error: {message}", file=sys.stderr, flush=True)
+def _report(error: Exception) -> None:
+    """One line on stderr, naming the rank when torchrun started several; the same into torchrun's
+    error file (``TORCHELASTIC_ERROR_FILE``), which its failure summary shows. Call inside ``except``."""
+    rank = f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    print(f"megallama.pretrain: error: {rank}{error}", file=sys.stderr, flush=True)
+    get_error_handler().record_exception(error)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = parse_args(argv)
     except ConfigError as error:
-        _report(str(error))
+        _report(error)
         return 2
     from megallama.training.checkpointing import CheckpointError
     from megallama.training.loop import Trainer, TrainingError, shutdown
@@ -30,7 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         Trainer(config).train()
     except (TrainingError, CheckpointError) as error:
-        _report(str(error))
+        _report(error)
         return 1
     finally:
         shutdown()
@@ -38,4 +46,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(record(main)())

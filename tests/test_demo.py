@@ -107,3 +107,18 @@ def test_generations_printed(run):
     for prompt in demo.PROMPTS:
         assert prompt in printed and prompt in stdout
     assert len(printed) > sum(len(p) for p in demo.PROMPTS) + 10
+
+
+def test_finetune_stage_trains_on_answers_and_chats_before_and_after(run):
+    out, stdout, summary = run
+    from megallama.data.indexed import IndexedDataset
+
+    iters = demo.Settings.quick().finetune_iters
+    f = summary["finetune"]
+    assert f["iterations"] == iters and math.isfinite(f["final_loss"])
+    assert (out / "finetuned" / "latest_checkpointed_iteration.txt").read_text().strip() == str(iters)
+    mask = IndexedDataset(str(out / "sft" / "reference_qa_loss_mask_document"))
+    assert mask.num_documents == summary["instructions"]["examples"] > 0
+    assert 0 < mask.num_tokens and 0 < sum(int(mask[i].sum()) for i in range(len(mask))) < mask.num_tokens
+    assert stdout.count(f"user> {demo.CHAT_PROMPT}\nassistant> ") == 2  # asked before and after finetuning
+    assert f"after>  {summary['finetune']['after']}" in stdout[stdout.index("Summary"):]

@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megallama.clean.io import DEFAULT_MAX_RECORD_BYTES
 from megallama.clean.runner import clean_corpus
-from megallama.clean.sources import SOURCES
+from megallama.clean.sources import SOURCES, make_source
+from megallama.executors.cli import add_executor_arguments, executor_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,12 +31,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", required=True, metavar="FILE.json",
                    help="JSON report: input_docs, output_docs and dropped (count per reason)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="processes working on shards in parallel (default 1; the output does not depend on it)")
+                   help="with --executor local: processes working on shards in parallel (default 1; the "
+                        "output does not depend on it)")
+    add_executor_arguments(p)
+    p.add_argument("--dedup-partitions", type=int, metavar="N",
+                   help="hash partitions of the cross-shard dedup (default: one per GiB of input); each "
+                        "dedup task holds one partition's hashes, so memory per task stays flat as the "
+                        "corpus grows; the output does not depend on it")
     p.add_argument("--keep-rejected", metavar="DIR",
                    help="also write every dropped document, with its reason in meta, as JSONL in DIR")
     p.add_argument("--quality-model", metavar="M",
                    help="fastText model from tools/train_quality_classifier.py: keep only pages it "
-                        "scores as reference-like (probability >= 0.5)")
+                        "scores as reference-like (probability >= --quality-threshold)")
+    p.add_argument("--quality-threshold", type=float, default=0.5, metavar="P",
+                   help="the --quality-model probability a page needs to be kept (default 0.5)")
+    p.add_argument("--perplexity-model", metavar="LM",
+                   help="CCNet's n-gram filter (commoncrawl, c4): KenLM model from tools/train_ngram_lm.py "
+                        "(its tokenizer and cut-offs beside it); each page gets meta perplexity and bucket")
+    p.add_argument("--perplexity-buckets", metavar="B,B",
+                   help="buckets kept with --perplexity-model, from head,middle,tail (default head,middle for "
+                        "commoncrawl, as RedPajama; all three for c4, which only labels)")
+    p.add_argument("--perplexity-cutoffs", metavar="HEAD,TAIL",
+                   help="perplexities bounding the buckets (head < HEAD <= middle < TAIL <= tail), instead of "
+                        "those tools/train_ngram_lm.py --percentiles-from stored beside the model")
+    p.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_RECORD_BYTES, metavar="N",
+                   help="largest record (JSONL line, WET record, archive member, book, page) read into memory, "
+                        f"decompressed; larger ones are dropped as too_large (default {DEFAULT_MAX_RECORD_BYTES:,}: "
+                        "a compressed bomb cannot take the machine's memory)")
     return p
 
 
@@ -53,10 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
+    if args.dedup_partitions is not None and args.dedup_partitions < 1:
+        print("error: --dedup-partitions must be at least 1", file=sys.stderr)
+        return 2
     try:
-        report = clean_corpus(args.source, args.input, args.output, args.report, workers=args.workers,
-                              keep_rejected=args.keep_rejected, quality_model=args.quality_model,
-                              progress=True)
+        source = make_source(args.source, quality_model=args.quality_model, quality_threshold=args.quality_threshold,
+                             max_record_bytes=args.max_record_bytes, perplexity_model=args.perplexity_model,
+                             perplexity_buckets=args.perplexity_buckets, perplexity_cutoffs=args.perplexity_cutoffs)
+        with executor_from_args(args) as executor:
+            report = clean_corpus(source, args.input, args.output, args.report, executor=executor,
+                                  dedup_partitions=args.dedup_partitions, keep_rejected=args.keep_rejected,
+                                  progress=True)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -10,6 +10,13 @@ Under torchrun the model is split over all processes with tensor parallelism (th
 resharded on load, whatever layout saved it). With one prompt the continuation is printed as it
 is generated; with several (batched together) each prompt and its continuation are printed when
 the batch is done, with a progress bar meanwhile. Generation stops at the tokenizer's EOS.
+
+  python tools/generate.py --load SAVE --chat --prompt "What is a generator?" --greedy
+  python tools/generate.py --load SAVE --chat        # an interactive chat on stdin
+
+``--chat`` renders each prompt as a user turn through the finetuning template (the
+``chat_template`` of the HF export: ``[INST] … [/INST]``); without a prompt it keeps a conversation,
+one line a turn, until an empty line or end of input.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint: a megallama save folder (any TP/PP layout), an HF folder or a Meta folder")
     p.add_argument("--tokenizer-model", metavar="M",
                    help="SentencePiece model (default: the tokenizer.model stored with the checkpoint)")
-    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append", metavar="TEXT",
                          help="a prompt; repeat the flag for several (generated as one batch)")
     prompts.add_argument("--prompt-file", metavar="F", help="a text file with one prompt a line (one batch)")
@@ -37,7 +44,60 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling: keep the smallest set of tokens whose probability reaches P (default 0.95)")
     p.add_argument("--top-k", type=int, metavar="K", help="sampling: keep the K most likely tokens (default 0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
+    p.add_argument("--chat", action="store_true",
+                   help="apply the chat template (each prompt a user turn); with no prompt, chat interactively")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system prompt opening the conversation")
     return p
+
+
+def _read_turn(rank0: bool) -> str:
+    """A line from stdin on the first rank, the same line on every rank (TP under torchrun)."""
+    import torch.distributed as dist
+
+    line = [None]
+    if rank0:
+        try:
+            line[0] = input("user> ").strip()
+        except EOFError:
+            line[0] = ""
+    if dist.is_initialized():
+        dist.broadcast_object_list(line, src=0)
+    return line[0]
+
+
+def chat(model, tokenizer, sampling, max_new_tokens: int, system: str | None, prompts, rank0: bool) -> None:
+    """Answer ``prompts`` (each its own conversation), or an interactive conversation when None."""
+    from megallama.data.instructions import encode_chat_prompt
+    from megallama.inference.text import generate_text_from_ids
+
+    opening = [{"role": "system", "content": system}] if system else []
+
+    def answer(messages) -> str:
+        def on_text(row, text):
+            if rank0:
+                print(text, end="", flush=True)
+        ids = encode_chat_prompt(tokenizer, messages)
+        reply = generate_text_from_ids(model, tokenizer, [ids], max_new_tokens, sampling, on_text)[0]
+        if rank0:
+            print(flush=True)
+        return reply
+
+    if prompts is not None:
+        for prompt in prompts:
+            if rank0:
+                print(f"user> {prompt}\nassistant> ", end="", flush=True)
+            answer(opening + [{"role": "user", "content": prompt}])
+        return
+    messages = list(opening)
+    while True:
+        turn = _read_turn(rank0)
+        if not turn:
+            return
+        messages.append({"role": "user", "content": turn})
+        if rank0:
+            print("assistant> ", end="", flush=True)
+        reply = answer(messages)
+        messages.append({"role": "assistant", "content": reply.strip() or "(no answer)"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_new_tokens < 1:
         print(f"error: --max-new-tokens must be at least 1, got {args.max_new_tokens}", file=sys.stderr)
         return 2
+    if not (args.prompt or args.prompt_file or args.chat):
+        print("error: give --prompt or --prompt-file (or --chat for an interactive chat)", file=sys.stderr)
+        return 2
+    if args.system and not args.chat:
+        print("error: --system goes with --chat", file=sys.stderr)
+        return 2
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as f:
             prompts = [line.rstrip("\n") for line in f if line.strip()]
@@ -56,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {args.prompt_file} holds no prompt", file=sys.stderr)
             return 2
     else:
-        prompts = args.prompt
+        prompts = args.prompt  # None with --chat alone: an interactive chat
 
     from megallama.inference.checkpoint_io import load_model
     from megallama.inference.generation import SamplingParams
@@ -81,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         shutdown()
         return 1
 
-    if len(prompts) == 1:
+    if args.chat:
+        chat(model, tokenizer, sampling, args.max_new_tokens, args.system, prompts, rank0)
+    elif len(prompts) == 1:
         if rank0:
             print(prompts[0], end="", flush=True)
 

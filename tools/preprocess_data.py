@@ -6,13 +6,15 @@
         --tokenizer-model tok/llama.model --append-eod --workers 2
 
 writes ``out/c4_text_document.bin/.idx``. Memory stays bounded whatever the input size; unusable
-lines are skipped and counted (``--strict`` makes them fatal).
+lines are skipped and counted (``--strict`` makes them fatal). ``--executor ray`` tokenizes the input
+files in parallel across a Ray cluster and merges them into the same outputs, byte for byte.
 """
 import argparse
 import sys
 
 from megallama.data.jsonl import BadLineError
 from megallama.data.preprocess import format_summary, preprocess
+from megallama.executors.cli import add_executor_arguments, executor_from_args
 
 
 def parse_args(argv=None):
@@ -27,7 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer-model", help="SentencePiece .model file")
     p.add_argument("--vocab-size", type=int, help="vocabulary size, for NullTokenizer")
     p.add_argument("--append-eod", action="store_true", help="end every document with the end-of-document id")
-    p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (with --executor local)")
+    add_executor_arguments(p)
     p.add_argument("--log-interval", type=int, default=1000, help="documents between progress-bar updates")
     p.add_argument("--strict", action="store_true",
                    help="fail on the first unusable line (naming file and line) instead of skipping it")
@@ -38,10 +41,12 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        summary = preprocess(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
-                             args.vocab_size, args.json_keys, args.append_eod, args.workers,
-                             args.log_interval, args.strict, progress=not args.no_progress)
-    except BadLineError as exc:
+        with executor_from_args(args) as executor:
+            summary = preprocess(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
+                                 args.vocab_size, args.json_keys, args.append_eod, args.workers,
+                                 args.log_interval, args.strict, progress=not args.no_progress,
+                                 executor=executor if args.executor == "ray" else None)
+    except (BadLineError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_summary(summary))

@@ -2,8 +2,8 @@
 
 Every dedup here is defined on a deterministic global order (shard index, then position in the
 shard): the first occurrence is kept. Workers compute hashes per shard in parallel; the
-cross-shard decisions are taken in one process from those hashes, so the result does not depend
-on the number of workers."""
+cross-shard decisions are taken per hash partition (each partition task sees only its own
+hashes), so the result depends neither on the number of workers nor on the number of partitions."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import hashlib
 import re
 import sys
 import unicodedata
+from typing import Callable
 
 import numpy as np
 
 _WS = re.compile(r"\s+")
 MINHASH_SCHEME = "affine32"  # datasketch's default permutation scheme, named so stored values stay readable
+NUM_PERM = 128  # MinHash permutations (values per signature)
 
 
 def _normalisation_table() -> dict[int, int | None]:
@@ -95,22 +97,9 @@ def line_hashes(text: str) -> np.ndarray:
 
 
 def shard_line_hashes(flat: np.ndarray) -> np.ndarray:
-    """The distinct non-zero line hashes of one shard (what the global step needs)."""
+    """The distinct non-zero line hashes of one shard, sorted (what the partitioned step needs)."""
     u = np.unique(flat)
     return u[u != 0]
-
-
-def earlier_shard_lines(per_shard_unique: list[np.ndarray]) -> list[np.ndarray]:
-    """For each shard, the line hashes it shares with an earlier shard (its lines to remove)."""
-    if not per_shard_unique:
-        return []
-    hashes = np.concatenate(per_shard_unique)
-    shard = np.concatenate([np.full(len(u), i, dtype=np.int64) for i, u in enumerate(per_shard_unique)])
-    order = np.lexsort((shard, hashes))
-    hashes, shard = hashes[order], shard[order]
-    later = np.zeros(len(hashes), dtype=bool)
-    later[1:] = hashes[1:] == hashes[:-1]  # not the first (lowest) shard holding the hash
-    return [np.sort(hashes[later & (shard == i)]) for i in range(len(per_shard_unique))]
 
 
 def keep_first_lines(flat: np.ndarray, seen_before: np.ndarray) -> np.ndarray:
@@ -125,20 +114,60 @@ def keep_first_lines(flat: np.ndarray, seen_before: np.ndarray) -> np.ndarray:
     return keep
 
 
-def exact_duplicates(per_shard_hashes: list[np.ndarray]) -> list[np.ndarray]:
-    """For each shard, a mask of documents whose hash occurred at an earlier (shard, position)."""
-    if not per_shard_hashes:
+# Hash partitions -----------------------------------------------------------------------------
+# Each cross-shard dedup is decided per partition: partition p owns the hashes h with
+# partition_of(h) == p, and sees every occurrence of them (from all shards), so it alone can tell
+# which occurrence comes first in the global (shard, position) order. A partition task holds only
+# its hashes; the decisions of all partitions together equal one walk over the whole corpus.
+
+EXACT_ENTRY = np.dtype([("hash", "<u8"), ("pos", "<i8")])
+BAND_ENTRY = np.dtype([("key", "<u8"), ("pos", "<i8")])
+
+
+def partition_of(hashes: np.ndarray, partitions: int) -> np.ndarray:
+    """The partition owning each hash: the high 32 bits modulo `partitions` (the low bit of a line
+    hash is always set, so the low bits would not spread evenly)."""
+    return ((np.asarray(hashes, dtype=np.uint64) >> np.uint64(32)) % np.uint64(partitions)).astype(np.int64)
+
+
+def split_by_partition(entries: np.ndarray, hashes: np.ndarray, partitions: int) -> tuple[np.ndarray, np.ndarray]:
+    """`entries` reordered so each partition's rows are contiguous (stable: order inside a
+    partition is kept), and the partition offsets (partitions + 1)."""
+    part = partition_of(hashes, partitions)
+    order = np.argsort(part, kind="stable")
+    offsets = np.zeros(partitions + 1, dtype=np.int64)
+    np.cumsum(np.bincount(part, minlength=partitions), out=offsets[1:])
+    return entries[order], offsets
+
+
+def exact_partition(per_shard: list[np.ndarray]) -> list[np.ndarray]:
+    """One partition of exact dedup. `per_shard[s]`: the (hash, pos) entries of shard s in this
+    partition. Returns, per shard, the sorted positions whose hash occurred at an earlier
+    (shard, position)."""
+    if not per_shard:
         return []
-    hashes = np.concatenate(per_shard_hashes)
-    shard = np.concatenate([np.full(len(h), i, dtype=np.int64) for i, h in enumerate(per_shard_hashes)])
-    pos = np.concatenate([np.arange(len(h), dtype=np.int64) for h in per_shard_hashes])
+    hashes = np.concatenate([e["hash"] for e in per_shard])
+    pos = np.concatenate([e["pos"] for e in per_shard])
+    shard = np.concatenate([np.full(len(e), i, dtype=np.int64) for i, e in enumerate(per_shard)])
     order = np.lexsort((pos, shard, hashes))
-    dup_sorted = np.zeros(len(hashes), dtype=bool)
-    dup_sorted[1:] = hashes[order][1:] == hashes[order][:-1]
-    dup = np.empty_like(dup_sorted)
-    dup[order] = dup_sorted
-    bounds = np.cumsum([0] + [len(h) for h in per_shard_hashes])
-    return [dup[bounds[i]:bounds[i + 1]] for i in range(len(per_shard_hashes))]
+    later = np.zeros(len(order), dtype=bool)
+    later[1:] = hashes[order][1:] == hashes[order][:-1]
+    dup_shard, dup_pos = shard[order][later], pos[order][later]
+    return [np.sort(dup_pos[dup_shard == i]) for i in range(len(per_shard))]
+
+
+def line_partition(per_shard_unique: list[np.ndarray]) -> list[np.ndarray]:
+    """One partition of line dedup. `per_shard_unique[s]`: shard s's distinct line hashes in this
+    partition. Returns, per shard, the hashes it shares with an earlier shard (lines to remove)."""
+    if not per_shard_unique:
+        return []
+    hashes = np.concatenate(per_shard_unique)
+    shard = np.concatenate([np.full(len(u), i, dtype=np.int64) for i, u in enumerate(per_shard_unique)])
+    order = np.lexsort((shard, hashes))
+    hashes, shard = hashes[order], shard[order]
+    later = np.zeros(len(hashes), dtype=bool)
+    later[1:] = hashes[1:] == hashes[:-1]  # not the first (lowest) shard holding the hash
+    return [np.sort(hashes[later & (shard == i)]) for i in range(len(per_shard_unique))]
 
 
 def shingles(text: str, n: int = 5) -> set[bytes]:
@@ -149,7 +178,7 @@ def shingles(text: str, n: int = 5) -> set[bytes]:
     return {" ".join(words[i:i + n]).encode("utf-8", "surrogatepass") for i in range(len(words) - n + 1)}
 
 
-def minhash_signature(text: str, num_perm: int = 128, ngram: int = 5, seed: int = 1) -> np.ndarray:
+def minhash_signature(text: str, num_perm: int = NUM_PERM, ngram: int = 5, seed: int = 1) -> np.ndarray:
     """datasketch MinHash of the word n-gram set of `text`."""
     from datasketch import MinHash
 
@@ -158,29 +187,74 @@ def minhash_signature(text: str, num_perm: int = 128, ngram: int = 5, seed: int 
     return m.hashvalues.copy()
 
 
-def near_duplicates(per_shard_signatures: list[np.ndarray], threshold: float,
-                    skip: list[np.ndarray] | None = None, seed: int = 1) -> list[np.ndarray]:
-    """Walk documents in global order with a MinHash LSH index (datasketch): a document whose
-    estimated Jaccard similarity with an already kept one reaches `threshold` is a near duplicate;
-    otherwise it is kept and indexed. `skip` masks documents already dropped."""
-    from datasketch import LeanMinHash, MinHashLSH
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) that datasketch's MinHashLSH picks for `threshold`: two documents are
+    LSH candidates when all rows of at least one band are equal."""
+    from datasketch import MinHashLSH
 
-    out = []
-    lsh = None
-    kept: dict[tuple[int, int], np.ndarray] = {}
-    for shard, sigs in enumerate(per_shard_signatures):
-        dup = np.zeros(len(sigs), dtype=bool)
-        for i, hv in enumerate(sigs):
-            if skip is not None and skip[shard][i]:
-                continue
-            if lsh is None:
-                lsh = MinHashLSH(threshold=threshold, num_perm=len(hv))
-            m = LeanMinHash(seed=seed, hashvalues=hv, scheme=MINHASH_SCHEME)
-            # LSH gives candidates; the signatures' estimated Jaccard similarity confirms them
-            if any(np.mean(hv == kept[key]) >= threshold for key in lsh.query(m)):
-                dup[i] = True
-            else:
-                lsh.insert((shard, i), m, check_duplication=False)
-                kept[(shard, i)] = hv
-        out.append(dup)
-    return out
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
+def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(documents, bands) 64-bit keys: a hash of the band's number and its signature values. Equal
+    keys mark candidate pairs (a rare key collision is caught by comparing the bands themselves)."""
+    sigs = np.ascontiguousarray(signatures, dtype="<u8")
+    keys = np.zeros((len(sigs), bands), dtype=np.uint64)
+    for d in range(len(sigs)):
+        for b in range(bands):
+            band = sigs[d, b * rows:(b + 1) * rows].tobytes()
+            keys[d, b] = int.from_bytes(hashlib.blake2b(band, digest_size=8, salt=b.to_bytes(2, "little")).digest(), "little")
+    return keys
+
+
+GID_SHIFT = 32  # global document id = shard << 32 | position: sorts in the global order
+
+
+def near_partition(per_shard: list[np.ndarray], signature: Callable[[int, int], np.ndarray],
+                   threshold: float, bands: int, rows: int) -> np.ndarray:
+    """One partition of MinHash near dedup. `per_shard[s]`: shard s's (band key, pos) entries in
+    this partition; `signature(s, pos)` a document's MinHash values. Returns the duplicate pairs
+    (earlier gid, later gid) found in this partition's LSH buckets: same band, and estimated
+    Jaccard similarity at least `threshold` (the test datasketch's walk applies to candidates)."""
+    keys = np.concatenate([e["key"] for e in per_shard]) if per_shard else np.zeros(0, np.uint64)
+    gids = np.concatenate([(np.int64(i) << GID_SHIFT) | e["pos"] for i, e in enumerate(per_shard)]) if per_shard \
+        else np.zeros(0, np.int64)
+    order = np.lexsort((gids, keys))
+    keys, gids = keys[order], gids[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    ends = np.r_[starts[1:], len(keys)]
+    pairs = []
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        if b - a < 2:
+            continue
+        members = gids[a:b].tolist()
+        sigs = [signature(g >> GID_SHIFT, g & ((1 << GID_SHIFT) - 1)) for g in members]
+        for j in range(1, len(members)):
+            for i in range(j):
+                same_band = any(np.array_equal(sigs[i][k * rows:(k + 1) * rows], sigs[j][k * rows:(k + 1) * rows])
+                                for k in range(bands))
+                if same_band and np.mean(sigs[i] == sigs[j]) >= threshold:
+                    pairs.append((members[i], members[j]))
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def near_decisions(pairs: np.ndarray, skipped: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The near duplicates (sorted gids) from all partitions' pairs: walking documents in global
+    order, a document is a near duplicate when it pairs with an earlier document that was kept —
+    the decision datasketch's sequential LSH walk takes, needing only the pairs, never all
+    signatures. `skipped(gids)` masks documents already dropped (exact duplicates), which neither
+    keep nor lose anything here."""
+    pairs = np.unique(pairs.reshape(-1, 2), axis=0)
+    if len(pairs):
+        nodes = np.unique(pairs)
+        gone = skipped(nodes)
+        pairs = pairs[~np.isin(pairs, nodes[gone]).any(axis=1)]
+    earlier: dict[int, list[int]] = {}
+    for a, b in pairs.tolist():
+        earlier.setdefault(b, []).append(a)
+    dup: set[int] = set()
+    for b in sorted(earlier):  # every earlier partner of b is decided before b
+        if any(a not in dup for a in earlier[b]):
+            dup.add(b)
+    return np.array(sorted(dup), dtype=np.int64)

@@ -4,12 +4,16 @@ The reader hands batches of raw lines to worker processes (at most two batches p
 flight, so memory does not grow with the input); workers parse, tokenize with the chunk-cached
 batch encoder and return flat id arrays; results are written in input order. Outputs are
 ``PREFIX_{key}_document.bin/.idx``, renamed into place only when complete.
+
+With an executor (``--executor ray``) each input file is a task — a one-file run of the above on
+a cluster worker, into ``PREFIX.shards/NNNNN`` — and the shards are then merged in input order
+into the same outputs, byte for byte, as the local run's.
 """
 from __future__ import annotations
 
 import gc
-import multiprocessing as mp
 import os
+import shutil
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -17,8 +21,10 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from megallama.data.indexed import IndexedDatasetWriter, optimal_dtype
+from megallama.data.indexed import IndexedDatasetWriter, merge_indexed_datasets, optimal_dtype
 from megallama.data.jsonl import expand_inputs, iter_line_batches, parse_lines
+from megallama.executors import Executor
+from megallama.executors.local import exit_with_parent, fork_context
 from megallama.tokenizer import build_tokenizer
 
 
@@ -47,9 +53,11 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 _worker_tokenizer = None
 
 
-def _init_worker(tokenizer) -> None:
+def _init_worker(tokenizer, parent_pid: int | None = None) -> None:
     global _worker_tokenizer
     _worker_tokenizer = tokenizer
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
 
 
 def _encode_batch(task):
@@ -63,11 +71,15 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str = 
                tokenizer_model: str | None = None, vocab_size: int | None = None,
                json_keys: Sequence[str] = ("text",), append_eod: bool = False, workers: int = 1,
                log_interval: int = 1000, strict: bool = False, progress: bool = True,
-               batch_lines: int = 512) -> PreprocessSummary:
-    """Tokenize every usable line of ``inputs`` into one indexed dataset per JSON key."""
+               batch_lines: int = 512, executor: Executor | None = None) -> PreprocessSummary:
+    """Tokenize every usable line of ``inputs`` into one indexed dataset per JSON key: streamed
+    through ``workers`` local processes, or one task per input file on ``executor``."""
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     paths = expand_inputs(inputs)
+    if executor is not None:
+        return _preprocess_on(executor, paths, output_prefix, tokenizer_type, tokenizer_model, vocab_size,
+                              json_keys, append_eod, strict, progress, batch_lines)
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
     dtype = optimal_dtype(tokenizer.vocab_size)
     summary = PreprocessSummary()
@@ -86,11 +98,11 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str = 
             _init_worker(tokenizer)
             results = map(_encode_batch, tasks)
         else:
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            ctx = fork_context()
             # Frozen objects are not scanned by the workers' garbage collector, so forked workers
             # do not copy the parent's memory page by page (copy-on-write) when they collect.
             gc.freeze()
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, os.getpid()))
             gc.unfreeze()
             results = _bounded_imap(pool, tasks, 2 * workers)
         for encoded, skipped, nbytes in results:
@@ -122,12 +134,45 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str = 
     return summary
 
 
-def _bounded_imap(pool, tasks, max_in_flight: int):
-    """Ordered results of ``tasks`` with at most ``max_in_flight`` submitted and unfinished
-    (``Pool.imap`` would read the whole input ahead into memory)."""
+def _preprocess_file(path: str, shard_prefix: str, tokenizer_type: str, tokenizer_model: str | None,
+                     vocab_size: int | None, json_keys: Sequence[str], append_eod: bool, strict: bool,
+                     batch_lines: int) -> PreprocessSummary:
+    """One input file into ``shard_prefix`` (an executor task)."""
+    return preprocess([path], shard_prefix, tokenizer_type, tokenizer_model, vocab_size, json_keys, append_eod,
+                      workers=1, strict=strict, progress=False, batch_lines=batch_lines)
+
+
+def _preprocess_on(executor: Executor, paths: list[str], output_prefix: str, tokenizer_type: str,
+                   tokenizer_model: str | None, vocab_size: int | None, json_keys: Sequence[str],
+                   append_eod: bool, strict: bool, progress: bool, batch_lines: int) -> PreprocessSummary:
+    shard_dir = output_prefix + ".shards"
+    os.makedirs(shard_dir, exist_ok=True)
+    start = time.perf_counter()
+    shard_prefixes = [os.path.join(shard_dir, f"{i:05d}") for i in range(len(paths))]
+    tasks = [(path, prefix, tokenizer_type, tokenizer_model, vocab_size, tuple(json_keys), append_eod, strict,
+              batch_lines) for path, prefix in zip(paths, shard_prefixes)]
+    parts = executor.run(_preprocess_file, tasks, "preprocess", progress, unit="file")
+    summary = PreprocessSummary()
+    for part in parts:
+        summary.documents += part.documents
+        summary.tokens += part.tokens
+        summary.input_bytes += part.input_bytes
+        summary.skipped.update(part.skipped)
+    for key in json_keys:
+        merge_indexed_datasets([output_prefix_for(p, key) for p in shard_prefixes], output_prefix_for(output_prefix, key))
+    shutil.rmtree(shard_dir)
+    summary.seconds = time.perf_counter() - start
+    summary.outputs = [output_prefix_for(output_prefix, k) for k in json_keys]
+    return summary
+
+
+def _bounded_imap(pool, tasks, max_in_flight: int, fn=None):
+    """Ordered results of ``fn`` (default ``_encode_batch``) over ``tasks`` with at most
+    ``max_in_flight`` submitted and unfinished (``Pool.imap`` would read the whole input ahead into
+    memory). Also used by the instruction preprocessing."""
     pending: deque = deque()
     for task in tasks:
-        pending.append(pool.apply_async(_encode_batch, (task,)))
+        pending.append(pool.apply_async(fn or _encode_batch, (task,)))
         if len(pending) >= max_in_flight:
             yield pending.popleft().get()
     while pending:

@@ -151,12 +151,16 @@ def _write_config(config: LlamaConfig, dtype: torch.dtype, folder: str, tokenize
 
 def _write_hf_tokenizer(tokenizer_model: str, folder: str) -> None:
     """HF tokenizer files converted by transformers from the SentencePiece model (BOS prepended,
-    as LLaMA's tokenizer does)."""
+    as LLaMA's tokenizer does), with the finetuning template as ``chat_template``, so that
+    ``apply_chat_template`` gives the ids ``tools/preprocess_instructions.py`` writes."""
     from transformers import LlamaTokenizer
+
+    from megallama.data.instructions import CHAT_TEMPLATES
 
     with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer.") as staging:
         shutil.copyfile(tokenizer_model, os.path.join(staging, "tokenizer.model"))
         tokenizer = LlamaTokenizer.from_pretrained(staging, add_bos_token=True, add_eos_token=False)
+        tokenizer.chat_template = CHAT_TEMPLATES["llama2"]
         out = os.path.join(staging, "out")
         tokenizer.save_pretrained(out)
         for filename in os.listdir(out):

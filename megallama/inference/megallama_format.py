@@ -162,7 +162,7 @@ def save_megallama(reader: CheckpointReader, folder: str, tp: int, pp: int, toke
     iter_dir = ckpt.checkpoint_dir(folder, iteration)
     os.makedirs(iter_dir, exist_ok=True)
     bar = progress_bar(tp * len(keys), progress, "writing megallama rank files")
-    metadata = []
+    rank_files = []
     for pp_rank in range(pp):
         spec = stage_spec(config.num_layers, pp, pp_rank)
         held = {f"layers.{i}." for i in spec.layer_ids}
@@ -175,12 +175,12 @@ def save_megallama(reader: CheckpointReader, folder: str, tp: int, pp: int, toke
                 pieces += _rank_pieces(full, key, layout[_parameter_of(key)], tp_rank, tp)
                 bar.update()
             # RNG states belong to a rank of a layout: kept only when the layout is unchanged.
-            rank_state = ckpt.read_rank_state(reader.iter_dir, rank) if same_layout else {}
-            metadata += ckpt.write_rank_file(iter_dir, rank, pieces, rank_state)
+            rank_state = ckpt.read_rank_state(reader.iter_dir, rank, reader.metadata) if same_layout else {}
+            rank_files.append(ckpt.write_rank_file(iter_dir, rank, pieces, rank_state))
             del pieces
         bar.update(tp * (len(keys) - len(stage_keys)))
     bar.close()
-    ckpt.write_metadata(iter_dir, iteration, tp * pp, metadata, common)
+    ckpt.write_metadata(iter_dir, iteration, tp * pp, rank_files, common)
     copy_tokenizer(tokenizer_model, folder)
     ckpt.write_tracker(folder, iteration)
 

@@ -54,6 +54,14 @@ def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
     called once per generated position.
     """
     ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    return generate_text_from_ids(model, tokenizer, ids, max_new_tokens, sampling, on_text, on_step)
+
+
+def generate_text_from_ids(model, tokenizer, ids: Sequence[Sequence[int]], max_new_tokens: int,
+                           sampling: SamplingParams | None = None,
+                           on_text: Callable[[int, str], None] | None = None,
+                           on_step: Callable[[int], None] | None = None) -> list[str]:
+    """:func:`generate_text` for prompts already tokenized (e.g. a chat through its template)."""
     decoders = [IncrementalDecoder(tokenizer, p) for p in ids]
 
     def on_tokens(step: int, tokens: torch.Tensor, finished: torch.Tensor) -> None:

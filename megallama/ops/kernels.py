@@ -75,6 +75,14 @@ def rotary_output(x):
 
 
 def _rope(x, cos, sin, out, inverse):
+    if cos.dim() == 3:  # per-row angles [b, s, d/2]: the kernels take one table, so rows are laid end to end
+        b, s, h, d = x.shape
+        flat_out = out.view(1, b * s, h, d) if out.stride(0) == s * out.stride(1) else torch.empty(
+            1, b * s, h, d, dtype=out.dtype, device=out.device)
+        _rope(x.reshape(1, b * s, h, d), cos.reshape(b * s, -1), sin.reshape(b * s, -1), flat_out, inverse)
+        if flat_out.data_ptr() != out.data_ptr():
+            out.copy_(flat_out.view(b, s, h, d))
+        return out
     if _use_kernel(x):
         _ops.rope_apply(x, cos, sin, out, inverse)
     else:
@@ -84,7 +92,7 @@ def _rope(x, cos, sin, out, inverse):
 
 def rope_forward(x, cos, sin, out=None):
     """Rotates x [b, s, h, d] (any strides, stride 1 in the last dim) by the angles whose cos/sin
-    (float32 [s, d/2]) are given. Writes into ``out`` (any strides) when given, else into a new
+    (float32 [s, d/2], or [b, s, d/2] for positions that differ per row) are given. Writes into ``out`` (any strides) when given, else into a new
     tensor from :func:`rotary_output`; returns it. ``out`` must not overlap ``x``."""
     return _rope(x, cos, sin, rotary_output(x) if out is None else out, False)
 

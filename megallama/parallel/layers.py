@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from megallama.parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
+    PendingCollective,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
+    start_all_reduce,
+    start_gather,
+    start_reduce_scatter,
 )
 from megallama.parallel.state import (
     get_tensor_model_parallel_group,
@@ -49,7 +51,7 @@ def shard_tensor(full, dim, *, stacked=1, padded_size=None, rank=None, world_siz
     ``stacked``: ``dim`` holds that many equal blocks that are split separately, as in a fused
     [wq; wk; wv] weight of shape [3 * H * d, h] where each rank keeps [3 * H * d / TP, h] made of
     its rows of each block. ``padded_size``: zero-pad ``dim`` to this size first (a vocabulary not
-    divisible by TP).
+    divisible by TP). The result owns its storage (only the shard), never a view of ``full``.
     """
     rank = get_tensor_model_parallel_rank() if rank is None else rank
     world_size = get_tensor_model_parallel_world_size() if world_size is None else world_size
@@ -62,7 +64,10 @@ def shard_tensor(full, dim, *, stacked=1, padded_size=None, rank=None, world_siz
     block = divide(full.shape[dim], stacked, f"dimension {dim} of {tuple(full.shape)} over {stacked} blocks")
     divide(block, world_size, f"block size {block} of dimension {dim} of {tuple(full.shape)}")
     blocks = full.unflatten(dim, (stacked, block))
-    return blocks.chunk(world_size, dim + 1)[rank].flatten(dim, dim + 1).contiguous()
+    shard = blocks.chunk(world_size, dim + 1)[rank].flatten(dim, dim + 1)
+    # Always a copy: a contiguous block (rows of a vocabulary, TP=1) would otherwise be a view that
+    # keeps the whole of ``full`` alive, (TP - 1) / TP of it wasted in every parameter made from it.
+    return shard.clone(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()
@@ -136,12 +141,37 @@ def gather_like(param, local):
                          full_size=param.full_shape[param.partition_dim])
 
 
+class _ColumnParallelMatmul(torch.autograd.Function):
+    """``gather(x) @ weight.T`` for a column-parallel ``layer``, saving ``x`` as received.
+
+    Backward re-gathers ``x`` while it computes the input gradient, then reduces that gradient
+    while it computes the weight gradient: each collective overlaps a matrix multiply.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, layer):
+        ctx.layer = layer
+        ctx.save_for_backward(x, weight)
+        return F.linear(layer.gather_input(x), weight)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        gather = ctx.layer.start_input_gather(x) if ctx.needs_input_grad[1] else None
+        reduction = ctx.layer.start_input_grad_reduction(grad_y @ weight) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if gather is not None:
+            total = gather.wait()
+            grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ total.reshape(-1, total.shape[-1])
+        return (reduction.wait() if reduction is not None else None), grad_w, None
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split along its output rows: this rank computes y[..., its columns].
 
     gather_output: all-gather the columns so that every rank returns the full y.
     sequence_parallel: the input is split along ``sequence_dim``; it is all-gathered first (and the
-        gradient reduce-scattered back).
+        gradient reduce-scattered back). Only the split input is kept for backward.
     stacked: the output rows are that many fused blocks, each split separately (fused q/k/v: 3).
     pad_output: allow ``output_size`` not divisible by TP by padding it with zero rows (a
         vocabulary); a gathered output is trimmed back to ``output_size``.
@@ -164,16 +194,34 @@ class ColumnParallelLinear(nn.Module):
             self.padded_output_size, dtype, device,
         )
 
-    def parallel_input(self, x):
-        """``x`` as this rank's matrix multiply needs it: all-gathered along the sequence under
-        sequence parallelism, else as is with its gradient all-reduced over the ranks. For callers
-        that multiply by ``self.weight`` themselves (a fused hand-written backward)."""
+    # For hand-written backwards that multiply by ``self.weight`` themselves: they save the input
+    # as received (this rank's sequence shard under sequence parallelism, 1/TP of the gathered
+    # one), gather it for the forward multiply and again in backward (Megatron's behaviour).
+    def gather_input(self, x):
+        """``x`` as this rank's matrix multiply needs it, no autograd: all-gathered along the
+        sequence under sequence parallelism, else as is."""
+        return self.start_input_gather(x).wait()
+
+    def start_input_gather(self, x):
+        """``gather_input`` started asynchronously (for a backward to overlap with compute)."""
         if self.sequence_parallel:
-            return gather_from_sequence_parallel_region(x, self.sequence_dim)
-        return copy_to_tensor_model_parallel_region(x)
+            return start_gather(x, self.sequence_dim)
+        return PendingCollective(None, lambda: x)
+
+    def start_input_grad_reduction(self, grad):
+        """Start turning this rank's gradient of the gathered input (a partial sum over its output
+        columns) into the gradient of the input as received: reduce-scattered along the sequence
+        under sequence parallelism, else all-reduced."""
+        if self.sequence_parallel:
+            return start_reduce_scatter(grad, self.sequence_dim)
+        return start_all_reduce(grad)
+
+    def local_output(self, x):
+        """This rank's output columns of ``x W^T`` (never gathered)."""
+        return _ColumnParallelMatmul.apply(x, self.weight, self)
 
     def forward(self, x):
-        y = F.linear(self.parallel_input(x), self.weight)
+        y = self.local_output(x)
         if self.gather_output:
             y = gather_from_tensor_model_parallel_region(y)
             if self.stacked > 1:  # rank-major [rank][block] columns -> the serial [block][rank] order

@@ -5,7 +5,13 @@ all-gather <-> reduce-scatter). All are the identity when the tensor-parallel si
 
 Activations here are [batch, seq, hidden] (the model's layout), so the sequence-parallel functions
 take the sequence dimension as ``dim`` with default 1; Megatron's [seq, batch, hidden] is ``dim=0``.
+
+``start_all_reduce`` / ``start_gather`` / ``start_reduce_scatter`` are the same collectives without
+autograd, started asynchronously, for hand-written backwards that overlap them with compute.
 """
+import time
+import weakref
+
 import torch
 import torch.distributed as dist
 
@@ -28,14 +34,6 @@ def _check_divisible(x, dim, world_size, what):
         )
 
 
-def _all_reduce(x):
-    if get_tensor_model_parallel_world_size() == 1:
-        return x
-    x = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(x, group=get_tensor_model_parallel_group())
-    return x
-
-
 def _split(x, dim):
     """Keep this rank's slice of ``dim``."""
     world_size = get_tensor_model_parallel_world_size()
@@ -45,32 +43,166 @@ def _split(x, dim):
     return x.chunk(world_size, dim)[get_tensor_model_parallel_rank()].contiguous()
 
 
-def _gather(x, dim):
-    """Concatenate every rank's ``x`` along ``dim``, rank order."""
+class PendingCollective:
+    """A collective in flight (``async_op``): ``wait()`` returns its result, laid out as asked.
+
+    Hand-written backwards start one, do the matrix multiply that does not need it, then wait:
+    the communication overlaps the compute (Megatron's overlap of the sequence-parallel
+    all-gather and of the input-gradient reduction with the weight-gradient multiply).
+
+    Gloo's worker thread keeps the finished work (and so the tensors handed to it) for a moment
+    after ``work.wait()`` returns. Were those the last references, the buffers would be freed there,
+    late and off the main thread (the profiler's allocation records then miss the free: the
+    training run looked as if it grew by megabytes an iteration). So gloo gets aliases (new tensor
+    objects sharing the storage) of tensors this object keeps; ``wait()`` drops the work, waits
+    until gloo has let go of every alias, then lets go of the storages itself, on this thread.
+    """
+
+    def __init__(self, work, finish, watch=False):
+        self._work, self._finish = work, finish
+        self._watch = watch  # gloo: hand aliases and wait for their release (other backends: as is)
+        self._keep = []  # the storages handed to gloo, owned here until it let go
+        self._handed = []
+        self._storages = []  # (private buffer, its storage's use count before gloo got it)
+
+    def hand(self, x, private=False):
+        """``x`` for the collective: under gloo an alias of it (``x`` kept here), watched until
+        gloo drops it. ``private``: a buffer made for this collective, that nothing but this object
+        references until ``wait()``; gloo may also hold views of it that it made itself (the
+        all-gather's output chunks), freed after the alias: the storage's use count is watched too."""
+        if not self._watch:
+            return x
+        self._keep.append(x)
+        if private:
+            self._storages.append((x, _storage_uses(x)))
+        alias = x.detach()
+        self._handed.append(weakref.ref(alias))
+        return alias
+
+    def started(self, work):
+        self._work = work
+        return self
+
+    def wait(self):
+        if self._work is not None:
+            work, self._work = self._work, None
+            _wait(work)
+            del work  # the last reference from this thread: gloo's worker may still hold it
+            _until_released(self._handed, self._storages)
+        self._handed, self._storages = [], []
+        finish, self._finish = self._finish, None
+        result = finish()
+        self._keep = []  # freed here (not on gloo's thread) unless the result or the caller holds it
+        return result
+
+
+# Gloo's worker drops a finished work within microseconds; past this, stop waiting (the buffers are
+# then freed late by gloo, the behaviour without this wait) rather than stall.
+_RELEASE_TIMEOUT_S = 5.0
+
+
+def _storage_uses(x):
+    """References to ``x``'s storage (tensors sharing it, gloo's included), or None where this torch
+    cannot tell."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if count is None else count(x.untyped_storage()._cdata)
+
+
+def _until_released(refs, storages=()):
+    """Wait (giving up the GIL, which gloo's thread needs to drop a Python tensor) until every
+    weakly referenced alias is gone and every private buffer's storage is referenced as before."""
+    def held():
+        return (any(r() is not None for r in refs)
+                or any(uses is not None and _storage_uses(x) != uses for x, uses in storages))
+
+    if not held():
+        return
+    deadline = time.monotonic() + _RELEASE_TIMEOUT_S
+    while held() and time.monotonic() < deadline:
+        time.sleep(0)
+
+
+def _is_gloo(group):
+    return dist.get_backend(group) == "gloo"
+
+
+def _wait(work):
+    work.wait()
+
+
+def _done(x):
+    return PendingCollective(None, lambda: x)
+
+
+def start_all_reduce(x):
+    """Start the sum of ``x`` over the tensor-parallel ranks (into a copy)."""
+    if get_tensor_model_parallel_world_size() == 1:
+        return _done(x)
+    x = x.clone(memory_format=torch.contiguous_format)
+    group = get_tensor_model_parallel_group()
+    pending = PendingCollective(None, lambda: x, watch=_is_gloo(group))
+    return pending.started(dist.all_reduce(pending.hand(x, private=True), group=group, async_op=True))
+
+
+def start_gather(x, dim):
+    """Start the concatenation of every rank's ``x`` along ``dim``, rank order."""
     world_size = get_tensor_model_parallel_world_size()
     if world_size == 1:
-        return x
+        return _done(x)
     # Gloo wants the concatenated form [world * n, ...] of the output, not the stacked one.
     out = x.new_empty((world_size * x.shape[0],) + tuple(x.shape[1:]))
-    _all_gather_flat(out, x.contiguous(), group=get_tensor_model_parallel_group())
+    group = get_tensor_model_parallel_group()
     if dim % x.dim() == 0:
-        return out
-    return torch.cat(out.chunk(world_size), dim=dim)
+        pending = PendingCollective(None, lambda: out, watch=_is_gloo(group))
+    else:
+        pending = PendingCollective(None, lambda: torch.cat(out.chunk(world_size), dim=dim), watch=_is_gloo(group))
+    src = x.contiguous()  # a copy (private to this collective) only when ``x`` is not contiguous
+    work = _all_gather_flat(pending.hand(out, private=True), pending.hand(src, private=src is not x), group=group,
+                            async_op=True)
+    return pending.started(work)
+
+
+def start_reduce_scatter(x, dim):
+    """Start the sum of ``x`` over the ranks keeping this rank's slice of ``dim``."""
+    world_size = get_tensor_model_parallel_world_size()
+    if world_size == 1:
+        return _done(x)
+    _check_divisible(x, dim, world_size, "reduce-scatter")
+    group = get_tensor_model_parallel_group()
+    gloo = _is_gloo(group)
+    out_shape = list(x.shape)
+    out_shape[dim] //= world_size
+    # The flat collective scatters along the first dimension: bring the chunks of ``dim`` there.
+    if dim % x.dim() != 0:
+        stacked = torch.cat(x.chunk(world_size, dim))
+    elif gloo:
+        stacked = x.clone(memory_format=torch.contiguous_format)
+    else:
+        stacked = x.contiguous()
+    if not gloo:
+        out = x.new_empty(out_shape)
+        pending = PendingCollective(None, lambda: out)
+        return pending.started(_reduce_scatter_flat(out, stacked, group=group, async_op=True))
+    # Gloo's reduce-scatter is an all-reduce of a copy of the input, then a copy of this rank's
+    # chunk: done here on a copy owned by this thread (freed here, not on gloo's worker), the
+    # concatenation above when there is one (gloo would have copied it once more).
+    rank = get_tensor_model_parallel_rank()
+    pending = PendingCollective(None, lambda: stacked.chunk(world_size)[rank].clone(), watch=True)
+    return pending.started(dist.all_reduce(pending.hand(stacked, private=True), group=group, async_op=True))
+
+
+def _all_reduce(x):
+    return start_all_reduce(x).wait()
+
+
+def _gather(x, dim):
+    """Concatenate every rank's ``x`` along ``dim``, rank order."""
+    return start_gather(x, dim).wait()
 
 
 def _reduce_scatter(x, dim):
     """Sum ``x`` over the ranks and keep this rank's slice of ``dim``."""
-    world_size = get_tensor_model_parallel_world_size()
-    if world_size == 1:
-        return x
-    _check_divisible(x, dim, world_size, "reduce-scatter")
-    # The flat collective scatters along the first dimension: bring the chunks of ``dim`` there.
-    stacked = x.contiguous() if dim % x.dim() == 0 else torch.cat(x.chunk(world_size, dim))
-    out_shape = list(x.shape)
-    out_shape[dim] //= world_size
-    out = x.new_empty(out_shape)
-    _reduce_scatter_flat(out, stacked, group=get_tensor_model_parallel_group())
-    return out
+    return start_reduce_scatter(x, dim).wait()
 
 
 class _CopyToTensorParallelRegion(torch.autograd.Function):

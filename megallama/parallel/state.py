@@ -6,7 +6,18 @@ GPUs share the fastest links), data-parallel next, pipeline stages outermost. Ca
 
 Before it is called (a plain single process, no process group) every getter answers as the serial
 model needs: size 1, rank 0, group None, first and last pipeline stage at once.
+
+Teardown: ``initialize_model_parallel`` registers ``destroy_model_parallel`` to run at interpreter
+exit. Gloo's worker thread drops a finished collective (and with it the tensors it holds, whose
+Python objects need the GIL) after the caller has already resumed. When that falls into interpreter
+finalisation, the thread asking for the GIL is ended with ``pthread_exit``, whose unwinding through
+the collective's ``noexcept`` destructor calls ``std::terminate``: SIGABRT, ``terminate called
+without an active exception`` (seen in gdb in ``~AsyncAllgatherWork`` after a sequence-parallel
+forward, whose last collectives are all-gathers). Destroying the groups at exit joins those
+threads while the interpreter is still whole.
 """
+import atexit
+
 import torch.distributed as dist
 
 _TENSOR_GROUP = None
@@ -92,6 +103,8 @@ def initialize_model_parallel(
     if virtual_pipeline_model_parallel_size is not None:
         _VIRTUAL_PIPELINE_RANK = 0
         _VIRTUAL_PIPELINE_WORLD_SIZE = int(virtual_pipeline_model_parallel_size)
+    atexit.unregister(destroy_model_parallel)  # once, however often the groups are rebuilt
+    atexit.register(destroy_model_parallel)
 
 
 def destroy_model_parallel():
@@ -101,7 +114,10 @@ def destroy_model_parallel():
     global _VIRTUAL_PIPELINE_RANK, _VIRTUAL_PIPELINE_WORLD_SIZE
     for group in {_TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP, _MODEL_GROUP} - {None}:
         if dist.is_initialized():
-            dist.destroy_process_group(group)
+            try:
+                dist.destroy_process_group(group)
+            except ValueError:  # destroyed already, with a world group since replaced
+                pass
     _TENSOR_GROUP = _PIPELINE_GROUP = _DATA_GROUP = _MODEL_GROUP = None
     _TENSOR_RANKS = _PIPELINE_RANKS = _DATA_RANKS = None
     _VIRTUAL_PIPELINE_RANK = _VIRTUAL_PIPELINE_WORLD_SIZE = None

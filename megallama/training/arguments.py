@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Recompute activations in backward: selective = attention core only, full = whole layers.")
     g.add_argument("--eval-interval", type=int, default=1000, help="Iterations between validation runs.")
     g.add_argument("--eval-iters", type=int, default=100, help="Batches per validation run (0 = no validation).")
+    g.add_argument("--exit-signal-handler", action=argparse.BooleanOptionalAction, default=None,
+                   help="On SIGTERM, SIGINT or SIGUSR1 (a preemption, a time limit), finish the current "
+                   "iteration, save (with --save) and exit 0 on every rank. Default: on when --save is given.")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="Stop (saving with --save) after the first iteration that ends this many minutes "
+                   "after the run started (set-up and checkpoint loading count).")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="Stop (saving with --save) after the first iteration divisible by this.")
 
     g = p.add_argument_group("optimizer and learning rate")
     g.add_argument("--lr", type=float, default=None,
@@ -129,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model file.")
     g.add_argument("--data-cache-path", default=None,
                    help="Folder for the sample-index cache; default beside the data.")
+    g.add_argument("--sft-data-path", nargs="*", default=[],
+                   help="Instruction data for finetuning: PREFIX or W1 PREFIX1 W2 PREFIX2 …, each the "
+                   "--output-prefix of tools/preprocess_instructions.py; examples are packed into "
+                   "--seq-length rows, isolated from each other, loss on answer tokens only.")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="Restart positions after each EOD token (needs --reset-attention-mask: both go together).")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="Tokens attend only within their own document (EOD-delimited); with --reset-position-ids.")
+    g.add_argument("--eod-mask-loss", action="store_true",
+                   help="No loss on positions whose input token is EOD (predicting across documents).")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None, help="Folder to write checkpoints to (SAVE/iter_NNNNNNN/).")
@@ -140,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Load this iteration's checkpoint from --load instead of the latest one.")
     g.add_argument("--no-load-optim", action="store_true", help="Load weights only; fresh optimizer state.")
     g.add_argument("--no-load-rng", action="store_true", help="Do not restore the saved RNG states.")
+    g.add_argument("--allow-no-checkpoint", action="store_true",
+                   help="Train from scratch when --load holds no checkpoint. Without it that is an error (a "
+                   "mistyped path), unless --load is the --save folder (resume-or-start).")
+    g.add_argument("--rewind-save", action="store_true",
+                   help="Allow a run starting below the iteration --save's tracker names (e.g. restarting "
+                   "from an earlier --ckpt-step into the same folder): its saves move the tracker back and "
+                   "replace the later iter_* folders. Without it that is an error.")
+    g.add_argument("--finetune", action="store_true",
+                   help="Start from the weights in --load (a megallama checkpoint of any layout, or an HF "
+                   "LLaMA folder) with iteration, optimizer and lr schedule reset. If --save already holds "
+                   "a checkpoint of this run, resume that instead (a relaunch continues, not restarts).")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=100, help="Iterations between console/TensorBoard logs.")
@@ -205,15 +234,20 @@ def config_from_namespace(ns: argparse.Namespace, world_size: int) -> PretrainCo
             micro_batch_size=ns.micro_batch_size, global_batch_size=global_batch, train_iters=ns.train_iters,
             seed=ns.seed, bf16=ns.bf16, recompute_granularity=ns.recompute_granularity,
             eval_interval=ns.eval_interval, eval_iters=ns.eval_iters,
+            exit_signal_handler=ns.exit_signal_handler if ns.exit_signal_handler is not None else ns.save is not None,
+            exit_duration_in_mins=ns.exit_duration_in_mins, exit_interval=ns.exit_interval,
         ),
         data=DataArgs(
             data_path=list(ns.data_path), split=ns.split, mock_data=ns.mock_data,
             tokenizer_type=tokenizer_type, tokenizer_model=ns.tokenizer_model,
-            data_cache_path=ns.data_cache_path,
+            data_cache_path=ns.data_cache_path, sft_data_path=list(ns.sft_data_path),
+            reset_position_ids=ns.reset_position_ids, reset_attention_mask=ns.reset_attention_mask,
+            eod_mask_loss=ns.eod_mask_loss,
         ),
         checkpoint=CheckpointArgs(
             save=ns.save, load=ns.load, save_interval=ns.save_interval, ckpt_step=ns.ckpt_step,
-            no_load_optim=ns.no_load_optim, no_load_rng=ns.no_load_rng,
+            no_load_optim=ns.no_load_optim, no_load_rng=ns.no_load_rng, finetune=ns.finetune,
+            allow_no_checkpoint=ns.allow_no_checkpoint, rewind_save=ns.rewind_save,
         ),
         logging=LoggingArgs(log_interval=ns.log_interval, tensorboard_dir=ns.tensorboard_dir,
                             peak_tflops=ns.peak_tflops),
@@ -299,9 +333,25 @@ def validate(config: PretrainConfig) -> None:
         raise ConfigError("--save-interval needs --save and must be at least 1")
     if ck.ckpt_step is not None and ck.load is None:
         raise ConfigError("--ckpt-step needs --load")
+    if (t.exit_interval is not None and t.exit_interval < 1) or \
+            (t.exit_duration_in_mins is not None and t.exit_duration_in_mins <= 0):
+        raise ConfigError("--exit-interval must be at least 1 and --exit-duration-in-mins above 0")
     d = config.data
-    if d.mock_data == bool(d.data_path):
-        raise ConfigError("give exactly one of --data-path and --mock-data")
+    if d.mock_data + bool(d.data_path) + bool(d.sft_data_path) != 1:
+        raise ConfigError("give exactly one of --data-path, --mock-data and --sft-data-path")
+    if d.reset_position_ids != d.reset_attention_mask:
+        raise ConfigError("--reset-position-ids and --reset-attention-mask go together (positions restart "
+                          "where attention is cut)")
+    if d.sft_data_path and (d.reset_position_ids or d.eod_mask_loss):
+        raise ConfigError("--sft-data-path packs isolated examples with answer-only loss already: "
+                          "drop --reset-position-ids/--reset-attention-mask/--eod-mask-loss")
+    if d.mock_data and (d.reset_position_ids or d.eod_mask_loss):
+        raise ConfigError("--reset-position-ids/--reset-attention-mask/--eod-mask-loss act on the EOD tokens of "
+                          "--data-path, not on --mock-data")
+    if ck.finetune and ck.load is None:
+        raise ConfigError("--finetune needs --load (the pretrained checkpoint or HF folder)")
+    if d.sft_data_path:
+        data_prefixes(d.sft_data_path)
     if d.tokenizer_type == "SentencePieceTokenizer" and not d.tokenizer_model:
         raise ConfigError("--tokenizer-type SentencePieceTokenizer needs --tokenizer-model")
     if d.data_path:
@@ -339,6 +389,13 @@ def check_inputs(config: PretrainConfig) -> None:
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
                 raise ConfigError(f"data file {prefix + ext} not found (from --data-path {prefix})")
+    for _, prefix in data_prefixes(d.sft_data_path) if d.sft_data_path else []:
+        from megallama.data.instructions import output_prefixes
+
+        for path in (p + ext for p in output_prefixes(prefix) for ext in (".bin", ".idx")):
+            if not os.path.isfile(path):
+                raise ConfigError(f"instruction data file {path} not found (from --sft-data-path {prefix}; "
+                                  "made by tools/preprocess_instructions.py)")
     if d.tokenizer_type == "SentencePieceTokenizer":
         if not os.path.isfile(d.tokenizer_model):
             raise ConfigError(f"tokenizer model {d.tokenizer_model} not found (--tokenizer-model)")
@@ -348,6 +405,36 @@ def check_inputs(config: PretrainConfig) -> None:
         elif vocab > config.model.vocab_size:
             raise ConfigError(f"tokenizer {d.tokenizer_model} has {vocab} tokens, more than --vocab-size "
                               f"{config.model.vocab_size}")
+    check_checkpoint_folders(config.checkpoint)
+
+
+def _same_folder(a: Optional[str], b: Optional[str]) -> bool:
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_checkpoint_folders(ck: CheckpointArgs) -> None:
+    """A ``--load`` naming no checkpoint is a mistyped path unless it is the ``--save`` folder
+    (resume-or-start) or ``--allow-no-checkpoint`` says so; a run starting below the iteration
+    ``--save`` already holds would rewind that folder's tracker, unless ``--rewind-save``."""
+    from megallama.training.checkpointing import CheckpointError, read_tracker
+
+    if ck.finetune:  # --load is the weights to start from; the run resumes only from --save
+        return
+    try:
+        loaded = read_tracker(ck.load) if ck.load else None
+        saved = read_tracker(ck.save) if ck.save else None
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None
+    if ck.load and loaded is None and not (_same_folder(ck.load, ck.save) or ck.allow_no_checkpoint):
+        what = "does not exist" if not os.path.exists(ck.load) else "holds no checkpoint (no latest_checkpointed_iteration.txt)"
+        raise ConfigError(f"--load {ck.load} {what}; to train from scratch drop --load, give --load the --save "
+                          "folder, or add --allow-no-checkpoint")
+    start = (ck.ckpt_step if ck.ckpt_step is not None else loaded) if ck.load else None
+    start = 0 if start is None else start
+    if saved is not None and start < saved and not ck.rewind_save:
+        raise ConfigError(f"--save {ck.save} already holds iteration {saved} and this run starts at iteration "
+                          f"{start}: its saves would move that tracker back and replace later checkpoints; "
+                          "give another --save, or --rewind-save to do it on purpose")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, env=None, check_files: bool = True) -> PretrainConfig:

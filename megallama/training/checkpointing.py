@@ -16,21 +16,29 @@ change between save and load. Replicated pieces are written once (``write=False`
 Crash safety: each file is written to a temporary name and renamed; ``metadata.json`` is written
 after every rank's file exists; the tracker is replaced last. A crash at any point leaves the
 tracker naming the previous, complete checkpoint. Loading uses ``torch.load(weights_only=True,
-mmap=True)``, so a rank reads only the bytes of the pieces it needs.
+mmap=True)``.
+
+Integrity: ``metadata.json`` records each rank file's size and SHA-256 (``files``); a rank checks
+every file it opens before using it. A mismatch, a truncated or unreadable file or an unreadable
+``metadata.json`` is a ``CheckpointError`` naming the file, the iteration and the previous complete
+checkpoint to fall back to (``--ckpt-step``). Checkpoints written before checksums (no ``files``)
+still load, unverified. ``verify_checkpoint`` checks a folder without building a model.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
-from megallama.fileio import atomic_open
+from megallama.fileio import atomic_open, remove_temporaries
 
 FORMAT_VERSION = 1
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -81,6 +89,55 @@ def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def saved_iterations(root: str) -> list[int]:
+    """Iterations with an ``iter_NNNNNNN`` folder under ``root`` (complete or not), ascending."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(root), "iter_*")):
+        suffix = os.path.basename(path)[len("iter_"):]
+        if suffix.isdigit() and os.path.isdir(path):
+            found.append(int(suffix))
+    return sorted(found)
+
+
+def previous_complete_iteration(root: str, before: int) -> Optional[int]:
+    """The latest iteration below ``before`` whose folder is complete (its index reads, its files
+    have their recorded sizes; not hashed: this answers an error message quickly)."""
+    for iteration in reversed([i for i in saved_iterations(root) if i < before]):
+        if not verify_checkpoint(root, iteration, checksums=False).problems:
+            return iteration
+    return None
+
+
+def _damaged(iter_dir: str, what: str) -> CheckpointError:
+    """One line: what is wrong, in which file of which iteration, and the way back."""
+    root, name = os.path.split(os.path.normpath(iter_dir))
+    suffix = name[len("iter_"):]
+    if not (name.startswith("iter_") and suffix.isdigit()):
+        return CheckpointError(f"checkpoint {iter_dir}: {what}")
+    iteration = int(suffix)
+    back = previous_complete_iteration(root, iteration)
+    way = (f"the previous complete checkpoint is iteration {back}: resume from it with --ckpt-step {back}"
+           if back is not None else f"no earlier complete checkpoint in {root}")
+    return CheckpointError(f"checkpoint of iteration {iteration} is damaged: {what}; {way}")
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_stale_temporaries(root: str) -> list[str]:
+    """Delete what saves killed mid-write left under ``root`` (``.rank_*.pt.*.tmp`` and the like);
+    only while no save to ``root`` is running (a run's start)."""
+    removed = remove_temporaries(root)
+    for iteration in saved_iterations(root):
+        removed += remove_temporaries(checkpoint_dir(root, iteration))
+    return removed
+
+
 def rank_filename(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
@@ -110,8 +167,9 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def write_rank_file(iter_dir: str, rank: int, pieces: Sequence[ShardedTensor], rank_state: dict) -> list[dict]:
-    """Write this rank's pieces (those with ``write``) and its private state; returns their metadata."""
+def write_rank_file(iter_dir: str, rank: int, pieces: Sequence[ShardedTensor], rank_state: dict) -> dict:
+    """Write this rank's pieces (those with ``write``) and its private state; returns the file's
+    record for ``write_metadata``: its name, size, SHA-256 and the metadata of its pieces."""
     tensors, metadata = [], []
     for piece in pieces:
         if not piece.write:
@@ -125,18 +183,24 @@ def write_rank_file(iter_dir: str, rank: int, pieces: Sequence[ShardedTensor], r
         tensors.append(_own_storage(piece.data))
     os.makedirs(iter_dir, exist_ok=True)
     payload = {"tensors": tensors, "rank_state": rank_state}
-    with atomic_open(os.path.join(iter_dir, rank_filename(rank)), "wb", fsync=True) as f:
+    path = os.path.join(iter_dir, rank_filename(rank))
+    with atomic_open(path, "wb", fsync=True) as f:
         torch.save(payload, f)
-    return metadata
+    # Hashed from the page cache just written; what later reads are compared against.
+    return {"file": rank_filename(rank), "bytes": os.path.getsize(path), "sha256": file_sha256(path),
+            "pieces": metadata}
 
 
-def write_metadata(iter_dir: str, iteration: int, world_size: int, pieces: Sequence[dict], common: dict) -> None:
-    """The index of every rank's pieces plus the run state shared by all ranks (JSON-serialisable)."""
+def write_metadata(iter_dir: str, iteration: int, world_size: int, rank_files: Sequence[dict], common: dict) -> None:
+    """The index of every rank's pieces, each file's size and checksum, and the run state shared by
+    all ranks (JSON-serialisable); ``rank_files`` are ``write_rank_file``'s records."""
     index: dict[str, list] = {}
-    for entry in pieces:
-        index.setdefault(entry["key"], []).append(entry)
+    for record in rank_files:
+        for entry in record["pieces"]:
+            index.setdefault(entry["key"], []).append(entry)
+    files = {r["file"]: {"bytes": r["bytes"], "sha256": r["sha256"]} for r in rank_files}
     document = {"format_version": FORMAT_VERSION, "iteration": iteration, "world_size": world_size,
-                "common": common, "pieces": index}
+                "common": common, "files": files, "pieces": index}
     with atomic_open(os.path.join(iter_dir, METADATA_FILENAME), "w", fsync=True) as f:
         json.dump(document, f)
 
@@ -151,14 +215,14 @@ def save_checkpoint(
     rank = torch.distributed.get_rank(group) if distributed else 0
     world = torch.distributed.get_world_size(group) if distributed else 1
     iter_dir = checkpoint_dir(root, iteration)
-    metadata = write_rank_file(iter_dir, rank, pieces, rank_state)
+    record = write_rank_file(iter_dir, rank, pieces, rank_state)
     gathered = [None] * world if rank == 0 else None
     if distributed:
-        torch.distributed.gather_object(metadata, gathered, dst=0, group=group)
+        torch.distributed.gather_object(record, gathered, dst=0, group=group)
     else:
-        gathered = [metadata]
+        gathered = [record]
     if rank == 0:
-        write_metadata(iter_dir, iteration, world, [m for per_rank in gathered for m in per_rank], common)
+        write_metadata(iter_dir, iteration, world, gathered, common)
         write_tracker(root, iteration)
     if distributed:
         torch.distributed.barrier(group)
@@ -168,26 +232,78 @@ def read_metadata(iter_dir: str) -> dict:
     path = os.path.join(iter_dir, METADATA_FILENAME)
     if not os.path.isfile(path):
         raise CheckpointError(f"{iter_dir} is not a complete checkpoint: {METADATA_FILENAME} is missing")
-    with open(path) as f:
-        document = json.load(f)
+    try:
+        with open(path) as f:
+            document = json.load(f)
+        if not isinstance(document, dict) or not isinstance(document.get("pieces"), dict):
+            raise ValueError("not a checkpoint index")
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _damaged(iter_dir, f"{path} is unreadable ({type(error).__name__}: {error})") from None
     if document.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {document.get('format_version')} is not {FORMAT_VERSION}")
     return document
 
 
-class _RankFiles:
-    """Lazily memory-maps rank files of one checkpoint folder."""
+def has_checksums(metadata: dict) -> bool:
+    """False for checkpoints written before files were checksummed (they load unverified)."""
+    return "files" in metadata
 
-    def __init__(self, iter_dir: str):
-        self.iter_dir, self._open = iter_dir, {}
+
+# Files of a loaded index already hashed, kept on the in-memory index (never written back) so that
+# loading the model, then the optimizer, then a converter's key after key reads each file once.
+_CHECKED = "_checked_files"
+
+
+def _file_problem(iter_dir: str, metadata: dict, filename: str, checksums: bool = True) -> Optional[str]:
+    """What is wrong with rank file ``filename`` against its record in ``metadata`` (None: nothing)."""
+    path = os.path.join(iter_dir, filename)
+    if not os.path.isfile(path):
+        return f"{path} is missing (all ranks' files must be on one shared filesystem)"
+    if not has_checksums(metadata):
+        return None
+    recorded = metadata["files"].get(filename)
+    if recorded is None:
+        return f"{path} is not listed in {METADATA_FILENAME}"
+    size = os.path.getsize(path)
+    if size != recorded["bytes"]:
+        return f"{path} has {size} bytes, {recorded['bytes']} were written (truncated or overwritten)"
+    if checksums and file_sha256(path) != recorded["sha256"]:
+        return f"{path} does not match its SHA-256 in {METADATA_FILENAME} (corrupted)"
+    return None
+
+
+def _load_rank_file(path: str) -> dict:
+    """``torch.load`` (weights only, memory-mapped); ValueError with one line when it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as error:  # truncated zip, bad pickle
+        text = str(error).strip()
+        raise ValueError(f"{path} is unreadable ({text.splitlines()[0] if text else type(error).__name__})") from None
+
+
+def check_file(iter_dir: str, metadata: dict, filename: str) -> None:
+    """Raise ``CheckpointError`` unless ``filename`` is present with the size and SHA-256 recorded."""
+    if filename in metadata.get(_CHECKED, ()):
+        return
+    problem = _file_problem(iter_dir, metadata, filename)
+    if problem:
+        raise _damaged(iter_dir, problem)
+    metadata.setdefault(_CHECKED, set()).add(filename)
+
+
+class _RankFiles:
+    """Lazily memory-maps rank files of one checkpoint folder, each checked before its first use."""
+
+    def __init__(self, iter_dir: str, metadata: dict):
+        self.iter_dir, self.metadata, self._open = iter_dir, metadata, {}
 
     def payload(self, filename: str) -> dict:
         if filename not in self._open:
-            path = os.path.join(self.iter_dir, filename)
-            if not os.path.isfile(path):
-                raise CheckpointError(f"checkpoint file {path} is missing (all ranks' files must be on one "
-                                      "shared filesystem)")
-            self._open[filename] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            check_file(self.iter_dir, self.metadata, filename)
+            try:
+                self._open[filename] = _load_rank_file(os.path.join(self.iter_dir, filename))
+            except ValueError as error:
+                raise _damaged(self.iter_dir, str(error)) from None
         return self._open[filename]
 
     def tensor(self, entry: dict) -> torch.Tensor:
@@ -242,7 +358,7 @@ def load_pieces(iter_dir: str, metadata: dict, targets: Sequence[ShardedTensor],
 
     Returns the keys not found in the checkpoint (an error when ``strict``).
     """
-    files, missing = _RankFiles(iter_dir), []
+    files, missing = _RankFiles(iter_dir, metadata), []
     by_key: dict[str, list[ShardedTensor]] = {}
     for t in targets:
         by_key.setdefault(t.key, []).append(t)
@@ -279,8 +395,63 @@ def load_pieces(iter_dir: str, metadata: dict, targets: Sequence[ShardedTensor],
     return missing
 
 
-def read_rank_state(iter_dir: str, rank: int) -> dict:
-    return _RankFiles(iter_dir).payload(rank_filename(rank))["rank_state"]
+def read_rank_state(iter_dir: str, rank: int, metadata: Optional[dict] = None) -> dict:
+    metadata = read_metadata(iter_dir) if metadata is None else metadata
+    return _RankFiles(iter_dir, metadata).payload(rank_filename(rank))["rank_state"]
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_checkpoint`` found; a checkpoint is good when ``problems`` is empty."""
+
+    iteration: Optional[int]
+    iter_dir: Optional[str]
+    files_checked: int = 0
+    checksummed: bool = True
+    problems: list = field(default_factory=list)
+    stale_temporaries: list = field(default_factory=list)
+
+
+def verify_checkpoint(root: str, iteration: Optional[int] = None, checksums: bool = True) -> VerifyReport:
+    """Check one checkpoint (the tracker's, or ``iteration``) without building a model: the index
+    reads, every rank file it names is there with its recorded size and SHA-256 (or, for checkpoints
+    written before checksums, loads), and every piece points at a file that exists. Without
+    ``checksums`` only sizes are compared (no file is read)."""
+    if iteration is None:
+        try:
+            iteration = read_tracker(root)
+        except CheckpointError as error:
+            return VerifyReport(None, None, problems=[str(error)])
+        if iteration is None:
+            return VerifyReport(None, None, problems=[f"no checkpoint in {root} ({TRACKER_FILENAME} not found)"])
+    iter_dir = checkpoint_dir(root, iteration)
+    report = VerifyReport(iteration, iter_dir, stale_temporaries=sorted(
+        glob.glob(os.path.join(glob.escape(iter_dir), ".*.tmp"))))
+    path = os.path.join(iter_dir, METADATA_FILENAME)
+    try:
+        with open(path) as f:
+            metadata = json.load(f)
+        pieces = metadata["pieces"]
+    except FileNotFoundError:
+        report.problems.append(f"{path} is missing (an incomplete save)")
+        return report
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        report.problems.append(f"{path} is unreadable ({type(error).__name__}: {error})")
+        return report
+    report.checksummed = has_checksums(metadata)
+    named = {entry["file"] for entries in pieces.values() for entry in entries}
+    files = sorted(set(metadata.get("files", {})) | named)
+    for filename in files:
+        report.files_checked += 1
+        problem = _file_problem(iter_dir, metadata, filename, checksums)
+        if problem is None and checksums and not report.checksummed:  # nothing recorded: it must load
+            try:
+                _load_rank_file(os.path.join(iter_dir, filename))
+            except ValueError as error:
+                problem = str(error)
+        if problem:
+            report.problems.append(problem)
+    return report
 
 
 def latest_checkpoint(root: str, iteration: Optional[int] = None) -> Optional[tuple[int, str, dict]]:
@@ -291,6 +462,8 @@ def latest_checkpoint(root: str, iteration: Optional[int] = None) -> Optional[tu
         if iteration is None:
             return None
     iter_dir = checkpoint_dir(root, iteration)
+    if not os.path.isdir(iter_dir):
+        raise CheckpointError(f"no checkpoint of iteration {iteration} in {root} ({iter_dir} does not exist)")
     return iteration, iter_dir, read_metadata(iter_dir)
 
 

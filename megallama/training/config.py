@@ -88,6 +88,9 @@ class TrainingArgs:
     recompute_granularity: Optional[str] = None
     eval_interval: int = 1000
     eval_iters: int = 100
+    exit_signal_handler: bool = False  # the flag's default (on with --save) is resolved by arguments.py
+    exit_duration_in_mins: Optional[float] = None
+    exit_interval: Optional[int] = None
 
 
 @dataclass
@@ -100,6 +103,10 @@ class DataArgs:
     tokenizer_type: str = "NullTokenizer"
     tokenizer_model: Optional[str] = None
     data_cache_path: Optional[str] = None
+    sft_data_path: list = field(default_factory=list)  # packed instruction data (preprocess_instructions)
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
 
 
 @dataclass
@@ -110,6 +117,9 @@ class CheckpointArgs:
     ckpt_step: Optional[int] = None
     no_load_optim: bool = False
     no_load_rng: bool = False
+    allow_no_checkpoint: bool = False
+    rewind_save: bool = False
+    finetune: bool = False
 
 
 @dataclass

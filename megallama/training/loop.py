@@ -24,9 +24,11 @@ from megallama.distributed import (DistributedDataParallel, OptimizerConfig, bui
 from megallama.model import LlamaModel
 from megallama.parallel import get_rng_tracker, model_parallel_manual_seed, state
 from megallama.pipeline import build_model_chunks, get_forward_backward_func
+from megallama.planning.report import pretrain_memory_estimate
 from megallama.training import checkpointing as ckpt
 from megallama.training import sharded_state
 from megallama.training.config import PretrainConfig
+from megallama.training.exits import ExitSettings, ExitWatch
 from megallama.training.flops import detect_peak_tflops
 from megallama.training.logger import TrainingLogger
 from megallama.training.lr_schedule import LRSchedule
@@ -56,7 +58,12 @@ def init_distributed(config: PretrainConfig) -> torch.device:
     timeout = datetime.timedelta(minutes=par.distributed_timeout_minutes)
     if not dist.is_initialized():
         if "RANK" in os.environ:
-            dist.init_process_group(backend, timeout=timeout)
+            # torchrun's agent keeps its store across --max-restarts and a restarted worker would read
+            # the dead workers' gloo addresses from it (torch 2.13): each attempt gets its own keys.
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend, store=dist.PrefixStore(f"megallama/attempt_{attempt}", store),
+                                    rank=rank, world_size=world_size, timeout=timeout)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     if dist.get_world_size() != par.world_size:
@@ -130,10 +137,24 @@ def build_datasets(config: PretrainConfig):
         seq, vocab = config.model.seq_length, config.model.vocab_size
         return (MockGPTDataset(seq, vocab, samples[0], seed=t.seed),
                 MockGPTDataset(seq, vocab, samples[1], seed=t.seed + 1) if samples[1] else None)
+    if d.sft_data_path:
+        from megallama.data.sft_dataset import build_sft_datasets
+
+        # Padding carries no loss and nothing attends to it: any id in the vocabulary will do.
+        train, valid, _ = build_sft_datasets(d.sft_data_path, d.split, config.model.seq_length, samples, t.seed,
+                                             pad_id=0, cache_dir=d.data_cache_path)
+        return train, valid
     from megallama.data.blended import build_gpt_datasets
 
     train, valid, _ = build_gpt_datasets(d.data_path, d.split, config.model.seq_length, samples, t.seed,
                                          d.data_cache_path)
+    if d.reset_attention_mask or d.eod_mask_loss:
+        from megallama.data.sft_dataset import EODResetDataset
+        from megallama.tokenizer import build_tokenizer
+
+        eod = build_tokenizer(d.tokenizer_type, d.tokenizer_model, config.model.vocab_size).eod
+        train, valid = (None if ds is None else EODResetDataset(ds, eod, d.reset_attention_mask, d.eod_mask_loss)
+                        for ds in (train, valid))
     return train, valid
 
 
@@ -146,36 +167,68 @@ def micro_batches(dataset, batch_start: int, config: PretrainConfig, device: tor
     for step in range(config.num_micro_batches):
         first = batch_start + step * m * dp + dp_rank * m
         samples = [dataset[i] for i in range(first, first + m)]
-        tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).to(device)
-        labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).to(device)
-        out.append((tokens, labels))
+        # tokens, labels, and (packed or document-reset data) loss_mask and position_ids
+        batch = tuple(torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device) if key in samples[0] else None
+                      for key in ("tokens", "labels", "loss_mask", "position_ids"))
+        check_token_ids(batch[0], first, config)
+        out.append(batch)
     return out
 
 
+def check_token_ids(tokens: torch.Tensor, first_sample: int, config: PretrainConfig) -> None:
+    """An id the embedding has no row for is the data's fault (tokenized for another vocabulary):
+    say so in one line instead of an index error deep inside the model."""
+    vocab = config.model.vocab_size
+    bad = (tokens >= vocab) | (tokens < 0)
+    if bad.any():
+        row = int(bad.any(dim=1).nonzero()[0])
+        raise TrainingError(f"sample {first_sample + row} of the data holds token id "
+                            f"{int(tokens[row][bad[row]][0])}, outside --vocab-size {vocab} (was the data "
+                            "tokenized with another tokenizer?)")
+
+
 def forward_step(data_iterator, chunk, input_tensor):
-    tokens, labels = next(data_iterator)
+    tokens, labels, loss_mask, position_ids = next(data_iterator)
     model = chunk.module
     out = model(input_ids=tokens if model.pre_process else None,
-                labels=labels if model.post_process else None, hidden_states=input_tensor)
-    return out, lambda per_token: (per_token.sum(), per_token.numel())
+                labels=labels if model.post_process else None, hidden_states=input_tensor,
+                position_ids=position_ids)
+    if loss_mask is None:
+        return out, lambda per_token: (per_token.sum(), per_token.numel())
+    return out, lambda per_token: ((per_token * loss_mask).sum(), loss_mask.sum())
 
 
 class Trainer:
     """Holds the built run; ``train()`` runs it to ``--train-iters``."""
 
     def __init__(self, config: PretrainConfig, print_fn=print):
+        self.started = time.monotonic()  # --exit-duration-in-mins counts set-up and loading too, as Megatron
         self.config = config
         self.device = init_distributed(config)
+        device_bytes = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        estimate, fits = pretrain_memory_estimate(config, device_bytes)
+        log0(estimate)
+        if not fits:  # every rank computes the same estimate, so all stop together
+            raise TrainingError(estimate.splitlines()[-1])
         model_parallel_manual_seed(config.training.seed, self.device.type)
         self.tp_rank = state.get_tensor_model_parallel_rank()
         self.tp_size = state.get_tensor_model_parallel_world_size()
         self.dp_rank = state.get_data_parallel_rank()
         self.dtype = torch.bfloat16 if config.training.bf16 else torch.float32
         self.iteration, self.consumed_samples = 0, 0
+        if config.checkpoint.save and dist.get_rank() == 0:  # before any save of this run can be writing
+            stale = ckpt.remove_stale_temporaries(config.checkpoint.save)
+            if stale:
+                log0(f"removed {len(stale)} temporary files of interrupted saves in {config.checkpoint.save}")
+        # The data before the model: a dataset of another vocabulary stops the run here, not in it.
+        self.train_data, self.valid_data = build_datasets(config)
+        micro_batches(self.train_data, 0, config, torch.device("cpu"))
         chunks = build_model(config, self.device)
         loaded = self._find_checkpoint()
         if loaded:
             self._load_model(chunks, *loaded)
+        elif config.checkpoint.finetune:
+            self._load_pretrained(chunks)
         self.chunks = [DistributedDataParallel(c, use_distributed_optimizer=config.parallel.use_distributed_optimizer)
                        for c in chunks]
         o = config.optimizer
@@ -188,7 +241,6 @@ class Trainer:
         self.schedule = LRSchedule(config.lr_schedule)
         self.forward_backward = get_forward_backward_func(config.parallel.pipeline_model_parallel_size,
                                                           virtual_size(config))
-        self.train_data, self.valid_data = build_datasets(config)
         self.is_last_stage = state.is_pipeline_last_stage(ignore_virtual=True)
         peak = config.logging.peak_tflops or detect_peak_tflops(self.dtype, self.device)
         self.logger = TrainingLogger(config, enabled=dist.get_rank() == dist.get_world_size() - 1,
@@ -199,6 +251,12 @@ class Trainer:
 
     def _find_checkpoint(self):
         root = self.config.checkpoint.load
+        if self.config.checkpoint.finetune:  # only this run's own checkpoints resume it
+            root = self.config.checkpoint.save
+            found = ckpt.latest_checkpoint(root) if root else None
+            if found is not None:
+                log0(f"--finetune: resuming this run from its checkpoint in {root}")
+            return found
         if not root:
             return None
         found = ckpt.latest_checkpoint(root, self.config.checkpoint.ckpt_step)
@@ -206,7 +264,32 @@ class Trainer:
             log0(f"no checkpoint in {root} ({ckpt.TRACKER_FILENAME} not found): training from scratch")
         return found
 
+    @torch.no_grad()
+    def _load_pretrained(self, chunks) -> None:
+        """``--finetune``: this rank's shard of each weight from ``--load`` (a megallama checkpoint of
+        any layout, an HF or a Meta folder); iteration, optimizer and lr schedule start afresh."""
+        from megallama.inference.checkpoint_io import open_checkpoint
+        from megallama.parallel import shard_like
+
+        path = self.config.checkpoint.load
+        try:
+            reader = open_checkpoint(path)
+        except (FileNotFoundError, KeyError, ValueError) as error:
+            raise ckpt.CheckpointError(f"--finetune --load {path}: {error}") from None
+        ours = llama_config(self.config)
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
+            theirs, mine = getattr(reader.config, name), getattr(ours, name)
+            if theirs != mine:
+                raise ckpt.CheckpointError(f"--finetune --load {path} has {name} {theirs}, the flags give {mine}")
+        for chunk in chunks:
+            for name, param in chunk.named_parameters():
+                param.copy_(shard_like(param, reader.load(name)))
+        log0(f"--finetune: loaded the {getattr(reader, 'format', '')} weights of {path}; iteration, optimizer "
+             "and lr schedule start afresh")
+
     def _load_model(self, chunks, iteration, iter_dir, metadata):
+        if not ckpt.has_checksums(metadata):
+            log0(f"{iter_dir} was written before checkpoints carried checksums: loading it unverified")
         targets = [dataclasses.replace(p, write=True) for p in
                    sharded_state.model_pieces(chunks, self.tp_rank, self.tp_size, self.dp_rank)]
         ckpt.load_pieces(iter_dir, metadata, targets)
@@ -223,7 +306,7 @@ class Trainer:
         same_layout = common["layout"] == self._layout()
         if not self.config.checkpoint.no_load_rng:
             if same_layout:
-                extra = ckpt.restore_rng_state(ckpt.read_rank_state(iter_dir, dist.get_rank()))
+                extra = ckpt.restore_rng_state(ckpt.read_rank_state(iter_dir, dist.get_rank(), metadata))
                 get_rng_tracker().set_states(extra["tracker"])
             else:
                 log0(f"the checkpoint was saved by layout {common['layout']}, this run is {self._layout()}: "
@@ -300,6 +383,19 @@ class Trainer:
              f"virtual={virtual_size(c)}, {c.num_micro_batches} micro-batches of {c.training.micro_batch_size}, "
              f"from iteration {self.iteration}")
         saved_at = self.iteration  # a resumed run's starting point is already on disk
+        t = c.training
+        exits = ExitWatch(ExitSettings(t.exit_signal_handler, t.exit_duration_in_mins, t.exit_interval), self.device,
+                          self.started)
+        with exits.watching_signals():  # a signal during the last save must not cut it short
+            saved_at = self._train_until_done_or_told(history, exits, saved_at)
+            if c.checkpoint.save and saved_at != self.iteration:
+                self.save()
+        self.logger.close()
+        return history
+
+    def _train_until_done_or_told(self, history: list, exits: ExitWatch, saved_at: int) -> int:
+        """Iterations up to ``--train-iters`` or an exit condition; returns the last saved iteration."""
+        c = self.config
         while self.iteration < c.training.train_iters:
             start = time.perf_counter()
             lr = self.schedule.apply(self.optimizer, self.iteration + 1)
@@ -318,10 +414,12 @@ class Trainer:
             if c.checkpoint.save and c.checkpoint.save_interval and self.iteration % c.checkpoint.save_interval == 0:
                 self.save()
                 saved_at = self.iteration
-        if c.checkpoint.save and saved_at != self.iteration:
-            self.save()
-        self.logger.close()
-        return history
+            reason = exits.reason(self.iteration)
+            if reason and self.iteration < c.training.train_iters:
+                log0(f"{reason}: stopping after iteration {self.iteration}"
+                     + (", saving a checkpoint" if c.checkpoint.save else " (no --save: nothing saved)"))
+                break
+        return saved_at
 
 
 def shutdown() -> None:

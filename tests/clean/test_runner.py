@@ -204,17 +204,17 @@ def test_resume_after_a_crash_in_the_first_pass(tmp_path, monkeypatch):
     real_pass1 = runner._pass1
     calls = []
 
-    def crash_on_third(source, shard, keep_docs):
+    def crash_on_third(source, shard, *args):
         calls.append(shard.index)
         if len(calls) == 3:
             raise KeyboardInterrupt("simulated crash")
-        return real_pass1(source, shard, keep_docs)
+        return real_pass1(source, shard, *args)
 
     monkeypatch.setattr(runner, "_pass1", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         clean_corpus("commoncrawl", paths, str(tmp_path / "out"), str(tmp_path / "out.json"), progress=False)
     calls.clear()
-    monkeypatch.setattr(runner, "_pass1", lambda source, shard, keep: calls.append(shard.index) or real_pass1(source, shard, keep))
+    monkeypatch.setattr(runner, "_pass1", lambda source, shard, *a: calls.append(shard.index) or real_pass1(source, shard, *a))
     assert clean_corpus("commoncrawl", paths, str(tmp_path / "out"), str(tmp_path / "out.json"), progress=False) == expected
     assert calls == [2, 3]  # shards read before the crash are not read again
     assert read_output(tmp_path / "out") == read_output(tmp_path / "ref")
@@ -235,3 +235,22 @@ def test_a_stage_failing_on_one_document_drops_only_that_document(tmp_path, caps
                           progress=False)
     assert report["dropped"] == {"processing_error": 1} and report["output_docs"] == 2
     assert "boom: RecursionError: pathological input" in capsys.readouterr().err
+
+
+def test_partition_count_does_not_change_the_output_even_across_a_resume(tmp_path, monkeypatch):
+    paths = make_commoncrawl_shards(tmp_path, seed=7)
+    expected = clean_corpus("commoncrawl", paths, str(tmp_path / "ref"), str(tmp_path / "ref.json"), progress=False)
+    real_pass2 = runner._pass2
+
+    def crash(*args):
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(runner, "_pass2", crash)
+    with pytest.raises(KeyboardInterrupt):
+        clean_corpus("commoncrawl", paths, str(tmp_path / "out"), str(tmp_path / "out.json"), dedup_partitions=2,
+                     progress=False)
+    monkeypatch.setattr(runner, "_pass2", real_pass2)
+    # pass 1 stored its hashes for 2 partitions: with 5 it is redone, the output is the same
+    assert clean_corpus("commoncrawl", paths, str(tmp_path / "out"), str(tmp_path / "out.json"), workers=2,
+                        dedup_partitions=5, progress=False) == expected
+    assert read_output(tmp_path / "out") == read_output(tmp_path / "ref")

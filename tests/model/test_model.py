@@ -121,13 +121,15 @@ def test_linear_cross_entropy_matches_torch_with_ignore_index_and_chunks():
 
 def test_gradcheck_hand_written_backwards():
     from megallama.model import _QKVRotary, _SwiGLUFeedForward
-    from megallama import ops
+    from megallama import ops, parallel
     torch.manual_seed(0)
     d = dict(dtype=torch.float64, requires_grad=True)
     xn = torch.randn(2, 5, 8, **d)
-    assert torch.autograd.gradcheck(_SwiGLUFeedForward.apply, (xn, torch.randn(12, 8, **d), torch.randn(8, 6, **d)))
+    column = parallel.ColumnParallelLinear(8, 12)  # serial: supplies the (identity) input gather
+    fn = lambda x, w13, w2: _SwiGLUFeedForward.apply(x, w13, w2, column)
+    assert torch.autograd.gradcheck(fn, (xn, torch.randn(12, 8, **d), torch.randn(8, 6, **d)))
     cos, sin = ops.rope_cos_sin(5, 4)  # the rotary tables stay float32, as in the model
-    fn = lambda x, w: _QKVRotary.apply(x, w, cos, sin, 4)
+    fn = lambda x, w: _QKVRotary.apply(x, w, cos, sin, 4, column)
     assert torch.autograd.gradcheck(fn, (xn, torch.randn(24, 8, **d)))
     hn = torch.randn(6, 8, **d)
     fn = lambda h, w: linear_cross_entropy(h, w, torch.tensor([0, 3, 9, -100, 2, 1]), chunk_tokens=4)

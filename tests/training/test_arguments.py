@@ -64,7 +64,7 @@ def test_config_round_trips_through_a_plain_dict():
     (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
       "--global-batch-size", "3"], 2, "micro-batches per iteration (3"),
     (["--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 must be below --lr-decay-iters 10"),
-    (["--data-path", "x"], 1, "give exactly one of --data-path and --mock-data"),
+    (["--data-path", "x"], 1, "give exactly one of --data-path, --mock-data and --sft-data-path"),
     (["--hidden-dropout", "0.1"], 1, "LLaMA has no dropout"),
 ])
 def test_bad_configs_are_one_line_errors(flags, world, message):

@@ -40,7 +40,7 @@ def _save_layout(root, iteration, full, tp, dp, shard_dims, zero, write_tracker=
     for rank in range(tp * dp):
         tp_rank, dp_rank = rank % tp, rank // tp
         pieces = _pieces(full, tp, tp_rank, dp, dp_rank, shard_dims, zero)
-        metadata += ck.write_rank_file(iter_dir, rank, pieces, {"rank": rank})
+        metadata.append(ck.write_rank_file(iter_dir, rank, pieces, {"rank": rank}))
     ck.write_metadata(iter_dir, iteration, tp * dp, metadata, {"consumed_samples": 7 * iteration})
     if write_tracker:
         ck.write_tracker(root, iteration)

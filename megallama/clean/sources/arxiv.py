@@ -14,6 +14,7 @@ import zlib
 from typing import Iterator
 
 from megallama.clean.document import Document, Rejected
+from megallama.clean.io import RecordTooLarge, TruncatedInput, read_capped
 from megallama.clean.sources.base import Source, decode_utf8
 
 _COMMENT = re.compile(r"(?<!\\)%[^\n]*")
@@ -24,6 +25,16 @@ _BIBLIOGRAPHY = re.compile(r"\\begin\{thebibliography\}|\\bibliography\{|\\print
 _NAME = re.compile(r"\\([a-zA-Z@]+|.)")
 _PARAM = re.compile(r"#(\d)")
 MAX_EXPANSION_ROUNDS = 10
+ARCHIVE_ERRORS = (OSError, EOFError, zlib.error, tarfile.TarError, RecordTooLarge)
+
+
+def _archive_error_reason(error: Exception) -> str:
+    """The drop reason of a paper whose archive could not be read."""
+    if isinstance(error, RecordTooLarge):
+        return "too_large"
+    if isinstance(error, (EOFError, TruncatedInput)):  # a compressed stream or a member that ends early
+        return "truncated_input"
+    return "bad_archive"
 
 
 def _group(s: str, i: int, open_: str = "{", close: str = "}") -> tuple[str, int] | None:
@@ -207,11 +218,34 @@ class ArXiv(Source):
             return Rejected("no_tex", "", meta)
         return Document(_join_tex(decoded), meta)
 
+    def _member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+        """A member's bytes, capped at max_record_bytes."""
+        try:
+            with tar.extractfile(member) as f:
+                return read_capped(f, self.max_record_bytes, f"archive member {member.name}")
+        except tarfile.ReadError as e:  # raised by a member's read only when its data runs out
+            raise TruncatedInput(f"archive member {member.name} is cut short") from e
+
     def _tar_papers(self, tar: tarfile.TarFile, default_id: str) -> Iterator[Document | Rejected]:
-        members = [m for m in tar.getmembers() if m.isfile()]
+        members, damage = [], None
+        try:  # the members before a damaged part of the archive are still read
+            members = [m for m in tar if m.isfile()]
+        except ARCHIVE_ERRORS as e:
+            members, damage = [m for m in tar.members if m.isfile()], e
+        last = None
+        if damage is None or not any(m.name.endswith(".tex") for m in members):
+            for last in self._papers_of(tar, members, default_id):  # a bulk tar: the papers before the damage
+                yield last
+        already_counted = isinstance(last, Rejected) and last.reason == "truncated_input"  # the cut member
+        if damage is not None and not already_counted:  # (one paper's damaged tarball is dropped whole)
+            yield Rejected(_archive_error_reason(damage), "", {"source": self.name, "id": default_id,
+                                                               "after": members[-1].name if members else None})
+
+    def _papers_of(self, tar: tarfile.TarFile, members: list[tarfile.TarInfo],
+                   default_id: str) -> Iterator[Document | Rejected]:
         tex = [m for m in members if m.name.endswith(".tex")]
         if tex:  # one paper's source tarball
-            yield self._paper(default_id, [(m.name, tar.extractfile(m).read()) for m in tex])
+            yield self._paper(default_id, [(m.name, self._member(tar, m)) for m in tex])
             return
         for m in members:  # arXiv bulk tar: one gzip per paper (a tarball or a single .tex)
             paper_id = os.path.basename(m.name).removesuffix(".gz")
@@ -219,14 +253,16 @@ class ArXiv(Source):
                 yield Rejected("no_tex", "", {"source": self.name, "id": paper_id})
                 continue
             try:
-                data = gzip.decompress(tar.extractfile(m).read())
+                # decompressed through the cap: a small member can inflate to gigabytes
+                with gzip.GzipFile(fileobj=io.BytesIO(self._member(tar, m))) as gz:
+                    data = read_capped(gz, self.max_record_bytes, f"paper {paper_id}")
                 if data[257:262] == b"ustar":
                     with tarfile.open(fileobj=io.BytesIO(data)) as inner:
                         yield from self._tar_papers(inner, paper_id)
                 else:
                     yield self._paper(paper_id, [(paper_id + ".tex", data)])
-            except (OSError, EOFError, zlib.error, tarfile.TarError):
-                yield Rejected("bad_archive", "", {"source": self.name, "id": paper_id})
+            except ARCHIVE_ERRORS as e:
+                yield Rejected(_archive_error_reason(e), "", {"source": self.name, "id": paper_id})
 
     def read(self, path: str) -> Iterator[Document | Rejected]:
         base = os.path.basename(path.rstrip("/"))
@@ -242,11 +278,13 @@ class ArXiv(Source):
             try:
                 with tarfile.open(path) as tar:
                     yield from self._tar_papers(tar, paper_id)
-            except (OSError, EOFError, tarfile.TarError):
-                yield Rejected("bad_archive", "", {"source": self.name, "id": paper_id})
+            except ARCHIVE_ERRORS as e:
+                yield Rejected(_archive_error_reason(e), "", {"source": self.name, "id": paper_id})
 
     def pre(self, doc: Document) -> str | None:
-        doc.text, reason = clean_latex(doc.text)
+        text, reason = clean_latex(doc.text)
+        if reason is None:  # a dropped paper keeps its source, for --keep-rejected
+            doc.text = text
         return reason or (None if doc.text else "empty")
 
     def post(self, doc: Document) -> str | None:

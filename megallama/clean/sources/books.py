@@ -9,7 +9,7 @@ import re
 from typing import Iterator
 
 from megallama.clean.document import Document, Rejected
-from megallama.clean.io import open_binary, strip_compression
+from megallama.clean.io import RecordTooLarge, open_binary, read_capped, strip_compression
 from megallama.clean.sources.base import Source, decode_utf8
 
 _START = re.compile(
@@ -41,10 +41,14 @@ class Books(Source):
     near_dedup_threshold = 0.9
 
     def read(self, path: str) -> Iterator[Document | Rejected]:
-        with open_binary(path) as f:
-            raw = f.read()
         book_id = strip_compression(os.path.basename(path))[: -len(".txt")] if path.endswith(self.extensions) else os.path.basename(path)
         meta = {"source": self.name, "id": book_id}
+        with open_binary(path) as f:
+            try:
+                raw = read_capped(f, self.max_record_bytes, f"book {book_id}")
+            except RecordTooLarge:
+                yield Rejected("too_large", "", meta)
+                return
         text = decode_utf8(raw.removeprefix(b"\xef\xbb\xbf"))
         if text is None:
             yield Rejected("bad_utf8", raw.decode("utf-8", "replace")[:2000], meta)

@@ -9,6 +9,7 @@ from typing import Iterator
 
 from megallama.clean.document import Document, Rejected
 from megallama.clean.heuristics import C4Config, c4_filter, count_sentences
+from megallama.clean.perplexity import BUCKETS
 from megallama.clean.sources.base import Source, iter_jsonl
 
 
@@ -18,13 +19,14 @@ class C4(Source):
     exact_dedup = True
     line_dedup = True
     languages = {"en"}
+    perplexity_buckets = BUCKETS  # C4 used heuristics: with a model, pages are labelled, none dropped by default
 
     def __init__(self, c4_config: C4Config | None = None, **options) -> None:
         super().__init__(**options)
         self.c4_config = c4_config or C4Config()
 
     def read(self, path: str) -> Iterator[Document | Rejected]:
-        for lineno, obj in iter_jsonl(path):
+        for lineno, obj in iter_jsonl(path, self.max_record_bytes):
             if isinstance(obj, Rejected):
                 obj.meta["source"] = self.name
                 yield obj
@@ -38,13 +40,15 @@ class C4(Source):
             yield Document(obj["text"], meta)
 
     def pre(self, doc: Document) -> str | None:
-        doc.text, reason = c4_filter(doc.text, self.c4_config)
+        text, reason = c4_filter(doc.text, self.c4_config)
+        if reason is None:  # a dropped page keeps its text, for --keep-rejected
+            doc.text = text
         return reason
 
     def post(self, doc: Document) -> str | None:
         if doc.lines_removed and count_sentences(doc.text) < self.c4_config.min_sentences:
             return "too_few_sentences"
-        return self.language(doc) or self.quality_check(doc)
+        return self.language(doc) or self.perplexity_check(doc) or self.quality_check(doc)
 
 
 SOURCE_CLASS = C4

@@ -78,7 +78,7 @@ class GitHub(Source):
         self.code_config = code_config or CodeConfig()
 
     def read(self, path: str) -> Iterator[Document | Rejected]:
-        for lineno, obj in iter_jsonl(path):
+        for lineno, obj in iter_jsonl(path, self.max_record_bytes):
             if isinstance(obj, Rejected):
                 obj.meta["source"] = self.name
                 yield obj

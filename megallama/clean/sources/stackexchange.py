@@ -12,7 +12,7 @@ from typing import Iterator
 
 from megallama.clean.document import Document, Rejected
 from megallama.clean.html import html_to_text
-from megallama.clean.io import open_binary
+from megallama.clean.io import iter_lines, open_binary
 from megallama.clean.sources.base import Source, decode_utf8
 
 QUESTION, ANSWER = "1", "2"
@@ -63,11 +63,14 @@ class StackExchange(Source):
     def _load(self, path: str, site: str, db: sqlite3.Connection) -> Iterator[Rejected]:
         """Store the questions and answers of Posts.xml; yield the rows that are neither or broken."""
         with open_binary(path) as f:
-            for lineno, raw in enumerate(f, 1):
+            for lineno, raw in enumerate(iter_lines(f, self.max_record_bytes), 1):
+                where = {"source": self.name, "site": site, "line": lineno}
+                if raw is None:
+                    yield Rejected("too_large", "", where)
+                    continue
                 line = raw.strip()
                 if not line.startswith(b"<row"):
                     continue
-                where = {"source": self.name, "site": site, "line": lineno}
                 text = decode_utf8(line)
                 if text is None:
                     yield Rejected("bad_utf8", line.decode("utf-8", "replace"), where)

@@ -15,7 +15,7 @@ import mwparserfromhell
 from mwparserfromhell import nodes
 
 from megallama.clean.document import Document, Rejected
-from megallama.clean.io import open_binary
+from megallama.clean.io import DEFAULT_MAX_RECORD_BYTES, open_binary
 from megallama.clean.sources.base import Source, decode_utf8
 
 LLAMA_LANGUAGES = frozenset("bg ca cs da de en es fr hr hu it nl pl pt ro ru sl sr sv uk".split())
@@ -27,12 +27,14 @@ _INTERWIKI = re.compile(r"^:?[a-z]{2,3}(?:-[a-z]+)*:", re.I)
 _PAGE, _END = b"<page>", b"</page>"
 
 
-def iter_page_chunks(f: IO[bytes], block: int = 1 << 20) -> Iterator[tuple[bytes, bytes]]:
+def iter_page_chunks(f: IO[bytes], block: int = 1 << 20,
+                     max_page_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[tuple[bytes, bytes | None]]:
     """Yield (header, page bytes) for each `<page>...</page>` of a dump; a page missing its end tag
-    is yielded as is (its XML parse then fails and it is counted)."""
+    is yielded as is (its XML parse then fails and it is counted); a page over `max_page_bytes`
+    as None, its bytes skipped without being held."""
     buf, header = b"", None
     while True:
-        chunk = f.read(block)
+        chunk = f.read1(block)  # one read: the pages before a damaged part come out before its error
         buf += chunk
         if header is None:
             start = buf.find(_PAGE)
@@ -50,10 +52,13 @@ def iter_page_chunks(f: IO[bytes], block: int = 1 << 20) -> Iterator[tuple[bytes
                 yield header, buf[start:nxt]
                 buf = buf[nxt:]
             elif end >= 0:
-                yield header, buf[start:end + len(_END)]
+                yield header, buf[start:end + len(_END)] if end + len(_END) - start <= max_page_bytes else None
                 buf = buf[end + len(_END):]
             else:
-                if not chunk and start >= 0 and buf[start:].strip():
+                if len(buf) - start > max_page_bytes:
+                    yield header, None
+                    buf = buf[-len(_PAGE):]  # the rest of the page holds no "<page>": skipped
+                elif not chunk and start >= 0 and buf[start:].strip():
                     yield header, buf[start:]
                     buf = b""
                 break
@@ -129,10 +134,13 @@ class Wikipedia(Source):
     def read(self, path: str) -> Iterator[Document | Rejected]:
         lang, dropped = None, None
         with open_binary(path) as f:
-            for header, chunk in iter_page_chunks(f):
+            for header, chunk in iter_page_chunks(f, max_page_bytes=self.max_record_bytes):
                 if lang is None:
                     lang, dropped = dump_language(header, path), dropped_link_prefixes(header)
                 meta = {"source": self.name, "file": os.path.basename(path)}
+                if chunk is None:
+                    yield Rejected("too_large", "", meta)
+                    continue
                 text = decode_utf8(chunk)
                 if text is None:
                     yield Rejected("bad_utf8", chunk.decode("utf-8", "replace")[:2000], meta)

@@ -1,0 +1,98 @@
+"""bench/pretrain_gpu_peers.py at toy size on CPU: megallama trains and is measured; a peer that
+cannot run here (torchtitan and megatron-core want CUDA) is reported with the reason, not dropped."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megallama.training.flops import estimate_flops
+from tests.distributed_utils import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, BENCH)
+    try:
+        import pretrain_gpu_peers
+        yield pretrain_gpu_peers
+    finally:
+        sys.path.remove(BENCH)
+
+
+def test_cpu_tiny_run_measures_megallama_and_says_why_a_peer_cannot_run(tmp_path, bench):
+    out = tmp_path / "peers.json"
+    wheels = tmp_path / "no_wheels"
+    wheels.mkdir()
+    subprocess.run([sys.executable, os.path.join(BENCH, "pretrain_gpu_peers.py"), "--device", "cpu", "--tiny",
+                    "--rounds", "1", "--iters", "2", "--threads", "1", "--wheels", str(wheels), "--json", str(out)],
+                   check=True, cwd=ROOT, timeout=600)
+    details = json.loads(out.read_text())["details"]
+    assert details["device"] == "CPU"
+    assert details["peer_install"].startswith(f"no wheels in {wheels}")
+    shape = details["shapes"]["tiny"]
+    m, sides = shape["model"], shape["sides"]
+    ours = sides["megallama"]
+    assert ours["ran"] and ours["tokens_per_s"] > 0 and ours["peak_memory_gib"] > 0
+    flops_per_token = estimate_flops(num_layers=m["num_layers"], hidden_size=m["hidden_size"],
+                                     ffn_hidden_size=m["ffn_hidden_size"], seq_length=m["seq_length"],
+                                     vocab_size=m["vocab_size"]) / m["seq_length"]
+    assert ours["tflops"] == pytest.approx(ours["tokens_per_s"] * flops_per_token / 1e12)
+    for peer in ("torchtitan", "megatron-core"):
+        result = sides[peer]
+        if result["ran"]:  # a peer release that trains on CPU: measured like ours
+            assert result["tokens_per_s"] > 0 and result["last_loss"] > 0, (peer, result)
+        else:  # the error and where it was raised, e.g. "... (raised at megatron/core/...:162)"
+            assert "Error" in result["why"] and ("raised at" in result["why"] or "import" in result["why"]), result
+
+
+def test_peer_install_reports_what_it_cannot_install(tmp_path, bench):
+    assert bench.install_peers(str(tmp_path / "absent"), str(tmp_path / "target")).startswith("no wheels")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")  # installable tag, bad file
+    (wheels / "other-1.0-cp27-cp27m-win32.whl").write_bytes(b"")  # another platform's build: skipped
+    reason = bench.install_peers(str(wheels), str(tmp_path / "target"))
+    assert reason.startswith("broken-1.0-py3-none-any.whl: ") and "other-1.0" not in reason
+
+
+def test_7b_cut_keeps_the_blocks_that_fit(bench):
+    gib = 2 ** 30
+    # One 7B block is 202M parameters (32 of them + embeddings and head = LLaMA-7B's 6.7B).
+    assert bench.BLOCK_PARAMS_7B == 202_375_168
+    assert 32 * bench.BLOCK_PARAMS_7B + 2 * 32000 * 4096 == pytest.approx(6.74e9, rel=1e-3)
+    # An 80 GB H100 holds 9 blocks at ~6.9 GB each (18 B a parameter + 3 GiB of activations).
+    assert bench.layers_that_fit(80 * gib) == 9
+    assert bench.layers_that_fit(141 * gib) == 17
+    assert bench.layers_that_fit(4 * gib) == 1 and bench.layers_that_fit(10_000 * gib) == 32
+
+
+def _megatron_core_step_on_cpu():
+    """The benchmark's megatron-core side, its two hard-coded CUDA calls sent to the CPU."""
+    import contextlib
+
+    import megatron.core.fusions.fused_softmax as fused_softmax
+    import megatron.core.tensor_parallel.random as megatron_random
+    import torch
+
+    sys.path.insert(0, BENCH)
+    import pretrain_gpu_peers
+
+    torch.cuda.current_device = lambda: "cpu"  # RoPE moves its frequencies there
+    fused_softmax.get_default_causal_mask = lambda sq: torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+    megatron_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+    shape = pretrain_gpu_peers.TINY_SHAPES["tiny"]
+    return pretrain_gpu_peers.megatron_core_side(shape, 2, torch.device("cpu")), shape["vocab_size"]
+
+
+def test_megatron_core_side_trains_when_its_cuda_calls_are_redirected():
+    """What the GPU run will execute for megatron-core, on CPU: it trains and starts at ln(vocab)."""
+    pytest.importorskip("megatron.core")
+    (result, vocab), = run_distributed(_megatron_core_step_on_cpu, 1, timeout=300)
+    assert result["layer_spec"] == "local" and result["tokens_per_s"] > 0 and result["peak_memory_bytes"] > 0
+    assert result["loss"] == pytest.approx(math.log(vocab), rel=0.05)

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Tokenize instruction data into ids + a loss mask (Megatron's indexed format), for finetuning.
+
+    python tools/preprocess_instructions.py --input alpaca_data.jsonl --format alpaca \\
+        --tokenizer-model tok/llama.model --output-prefix sft/alpaca --workers 2
+
+writes ``sft/alpaca_text_document.{bin,idx}`` (one document per conversation) and
+``sft/alpaca_loss_mask_document.{bin,idx}`` (1 on answer tokens and the EOS ending each answer);
+``--sft-data-path sft/alpaca`` trains on them. The template is documented in
+megallama/data/instructions.py; unusable records are counted by reason (``--strict`` fails on them).
+"""
+import argparse
+import sys
+
+from megallama.data.instructions import (CHAT_TEMPLATES, FORMATS, format_instruction_summary,
+                                         preprocess_instructions)
+from megallama.data.jsonl import BadLineError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="JSONL files (.gz and .zst too), several or a glob")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="alpaca: instruction/input/output; messages: a list of role/content turns; "
+                   "flan: inputs/targets")
+    p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
+    p.add_argument("--output-prefix", required=True,
+                   help="outputs are PREFIX_text_document and PREFIX_loss_mask_document (.bin/.idx)")
+    p.add_argument("--template", default="llama2", choices=sorted(CHAT_TEMPLATES),
+                   help="prompt template the conversations are rendered with")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on the first unusable record (naming file and line) instead of skipping it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = preprocess_instructions(args.input, args.output_prefix, args.format, args.tokenizer_model,
+                                          args.template, args.workers, args.strict,
+                                          progress=not args.no_progress)
+    except (BadLineError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_instruction_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

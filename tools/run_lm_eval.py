@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""lm-evaluation-harness's command line with the ``megallama`` model registered.
+
+    python tools/run_lm_eval.py --model megallama --model_args load=SAVE,tokenizer_model=tok.model \\
+        --tasks mmlu --num_fewshot 5 --batch_size 8
+    torchrun --nproc-per-node 2 tools/run_lm_eval.py --model megallama --model_args load=SAVE --tasks hellaswag
+
+Every flag is lm-eval's (``--help``); ``--model_args`` of ``megallama``: ``load`` (a megallama, HF or
+Meta checkpoint, any layout), ``tokenizer_model`` (default: the one stored with it), ``dtype``
+(float32, bfloat16), ``max_length``, ``max_gen_toks``. Under torchrun the processes are the
+tensor-parallel ranks of one model; only the first prints. Needs ``pip install -e .[eval]``.
+"""
+import contextlib
+import os
+import sys
+
+
+def main() -> int:
+    try:
+        import megallama.inference.lm_eval_adapter  # noqa: F401  (registers --model megallama)
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as error:
+        print(f"error: {error}: install the eval extra (pip install -e .[eval])", file=sys.stderr)
+        return 1
+    quiet = os.environ.get("RANK", "0") != "0"  # the other tensor-parallel ranks repeat rank 0's work
+    with open(os.devnull, "w") as devnull, \
+            contextlib.redirect_stdout(devnull) if quiet else contextlib.nullcontext():
+        cli_evaluate()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
