@@ -18,6 +18,22 @@ default, xxhash, is not installed). Both sides keep the same documents (printed 
 
   python bench/clean.py --docs 20000 --shards 8 --workers 2
 
+With --perplexity it also runs our commoncrawl side with CCNet's n-gram perplexity filter on (the
+whole pipeline as RedPajama runs it: line + exact dedup -> length -> lid -> 5-gram KenLM perplexity,
+head and middle buckets kept), alternating with the other sides, and prints its docs/s, its ratio
+to datatrove's pipeline and the cost of the step (our pipeline with it / without it). datatrove's
+pipeline has no offline n-gram perplexity step, so that ratio compares more work on our side with
+less on theirs. The model is built once, before any side is timed, by bench/perplexity.py's
+`build_model` (SentencePiece + 5-gram KenLM from lmplz over the Python language reference; nothing
+is downloaded). Its head/middle/tail cut-offs are derived from the generated data as
+`tools/train_ngram_lm.py --percentiles-from` does: the 30th and 60th percentiles of the perplexities
+of the first input shard's documents (a raw sample of what is filtered, other languages and junk
+included, as a CommonCrawl sample given to that flag would be). Cut-offs are used, not labels
+only, so the step drops the tail as it does in a real run (every page reaching the step is scored
+either way; dropping only writes fewer documents) and "kept" is lower on this side.
+
+  python bench/clean.py --perplexity
+
 With --executor ray it measures the Ray executor's overhead instead: the same input cleaned by
 megallama (commoncrawl) on a local Ray cluster of --workers nodes with one CPU each, against the
 local executor with --workers processes (the same CPUs), sides alternating; prints docs/s of each,
@@ -111,7 +127,8 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def run_ours(source: str, paths: list[str], out: str, workers: int, executor=None) -> tuple[float, int]:
+def run_ours(source, paths: list[str], out: str, workers: int, executor=None) -> tuple[float, int]:
+    """Clean `paths` with `source` (a name or a Source object); (wall seconds, kept documents)."""
     t = time.perf_counter()
     report = clean_corpus(source, paths, out, out + ".report.json", workers=workers, executor=executor, progress=False)
     return time.perf_counter() - t, report["output_docs"]
@@ -159,6 +176,33 @@ def compare_executors(args, paths: list[str], tmp: str) -> int:
                                  "input_mb": input_mb, "mb_per_second_per_cpu": mb_per_cpu,
                                  "best": {k: {"seconds": v[0], "kept": v[1]} for k, v in best.items()}})
     return 0
+
+
+PERPLEXITY_VOCAB = 4000  # bench/perplexity.py's default SentencePiece vocabulary
+
+
+def perplexity_source(folder: str, sample_path: str):
+    """Our commoncrawl cleaner with the n-gram filter on: the model built once by bench/perplexity.py's
+    builder, the head/middle/tail cut-offs from the documents of `sample_path` (as train_ngram_lm.py
+    --percentiles-from), head and middle kept. Returns (source, details for the JSON)."""
+    from perplexity import build_model  # bench/perplexity.py
+
+    from megallama.clean.perplexity import CCNET_PERCENTILES, NgramScorer, cutoffs_from_sample
+    from megallama.clean.sources import make_source
+
+    t = time.perf_counter()
+    model = build_model(folder, PERPLEXITY_VOCAB)
+    with open(sample_path, encoding="utf-8") as f:
+        cutoffs = cutoffs_from_sample(NgramScorer(model), (json.loads(line)["text"] for line in f), CCNET_PERCENTILES)
+    seconds = time.perf_counter() - t
+    source = make_source("commoncrawl", perplexity_model=model, perplexity_buckets="head,middle",
+                         perplexity_cutoffs=(cutoffs["head"], cutoffs["tail"]))
+    print(f"n-gram model: 5-gram KenLM, vocabulary {PERPLEXITY_VOCAB}, built in {seconds:.1f} s (untimed); cut-offs "
+          f"head < {cutoffs['head']:.1f} <= middle < {cutoffs['tail']:.1f} <= tail from the "
+          f"{cutoffs['sample_docs']} documents of {os.path.basename(sample_path)}", flush=True)
+    return source, {"model": "5-gram KenLM over pydoc topics (bench/perplexity.py build_model)",
+                    "vocab_size": PERPLEXITY_VOCAB, "build_seconds": seconds, "buckets_kept": ["head", "middle"],
+                    "cutoffs": cutoffs, "cutoffs_sample": os.path.basename(sample_path)}
 
 
 class LocalFT176LID(FT176LID):
@@ -253,8 +297,13 @@ def main() -> int:
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: ours against datatrove (default); ray: ours on a local Ray cluster against the "
                         "local executor")
+    p.add_argument("--perplexity", action="store_true",
+                   help="also run our commoncrawl side with CCNet's n-gram perplexity filter (model built once, "
+                        "offline) and report its whole-pipeline docs/s and the step's cost (local executor only)")
     add_json_flag(p)
     args = p.parse_args()
+    if args.perplexity and args.executor != "local":
+        p.error("--perplexity goes with --executor local")
 
     tmp = tempfile.mkdtemp(prefix="bench-clean-")
     os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may touch the network
@@ -267,17 +316,23 @@ def main() -> int:
         paths = generate(data, args.docs, args.shards)
         if args.executor == "ray":
             return compare_executors(args, paths, tmp)
+        sides: dict[str, object] = {"datatrove": None, "commoncrawl": "commoncrawl", "c4": "c4"}
+        ppl_details = None
+        if args.perplexity:
+            model_dir = os.path.join(tmp, "ngram")
+            os.makedirs(model_dir)
+            sides["commoncrawl+ngram"], ppl_details = perplexity_source(model_dir, paths[0])
         best: dict[str, tuple[float, int, float]] = {}
         for r in range(args.repeats):
-            for name in ("datatrove", "commoncrawl", "c4"):
+            for name, source in sides.items():
                 out = os.path.join(tmp, f"{name}-{r}")
                 cpu = cpu_seconds()
-                seconds, kept = run_datatrove(paths, out, args.workers) if name == "datatrove" else run_ours(name, paths, out, args.workers)
+                seconds, kept = run_datatrove(paths, out, args.workers) if name == "datatrove" else run_ours(source, paths, out, args.workers)
                 cpu = cpu_seconds() - cpu
                 shutil.rmtree(out, ignore_errors=True)
                 if name not in best or seconds < best[name][0]:
                     best[name] = (seconds, kept, cpu)
-                print(f"  run {r}: {name:<12} {seconds:7.2f} s  cpu {cpu:7.2f} s  kept {kept}", flush=True)
+                print(f"  run {r}: {name:<17} {seconds:7.2f} s  cpu {cpu:7.2f} s  kept {kept}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     base, base_cpu = args.docs / best["datatrove"][0], args.docs / best["datatrove"][2]
@@ -291,10 +346,43 @@ def main() -> int:
         rows.append(ratio_row(f"clean {name}", f"docs/s, {args.workers} workers, {args.docs} docs", "datatrove 0.10.1",
                               rate / base, "≥ 2×"))
         rows.append(ratio_row(f"clean {name}", "docs per CPU-second", "datatrove 0.10.1", rate_cpu / base_cpu))
-    write_json(args.json, rows, {"docs": args.docs, "shards": args.shards, "workers": args.workers,
-                                 "repeats": args.repeats,
-                                 "best": {k: {"seconds": v[0], "kept": v[1], "cpu_seconds": v[2]} for k, v in best.items()}})
+    details = {"docs": args.docs, "shards": args.shards, "workers": args.workers, "repeats": args.repeats,
+               "best": {k: {"seconds": v[0], "kept": v[1], "cpu_seconds": v[2]} for k, v in best.items()}}
+    if args.perplexity:
+        rows += perplexity_figures(args, best, base, base_cpu, details, ppl_details)
+    write_json(args.json, rows, details)
     return 0
+
+
+def perplexity_figures(args, best: dict, base: float, base_cpu: float, details: dict, ppl_details: dict) -> list[dict]:
+    """Print the whole-pipeline figures of our commoncrawl side with the n-gram step; add them to
+    `details` under "perplexity"; return their table rows."""
+    rate, rate_cpu = args.docs / best["commoncrawl+ngram"][0], args.docs / best["commoncrawl+ngram"][2]
+    without, without_cpu = args.docs / best["commoncrawl"][0], args.docs / best["commoncrawl"][2]
+    what = "commoncrawl + n-gram (... -> lid -> 5-gram perplexity)"
+    print(f"{f'megallama {what}':<56}{rate:8.0f}{rate / base:7.2f}x{rate_cpu:12.0f}{rate_cpu / base_cpu:7.2f}x  "
+          f"{best['commoncrawl+ngram'][1]}")
+    print(f"  datatrove's pipeline has no offline n-gram perplexity step: this ratio is our whole pipeline, "
+          f"with the step, against theirs without it")
+    print(f"  cost of the n-gram step: commoncrawl with it / without it {rate / without:.2f}x docs/s, "
+          f"{rate_cpu / without_cpu:.2f}x docs per CPU-second; "
+          f"{1e3 * (best['commoncrawl+ngram'][0] - best['commoncrawl'][0]) / args.docs:.2f} ms a document of wall time "
+          f"({args.workers} workers)")
+    details["perplexity"] = {
+        **ppl_details,
+        "note": "datatrove's pipeline has no offline n-gram perplexity step; the ratio to it is our whole pipeline "
+                "with the step against theirs without it",
+        "whole_pipeline_docs_per_second": rate, "whole_pipeline_docs_per_cpu_second": rate_cpu,
+        "whole_pipeline_vs_datatrove": rate / base, "whole_pipeline_vs_datatrove_cpu": rate_cpu / base_cpu,
+        "without_step_docs_per_second": without, "with_vs_without_step": rate / without,
+        "with_vs_without_step_cpu": rate_cpu / without_cpu, "kept": best["commoncrawl+ngram"][1],
+    }
+    metric = f"docs/s, {args.workers} workers, {args.docs} docs; whole pipeline, peer has no n-gram step"
+    return [ratio_row("clean commoncrawl + n-gram perplexity filter", metric, "datatrove 0.10.1", rate / base),
+            ratio_row("clean commoncrawl + n-gram perplexity filter", "docs per CPU-second; whole pipeline, peer has "
+                      "no n-gram step", "datatrove 0.10.1", rate_cpu / base_cpu),
+            ratio_row("clean commoncrawl: cost of the n-gram perplexity step", f"docs/s, {args.workers} workers, "
+                      f"{args.docs} docs, with the step", "megallama commoncrawl without it", rate / without)]
 
 
 if __name__ == "__main__":

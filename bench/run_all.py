@@ -36,7 +36,7 @@ BENCHMARKS = {
     "generate": [],
     "finetune": ["--threads", "1"],  # one thread a side: steadier on a shared 2-core machine
     "data": [],
-    "clean": [],
+    "clean": ["--perplexity"],  # also the whole pipeline with CCNet's n-gram filter (~40 s more on 2 cores)
     "clean_ray": ["--executor", "ray"],
     "clean_dedup_memory": [],
     "perplexity": [],

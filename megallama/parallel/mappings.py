@@ -84,6 +84,9 @@ class PendingCollective:
         return self
 
     def wait(self):
+        """The result (once: the buffers are let go of here, so a second call raises)."""
+        if self._finish is None:
+            raise RuntimeError("PendingCollective.wait() was already called")
         if self._work is not None:
             work, self._work = self._work, None
             _wait(work)
@@ -118,8 +121,10 @@ def _until_released(refs, storages=()):
     if not held():
         return
     deadline = time.monotonic() + _RELEASE_TIMEOUT_S
+    spins = 0
     while held() and time.monotonic() < deadline:
-        time.sleep(0)
+        time.sleep(0 if spins < 20 else 20e-6)  # then back off: gloo's worker may need this core
+        spins += 1
 
 
 def _is_gloo(group):

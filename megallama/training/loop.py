@@ -168,10 +168,10 @@ def micro_batches(dataset, batch_start: int, config: PretrainConfig, device: tor
         first = batch_start + step * m * dp + dp_rank * m
         samples = [dataset[i] for i in range(first, first + m)]
         # tokens, labels, and (packed or document-reset data) loss_mask and position_ids
-        batch = tuple(torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device) if key in samples[0] else None
+        batch = tuple(torch.stack([torch.as_tensor(s[key]) for s in samples]) if key in samples[0] else None
                       for key in ("tokens", "labels", "loss_mask", "position_ids"))
-        check_token_ids(batch[0], first, config)
-        out.append(batch)
+        check_token_ids(batch[0], first, config)  # on the host copy: no device sync per micro-batch
+        out.append(tuple(None if t is None else t.to(device) for t in batch))
     return out
 
 
