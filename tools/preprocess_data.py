@@ -12,6 +12,7 @@ files in parallel across a Ray cluster and merges them into the same outputs, by
 import argparse
 import sys
 
+from megallama.compressed import TruncatedInput
 from megallama.data.jsonl import BadLineError
 from megallama.data.preprocess import format_summary, preprocess
 from megallama.executors.cli import add_executor_arguments, executor_from_args
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
                                  args.vocab_size, args.json_keys, args.append_eod, args.workers,
                                  args.log_interval, args.strict, progress=not args.no_progress,
                                  executor=executor if args.executor == "ray" else None)
-    except (BadLineError, RuntimeError, ValueError) as exc:
+    except (BadLineError, TruncatedInput, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_summary(summary))

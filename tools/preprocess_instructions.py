@@ -14,6 +14,7 @@ import sys
 
 from megallama.data.instructions import (CHAT_TEMPLATES, FORMATS, format_instruction_summary,
                                          preprocess_instructions)
+from megallama.compressed import TruncatedInput
 from megallama.data.jsonl import BadLineError
 
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
         summary = preprocess_instructions(args.input, args.output_prefix, args.format, args.tokenizer_model,
                                           args.template, args.workers, args.strict,
                                           progress=not args.no_progress)
-    except (BadLineError, FileNotFoundError, ValueError) as exc:
+    except (BadLineError, FileNotFoundError, TruncatedInput, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_instruction_summary(summary))

@@ -15,7 +15,8 @@ import argparse
 import sys
 from typing import Iterator
 
-from megallama.clean.io import JSONDecodeError, loads, open_binary, strip_compression
+from megallama.compressed import open_binary, strip_compression
+from megallama.clean.io import JSONDecodeError, loads
 from megallama.clean.quality import train_quality_classifier
 
 

@@ -1,4 +1,5 @@
-"""Reading JSONL corpora (plain, ``.gz`` or ``.zst``), counting every line that cannot be used.
+"""Reading JSONL corpora (plain or compressed: ``.gz``, ``.bz2``, ``.xz``, ``.zst``), counting every
+line that cannot be used; a compressed file that ends early is an error naming it (TruncatedInput).
 
 A broken JSON line, a missing key, a non-string value, empty text or invalid UTF-8 is not an
 error by default: the line is skipped and counted under its reason, so a run over terabytes is not
@@ -8,12 +9,12 @@ an error naming the file and line.
 from __future__ import annotations
 
 import glob
-import gzip
-import io
 import json
 import os
 from collections import Counter
 from typing import Iterator, Sequence
+
+from megallama.compressed import open_binary
 
 
 class BadLineError(ValueError):
@@ -30,18 +31,6 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
             raise FileNotFoundError(f"--input {pattern!r} matches no file")
         paths.extend(m for m in matches if m not in paths)
     return paths
-
-
-def open_binary(path: str):
-    """A binary stream of the decompressed file (by extension: .gz, .zst, else plain)."""
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".zst") or path.endswith(".zstd"):
-        import zstandard
-
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
-    return open(path, "rb", buffering=1 << 20)
 
 
 def iter_line_batches(paths: Sequence[str], batch_lines: int = 512, batch_bytes: int = 4 << 20

@@ -127,3 +127,16 @@ def test_missing_input_is_a_clear_error(tmp_path, tiny_tokenizer):
     with pytest.raises(FileNotFoundError, match="matches no file"):
         preprocess_data.main(["--input", str(tmp_path / "nothing*.jsonl"), "--output-prefix", str(tmp_path / "x"),
                               "--tokenizer-model", tiny_tokenizer])
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("suffix", ["gz", "zst"])
+def test_a_truncated_compressed_input_is_a_one_line_error_naming_it(tmp_path, tiny_tokenizer, corpus, capsys, suffix):
+    """Issue 19: the .zst reader returned the cut data silently (the .gz one raised a bare EOFError)."""
+    data = b"".join(json.dumps({"text": d}).encode() + b"\n" for d in corpus[:400] if d)
+    compressed = gzip.compress(data) if suffix == "gz" else zstandard.ZstdCompressor().compress(data)
+    (tmp_path / f"part0.jsonl.{suffix}").write_bytes(compressed[: len(compressed) * 2 // 3])
+    assert run(tmp_path, tiny_tokenizer, "out") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"part0.jsonl.{suffix}" in err and "truncated" in err
+    assert not (tmp_path / "out_text_document.bin").exists()

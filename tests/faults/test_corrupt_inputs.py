@@ -16,7 +16,7 @@ import tarfile
 import pytest
 import zstandard
 
-from megallama.clean.io import TruncatedInput, open_binary
+from megallama.compressed import TruncatedInput, open_binary
 from megallama.clean.runner import clean_corpus
 from megallama.clean.sources import make_source
 from tests.clean import inputs

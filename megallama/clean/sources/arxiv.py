@@ -14,7 +14,8 @@ import zlib
 from typing import Iterator
 
 from megallama.clean.document import Document, Rejected
-from megallama.clean.io import RecordTooLarge, TruncatedInput, read_capped
+from megallama.compressed import TruncatedInput
+from megallama.clean.io import RecordTooLarge, read_capped
 from megallama.clean.sources.base import Source, decode_utf8
 
 _COMMENT = re.compile(r"(?<!\\)%[^\n]*")

@@ -6,7 +6,8 @@ import os
 from typing import Iterable, Iterator, Sequence
 
 from megallama.clean.document import Document, Rejected
-from megallama.clean.io import DEFAULT_MAX_RECORD_BYTES, JSONDecodeError, iter_lines, loads, open_binary
+from megallama.compressed import open_binary
+from megallama.clean.io import DEFAULT_MAX_RECORD_BYTES, JSONDecodeError, iter_lines, loads
 from megallama.clean.langid import LanguageIdentifier
 from megallama.clean.perplexity import PerplexityFilter
 from megallama.clean.quality import QualityClassifier

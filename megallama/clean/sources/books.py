@@ -9,7 +9,8 @@ import re
 from typing import Iterator
 
 from megallama.clean.document import Document, Rejected
-from megallama.clean.io import RecordTooLarge, open_binary, read_capped, strip_compression
+from megallama.compressed import open_binary, strip_compression
+from megallama.clean.io import RecordTooLarge, read_capped
 from megallama.clean.sources.base import Source, decode_utf8
 
 _START = re.compile(

@@ -11,7 +11,8 @@ from typing import Iterator
 
 from megallama.clean.document import Document, Rejected
 from megallama.clean.html import html_to_text, looks_like_html
-from megallama.clean.io import DEFAULT_MAX_RECORD_BYTES, open_binary
+from megallama.compressed import open_binary
+from megallama.clean.io import DEFAULT_MAX_RECORD_BYTES
 from megallama.clean.sources.base import Source, decode_utf8, iter_jsonl
 
 TEXT_FIELDS = ("text", "raw_content", "content", "html")

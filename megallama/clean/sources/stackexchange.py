@@ -12,7 +12,8 @@ from typing import Iterator
 
 from megallama.clean.document import Document, Rejected
 from megallama.clean.html import html_to_text
-from megallama.clean.io import iter_lines, open_binary
+from megallama.compressed import open_binary
+from megallama.clean.io import iter_lines
 from megallama.clean.sources.base import Source, decode_utf8
 
 QUESTION, ANSWER = "1", "2"

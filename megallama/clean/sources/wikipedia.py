@@ -15,7 +15,8 @@ import mwparserfromhell
 from mwparserfromhell import nodes
 
 from megallama.clean.document import Document, Rejected
-from megallama.clean.io import DEFAULT_MAX_RECORD_BYTES, open_binary
+from megallama.compressed import open_binary
+from megallama.clean.io import DEFAULT_MAX_RECORD_BYTES
 from megallama.clean.sources.base import Source, decode_utf8
 
 LLAMA_LANGUAGES = frozenset("bg ca cs da de en es fr hr hu it nl pl pt ro ru sl sr sv uk".split())
