@@ -20,11 +20,8 @@ mark during its steps minus RSS before the model is built; Linux).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -32,7 +29,7 @@ import warnings
 import numpy as np
 import torch
 
-from benchlib import add_json_flag, ratio_row, write_json
+from benchlib import add_json_flag, peak_rss_of, print_peak_rss, ratio_row, start_peak_rss, write_json
 from megallama.config import LlamaConfig
 from megallama.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megallama.data.instructions import output_prefixes
@@ -137,14 +134,6 @@ def trl_answers_per_row(trainer) -> float:
     return float(np.mean([sum(t != -100 for t in labels) for labels in trainer.train_dataset["labels"]]))
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def memory_child(side: str, args) -> None:
     import transformers  # noqa: F401  (imported before the baseline, by both sides alike)
     import trl  # noqa: F401
@@ -153,28 +142,22 @@ def memory_child(side: str, args) -> None:
     with tempfile.TemporaryDirectory() as folder:
         if side == "trl":
             trainer = trl_trainer(examples, args.seq, args.rows, 3, folder)
-            base = _status_kib("VmRSS")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+            base = start_peak_rss()
             trainer.train()
         else:
             dataset = packed_rows(examples, args.seq, folder)
             per_step = round(args.rows * len(examples) / len(dataset))
             batches = packed_batches(dataset, args.rows) if side == "packed" else padded_batches(examples, per_step)
-            base = _status_kib("VmRSS")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+            base = start_peak_rss()
             step = our_step_fn()
             for _, batch in zip(range(3), batches):
                 step(batch)
-        print(json.dumps({"peak_mib": (_status_kib("VmHWM") - base) / 1024}))
+        print_peak_rss(base)
 
 
 def peak_memory(side: str, args) -> float:
-    out = subprocess.run([sys.executable, __file__, "--memory-child", side, "--seq", str(args.seq),
-                          "--rows", str(args.rows), "--examples", str(args.examples), "--threads", str(args.threads)],
-                         check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    return peak_rss_of(__file__, ["--memory-child", side, "--seq", str(args.seq), "--rows", str(args.rows),
+                                  "--examples", str(args.examples), "--threads", str(args.threads)])
 
 
 def main() -> None:

@@ -14,16 +14,13 @@ here at the model's shapes.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from benchlib import add_json_flag, ratio_row, write_json
+from benchlib import add_json_flag, peak_rss_of, print_peak_rss, ratio_row, start_peak_rss, write_json
 from megallama.config import LlamaConfig
 from megallama.model import LlamaModel, get_param_groups
 from megallama.training.flops import estimate_flops
@@ -94,14 +91,6 @@ def sgemm_flops(tokens: int, config: LlamaConfig, reps: int = 10, passes: int = 
     return flops / best
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def peak_memory_child(side: str, batch: int, seq: int, steps: int) -> None:
     import transformers
 
@@ -114,22 +103,16 @@ def peak_memory_child(side: str, batch: int, seq: int, steps: int) -> None:
         warm = torch.nn.Parameter(torch.zeros(8))
         warm.grad = torch.zeros(8)
         torch.optim.AdamW([warm], fused=fused).step()
-    base = _status_kib("VmRSS")
-    # getrusage's maxrss would carry the parent's peak across fork+exec; the kernel's high-water
-    # mark of this process can be reset instead.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    base = start_peak_rss()
     step, _ = build(side, config, same_weights=False)
     for ids, labels in data:
         step(ids, labels)
-    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - base) / 1024}))
+    print_peak_rss(base)
 
 
 def peak_memory(side: str, args) -> float:
-    out = subprocess.run(
-        [sys.executable, __file__, "--memory-child", side, "--batch", str(args.batch), "--seq", str(args.seq),
-         "--threads", str(args.threads)], check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    return peak_rss_of(__file__, ["--memory-child", side, "--batch", str(args.batch), "--seq", str(args.seq),
+                                  "--threads", str(args.threads)])
 
 
 def main() -> None:
