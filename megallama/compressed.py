@@ -18,11 +18,12 @@ class TruncatedInput(OSError):
     Deliberately not an EOFError: readers such as warcio take EOFError for a clean end."""
 
 
-class _EndChecked(io.RawIOBase):
-    """Reads a decompressing stream, turning its EOFError (stream ended early) into TruncatedInput."""
+class _CheckedReader(io.RawIOBase):
+    """A raw stream over a decompressor whose ``_next(n)`` gives up to ``n`` bytes (b"" at the end)
+    or raises TruncatedInput where the compressed data stops early."""
 
-    def __init__(self, stream: IO[bytes], path: str) -> None:
-        self._stream, self._path = stream, path
+    def __init__(self, path: str) -> None:
+        self._path = path
         self._pos = 0
 
     def readable(self) -> bool:
@@ -32,41 +33,51 @@ class _EndChecked(io.RawIOBase):
         return self._pos
 
     def readinto(self, buffer) -> int:
-        try:  # read1, not readinto: it returns what is there before raising at the damage
-            data = self._stream.read1(len(buffer))
-        except EOFError as e:
-            raise TruncatedInput(f"{self._path}: compressed data ends early (truncated file): {e}") from e
+        data = self._next(len(buffer))
         buffer[:len(data)] = data
         self._pos += len(data)
         return len(data)
+
+    def _next(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    def _truncated(self, detail: str) -> TruncatedInput:
+        return TruncatedInput(f"{self._path}: compressed data ends early (truncated file): {detail}")
+
+
+class _EndChecked(_CheckedReader):
+    """Reads a stdlib decompressing stream, turning its EOFError (stream ended early) into TruncatedInput."""
+
+    def __init__(self, stream: IO[bytes], path: str) -> None:
+        super().__init__(path)
+        self._stream = stream
+
+    def _next(self, n: int) -> bytes:
+        try:  # read1, not readinto: it returns what is there before raising at the damage
+            return self._stream.read1(n)
+        except EOFError as e:
+            raise self._truncated(str(e)) from e
 
     def close(self) -> None:
         self._stream.close()
         super().close()
 
 
-class _ZstdReader(io.RawIOBase):
+class _ZstdReader(_CheckedReader):
     """Decompresses a (multi-frame) zstd file; raises TruncatedInput if it ends inside a frame
     (zstandard's own stream reader returns the cut data silently, and cannot iterate lines)."""
 
     def __init__(self, path: str) -> None:
         import zstandard
 
-        self._path = path
+        super().__init__(path)
         self._new = zstandard.ZstdDecompressor().decompressobj
         self._raw = open(path, "rb")
         self._d = self._new()
         self._pending = b""
         self._in_frame = False
-        self._pos = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, buffer) -> int:
+    def _next(self, n: int) -> bytes:
         while not self._pending:
             if self._d.eof:  # the frame ended: what follows is the next frame
                 rest = self._d.unused_data
@@ -77,16 +88,12 @@ class _ZstdReader(io.RawIOBase):
             chunk = self._raw.read(_CHUNK)
             if not chunk:
                 if self._in_frame and not self._d.eof:
-                    raise TruncatedInput(f"{self._path}: compressed data ends early (truncated file): "
-                                         "the zstd stream ends inside a frame")
-                return 0
+                    raise self._truncated("the zstd stream ends inside a frame")
+                return b""
             self._in_frame = True
             self._pending = self._d.decompress(chunk)
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        self._pos += n
-        return n
+        data, self._pending = self._pending[:n], self._pending[n:]
+        return data
 
     def close(self) -> None:
         self._raw.close()
