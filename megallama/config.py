@@ -137,6 +137,21 @@ class LlamaConfig:
             raise ValueError(f"unknown LlamaConfig fields: {sorted(unknown)}")
         return cls(**d)
 
+    @classmethod
+    def from_run_config(cls, run: dict) -> "LlamaConfig":
+        """The model of a run configuration as checkpoints store it (``PretrainConfig.to_dict()``),
+        also in the layout written before the run configuration held a ``LlamaConfig`` (no
+        ``"version"`` key: the shape in ``model``, dtype and recomputation in ``training``)."""
+        if run.get("version", 1) >= 2:
+            return cls.from_dict(run["model"])
+        shape = {k: v for k, v in run["model"].items() if k != "seq_length"}
+        training, parallel = run.get("training", {}), run.get("parallel", {})
+        return cls(**shape,
+                   sequence_parallel=bool(parallel.get("sequence_parallel"))
+                   and parallel.get("tensor_model_parallel_size", 1) > 1,
+                   recompute_granularity=training.get("recompute_granularity"),
+                   params_dtype=torch.bfloat16 if training.get("bf16") else torch.float32)
+
     def num_parameters(self, include_embedding: bool = True) -> int:
         h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
         per_layer = 4 * h * h + 3 * h * f + 2 * h
