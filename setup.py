@@ -76,6 +76,7 @@ setup(
         "train": ["tensorboard", "matplotlib"],
         "cluster": ["ray==2.60.0"],  # --executor ray for the data tools
         "eval": ["lm-eval==0.4.13", "transformers"],  # tools/run_lm_eval.py (--model megallama)
+        "wandb": ["wandb"],  # megallama.pretrain --wandb-project
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -29,8 +29,10 @@ import unicodedata
 
 from benchlib import add_json_flag, ratio_row, write_json
 from megallama.clean.perplexity import NgramScorer, normalize_line, train_ngram_lm
-from megallama.demo_corpus import docstring_pages, pydoc_topic_rows
 from megallama.tokenizer import train_sentencepiece
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from demo_corpus import docstring_pages, pydoc_topic_rows  # noqa: E402  (examples/demo_corpus.py: the demo's pages)
 
 # -- CCNet's text_normalizer.normalize and DocLM loop, as cc_net writes them ----------------------
 UNICODE_PUNCT = {

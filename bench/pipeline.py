@@ -62,25 +62,18 @@ def _timed_communicate(record):
 
 
 def _exchange_cost(shape, reps=20):
-    """Seconds per exchange of one activation between the two (idle) stages."""
+    """Seconds per exchange of one activation (an ActivationShape) between the two (idle) stages."""
     from megallama.parallel import state
     from megallama.pipeline.p2p import PipelineCommunicator
 
-    comm = PipelineCommunicator(state.get_pipeline_model_parallel_group(), shape, torch.float32,
+    comm = PipelineCommunicator(state.get_pipeline_model_parallel_group(), shape.tensor_shape(), shape.dtype,
                                 torch.device("cpu"))
-    x = torch.randn(shape)
+    x = torch.randn(shape.tensor_shape(), dtype=shape.dtype)
     dist.barrier()
     start = time.perf_counter()
     for _ in range(reps):
         comm.communicate(send_next=x, recv_prev=True)
     return (time.perf_counter() - start) / reps
-
-
-def _forward_step(data_iterator, model, input_tensor):
-    tokens, labels = next(data_iterator)
-    out = model(input_ids=tokens if model.pre_process else None,
-                labels=labels if model.post_process else None, hidden_states=input_tensor)
-    return out, lambda per_token: (per_token.sum(), per_token.numel())
 
 
 def _build(cfg, vp):
@@ -92,13 +85,14 @@ def _build(cfg, vp):
     torch.manual_seed(0)
     return build_model_chunks(lambda s: LlamaModel(cfg, pre_process=s.pre_process,
                                                    post_process=s.post_process,
-                                                   layer_ids=s.layer_ids), cfg.num_layers, vp)
+                                                   layer_ids=s.layer_ids), cfg, vp)
 
 
 def _rank(rank, args, store):
     from megallama.config import LlamaConfig
     from megallama.parallel import state
-    from megallama.pipeline import get_forward_backward_func
+    from megallama.pipeline import ActivationShape, get_forward_backward_func
+    from megallama.training.forward_step import llama_forward_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=PP,
@@ -108,7 +102,7 @@ def _rank(rank, args, store):
                       max_position_embeddings=args.seq_length)
     waited = [0.0, 0]
     _timed_communicate(waited)
-    shape = (args.micro_batch_size, args.seq_length, cfg.hidden_size)
+    shape = ActivationShape(args.seq_length, args.micro_batch_size, cfg.hidden_size)
     g = torch.Generator().manual_seed(0)
     results = {}
     for m in args.microbatches:
@@ -124,8 +118,7 @@ def _rank(rank, args, store):
                 dist.barrier()
                 waited[:] = [0.0, 0]
                 start = time.perf_counter()
-                get_forward_backward_func(PP, vp)(_forward_step, iters, chunks, m, args.seq_length,
-                                                  args.micro_batch_size, cfg.hidden_size)
+                get_forward_backward_func(PP, vp)(llama_forward_step, iters, chunks, m, shape)
                 total = time.perf_counter() - start
                 state.destroy_model_parallel()
                 if it >= args.warmup:

@@ -60,6 +60,7 @@ def sgemm_tflops(threads: int, n: int = 1024, repeats: int = 10) -> float:
 
 def model_flags(m: dict, iters: int) -> list[str]:
     return ["--num-layers", str(m["num_layers"]), "--hidden-size", str(m["hidden_size"]),
+            "--untie-embeddings-and-output-weights",
             "--num-attention-heads", str(m["num_attention_heads"]), "--ffn-hidden-size", str(m["ffn_hidden_size"]),
             "--vocab-size", str(m["vocab_size"]), "--seq-length", str(m["seq_length"]),
             "--micro-batch-size", str(m["micro_batch_size"]), "--global-batch-size", str(m["global_batch_size"]),

@@ -31,6 +31,7 @@ BENCHMARKS = {
     "train_step": [],
     "ops": [],
     "tensor_parallel": [],
+    "zero_overlap": [],
     "pipeline": [],
     "pretrain": [],
     "generate": [],

@@ -6,7 +6,8 @@ loss) + ``torch.optim.AdamW(fused=True)``; the peer is ``transformers.LlamaForCa
 the two in one process, so machine load hits both alike. Peak memory is measured for each side in
 a process of its own (the kernel's RSS high-water mark during the steps minus RSS before the model
 is built; Linux). "MFU" is each side's model FLOP/s (PaLM count) over the sgemm FLOP/s measured
-here at the model's shapes.
+here at the model's shapes. The same model with grouped-query attention (one K/V head for its four
+query heads) is timed as a second case against HF with the same config (tokens/s only).
 
     python bench/train_step.py            # the issue's config, prints the table
     python bench/train_step.py --steps 5  # quicker
@@ -27,6 +28,7 @@ from megallama.training.flops import estimate_flops
 
 CONFIG = dict(num_layers=4, hidden_size=256, num_attention_heads=4, ffn_hidden_size=688,
               vocab_size=8000, max_position_embeddings=256)
+GQA_CONFIG = dict(CONFIG, num_query_groups=CONFIG["num_attention_heads"] // 4)
 LR, BETAS, WD = 3e-4, (0.9, 0.95), 0.1
 
 
@@ -91,6 +93,26 @@ def sgemm_flops(tokens: int, config: LlamaConfig, reps: int = 10, passes: int = 
     return flops / best
 
 
+def timed_steps(config: LlamaConfig, args) -> tuple[dict, dict]:
+    """Per side, the timed steps' seconds and every step's loss, the sides alternating step by step."""
+    sides = {name: build(name, config)[0] for name in ("ours", "hf")}
+    data = batches(config, args.batch, args.seq, args.warmup + args.steps)
+    times = {name: [] for name in sides}
+    losses = {name: [] for name in sides}
+    for i, (ids, labels) in enumerate(data):
+        for name, step in sides.items():
+            t0 = time.perf_counter()
+            losses[name].append(step(ids, labels))
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times, losses
+
+
+def max_loss_difference(losses: dict) -> float:
+    """Same weights and batches: the two loss curves must agree, or the comparison means nothing."""
+    return max(abs(a - b) for a, b in zip(losses["ours"], losses["hf"]))
+
+
 def peak_memory_child(side: str, batch: int, seq: int, steps: int) -> None:
     import transformers
 
@@ -132,32 +154,25 @@ def main() -> None:
 
     config = LlamaConfig(**CONFIG)
     tokens = args.batch * args.seq
-    sides = {name: build(name, config)[0] for name in ("ours", "hf")}
-    data = batches(config, args.batch, args.seq, args.warmup + args.steps)
-    times = {name: [] for name in sides}
-    losses = {name: [] for name in sides}
-    for i, (ids, labels) in enumerate(data):
-        for name, step in sides.items():
-            t0 = time.perf_counter()
-            losses[name].append(step(ids, labels))
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+    times, losses = timed_steps(config, args)
+    gqa_times, gqa_losses = timed_steps(LlamaConfig(**GQA_CONFIG), args)
     sgemm = sgemm_flops(tokens, config)
     flops_per_step = estimate_flops(num_layers=config.num_layers, hidden_size=config.hidden_size,
                                     ffn_hidden_size=config.ffn_hidden_size, seq_length=args.seq,
                                     vocab_size=config.vocab_size, num_sequences=args.batch)
     result = {"config": CONFIG, "batch": args.batch, "seq": args.seq, "threads": args.threads,
               "sgemm_gflops": sgemm / 1e9}
-    for name in sides:
+    for name in ("ours", "hf"):
         t = statistics.median(times[name])
         result[name] = {"step_ms": t * 1e3, "tokens_per_s": tokens / t,
                         "mfu_vs_sgemm": flops_per_step / t / sgemm, "peak_mib": peak_memory(name, args),
                         "final_loss": losses[name][-1]}
     result["speedup"] = result["ours"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
     result["memory_ratio"] = result["ours"]["peak_mib"] / result["hf"]["peak_mib"]
-    # Same weights and batches: the two loss curves must agree, or the comparison means nothing.
-    drift = max(abs(a - b) for a, b in zip(losses["ours"], losses["hf"]))
-    result["max_loss_difference"] = drift
+    drift = result["max_loss_difference"] = max_loss_difference(losses)
+    gqa = {name: {"step_ms": statistics.median(gqa_times[name]) * 1e3} for name in ("ours", "hf")}
+    result["gqa"] = {"config": GQA_CONFIG, **gqa, "speedup": gqa["hf"]["step_ms"] / gqa["ours"]["step_ms"],
+                     "max_loss_difference": max_loss_difference(gqa_losses)}
     print(f"train step, CPU fp32, {args.threads} threads, batch {args.batch} x seq {args.seq}, "
           f"sgemm {sgemm / 1e9:.0f} GFLOP/s")
     print(f"{'':8}{'ms/step':>10}{'tokens/s':>11}{'MFU(sgemm)':>12}{'peak MiB':>10}")
@@ -166,9 +181,14 @@ def main() -> None:
         print(f"{name:8}{r['step_ms']:10.1f}{r['tokens_per_s']:11.0f}{r['mfu_vs_sgemm']:12.1%}{r['peak_mib']:10.1f}")
     print(f"speedup (tokens/s) {result['speedup']:.2f}x   peak memory ratio {result['memory_ratio']:.2f}x   "
           f"max loss difference {drift:.2e}")
+    g = result["gqa"]
+    print(f"GQA ({GQA_CONFIG['num_query_groups']} K/V head): ours {g['ours']['step_ms']:.1f} ms/step, HF "
+          f"{g['hf']['step_ms']:.1f}: speedup {g['speedup']:.2f}x   max loss difference {g['max_loss_difference']:.2e}")
     write_json(args.json, [
         ratio_row("train step (fwd+bwd+AdamW), CPU fp32", "tokens/s", "HF LlamaForCausalLM", result["speedup"], "≥ 1.3×"),
         ratio_row("train step (fwd+bwd+AdamW), CPU fp32", "peak memory", "HF LlamaForCausalLM", result["memory_ratio"], "≤ 0.8×"),
+        ratio_row("train step (fwd+bwd+AdamW), GQA, CPU fp32", "tokens/s", "HF LlamaForCausalLM",
+                  result["gqa"]["speedup"], "≥ 1.3×"),
     ], result)
 
 

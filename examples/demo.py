@@ -39,7 +39,7 @@ sys.path.insert(0, REPO)  # run from a checkout without installing
 from megallama.clean.io import write_json  # noqa: E402
 from megallama.fileio import atomic_open  # noqa: E402
 from megallama.data.indexed import IndexedDataset  # noqa: E402
-from megallama.demo_corpus import CorpusSizes, assemble_corpus, reference_instructions, write_jsonl  # noqa: E402
+from demo_corpus import CorpusSizes, assemble_corpus, reference_instructions, write_jsonl  # noqa: E402  (next to this file)
 
 MARKER = ".megallama-demo"  # an --out folder holding it may be wiped by a new run
 SOURCES = ("commoncrawl", "c4", "github")
@@ -234,6 +234,7 @@ class Demo:
                   "-m", "megallama.pretrain",
                   "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel",
                   "--num-layers", str(s.num_layers), "--hidden-size", str(s.hidden_size),
+                  "--untie-embeddings-and-output-weights",  # LLaMA's; explicit shapes alone mean tied (Megatron)
                   "--num-attention-heads", str(s.heads), "--seq-length", str(s.seq_length),
                   "--micro-batch-size", str(s.micro_batch), "--global-batch-size", str(s.global_batch),
                   "--train-iters", str(s.train_iters), "--lr", str(s.lr),
@@ -297,6 +298,7 @@ class Demo:
                   "--sft-data-path", self.path("sft", "reference_qa"), "--save", self.path("finetuned"),
                   "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel",
                   "--num-layers", str(s.num_layers), "--hidden-size", str(s.hidden_size),
+                  "--untie-embeddings-and-output-weights",  # LLaMA's; explicit shapes alone mean tied (Megatron)
                   "--num-attention-heads", str(s.heads), "--seq-length", str(s.seq_length),
                   "--micro-batch-size", str(s.micro_batch), "--global-batch-size", str(s.global_batch),
                   "--train-iters", str(s.finetune_iters), "--lr", "1e-3", "--lr-warmup-iters", "2",

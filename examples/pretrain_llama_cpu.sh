@@ -9,6 +9,7 @@ OUT=${OUT:-/tmp/megallama_cpu}
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec torchrun --standalone --nproc-per-node 4 -m megallama.pretrain \
   --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel \
   --num-layers 4 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 176 \
+  --untie-embeddings-and-output-weights \
   --seq-length 64 --vocab-size 512 \
   --micro-batch-size 2 --global-batch-size 8 --train-iters 40 \
   --lr 1e-3 --lr-warmup-iters 4 --mock-data \

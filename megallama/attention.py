@@ -93,7 +93,7 @@ def flex_document_attention(q, k, v, layout: DocumentLayout, compiled: bool = Tr
     from torch.nn.attention.flex_attention import flex_attention
 
     fn = _compiled_flex_attention() if compiled else flex_attention
-    return fn(q, k, v, block_mask=layout.block_mask())
+    return fn(q, k, v, block_mask=layout.block_mask(), enable_gqa=_grouped(q, k))
 
 
 def per_document_attention(q, k, v, layout: DocumentLayout):
@@ -105,14 +105,21 @@ def per_document_attention(q, k, v, layout: DocumentLayout):
         for start, end in spans:
             part = slice(start, end)
             out[row, :, part] = F.scaled_dot_product_attention(
-                q[row:row + 1, :, part], k[row:row + 1, :, part], v[row:row + 1, :, part], is_causal=True)[0]
+                q[row:row + 1, :, part], k[row:row + 1, :, part], v[row:row + 1, :, part], is_causal=True,
+                enable_gqa=_grouped(q, k))[0]
     return out
 
 
+def _grouped(q, k) -> bool:
+    """Grouped-query attention: fewer key/value heads than query heads, each serving a group."""
+    return k.shape[1] != q.shape[1]
+
+
 def causal_attention(q, k, v, layout: DocumentLayout | None = None):
-    """Causal attention of q, k, v [b, heads, s, d]; within documents when ``layout`` is given."""
+    """Causal attention of q [b, heads, s, d] and k, v [b, kv_heads, s, d] (kv_heads divides heads:
+    grouped-query attention); within documents when ``layout`` is given."""
     if layout is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=_grouped(q, k))
     if q.is_cuda:
         return flex_document_attention(q, k, v, layout)
     return per_document_attention(q, k, v, layout)

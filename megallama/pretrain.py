@@ -32,7 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as error:
         _report(error)
         return 2
-    from megallama.training.checkpointing import CheckpointError
+    from megallama.checkpoint.storage import CheckpointError
     from megallama.training.loop import Trainer, TrainingError, shutdown
 
     try:

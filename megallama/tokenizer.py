@@ -1,5 +1,9 @@
-"""Tokenizers: SentencePiece models (LLaMA's, or one trained by tools/train_tokenizer.py) and a
-null tokenizer for data that is already ids.
+"""Tokenizers: SentencePiece models (LLaMA's, or one trained by tools/train_tokenizer.py), Hugging
+Face tokenizer folders (LLaMA-3's byte-level BPE ``tokenizer.json``) and a null tokenizer for data
+that is already ids.
+
+Every tokenizer's ``encode`` gives the text's ids only, no BOS/EOS: preprocessing ends each document
+with ``eod`` and generation/evaluation prepend ``bos_id`` themselves.
 
 ``encode_batch`` is the fast path preprocessing uses: SentencePiece never merges across a space,
 so ids are memoised per whitespace chunk (in C++) and SentencePiece runs only on chunks not seen
@@ -9,6 +13,7 @@ to SentencePiece's own batch encode.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 
 import numpy as np
@@ -256,18 +261,120 @@ class NullTokenizer:
         return flat, counts
 
 
+def _special_token(value) -> str | None:
+    """A special token as tokenizer_config.json / special_tokens_map.json write it: the text itself,
+    or a serialized AddedToken (``{"content": ...}``)."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class HuggingFaceTokenizer:
+    """A Hugging Face tokenizer folder (``tokenizer.json``, e.g. LLaMA-3's), run by the ``tokenizers``
+    library: ``encode`` gives the ids of ``AutoTokenizer.from_pretrained(folder).encode(text,
+    add_special_tokens=False)``. AutoTokenizer's default also runs the folder's post-processor, which
+    for LLaMA-3 prepends ``<|begin_of_text|>``; here, as with SentencePiece, BOS is left to the callers.
+
+    bos/eos/pad tokens are read from ``tokenizer_config.json`` and ``special_tokens_map.json`` as
+    transformers reads them. A folder naming no BOS uses its EOS (GPT-2's convention: the document
+    separator starts a text); no pad means EOS, as for SentencePiece. ``vocab_size`` is the highest id
+    plus one, added tokens included. ``decode`` drops special tokens, as SentencePiece's drops its
+    control ids, and does no HF "clean-up" of spaces, so ``decode(encode(text)) == text``.
+    """
+
+    def __init__(self, folder: str):
+        from tokenizers import Tokenizer
+
+        tokenizer_file = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(tokenizer_file):
+            raise FileNotFoundError(f"tokenizer folder {folder} has no tokenizer.json (HuggingFaceTokenizer's "
+                                    "--tokenizer-model is a Hugging Face tokenizer folder)")
+        self.folder = folder
+        self.tokenizer = Tokenizer.from_file(tokenizer_file)
+        self.vocab_size = max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        tokens = self._special_tokens(folder)
+        if tokens.get("eos_token") is None:
+            raise ValueError(f"tokenizer folder {folder} names no eos_token (tokenizer_config.json or "
+                             "special_tokens_map.json): it is the end-of-document id")
+        self.eos_id = self._token_id(tokens["eos_token"])
+        self.bos_id = self._token_id(tokens["bos_token"]) if tokens.get("bos_token") is not None else self.eos_id
+        self.pad_id = self._token_id(tokens["pad_token"]) if tokens.get("pad_token") is not None else self.eos_id
+
+    @staticmethod
+    def _special_tokens(folder: str) -> dict:
+        """bos/eos/pad tokens as transformers resolves them: tokenizer_config.json's, overridden by
+        special_tokens_map.json's only in older folders, whose config has no ``added_tokens_decoder``."""
+        def read(name: str) -> dict:
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                return {}
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+
+        config = read("tokenizer_config.json")
+        sources = [config] if "added_tokens_decoder" in config else [config, read("special_tokens_map.json")]
+        tokens = {}
+        for source in sources:
+            tokens.update({key: _special_token(source[key]) for key in ("bos_token", "eos_token", "pad_token")
+                           if key in source})
+        return tokens
+
+    def _token_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"special token {token!r} of tokenizer folder {self.folder} is not in its tokenizer.json")
+        return token_id
+
+    @property
+    def eod(self) -> int:
+        return self.eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tokenizer.id_to_token(int(i))
+
+    def encode_batch(self, texts: list[str], append_eod: bool = False, num_threads: int = 1):
+        """Ids of every text as one flat int32 array and the per-text counts (int64); with
+        ``append_eod`` each text's ids end with ``eos_id``. ``num_threads`` is not used: the
+        ``tokenizers`` library picks its own threads (TOKENIZERS_PARALLELISM / RAYON_NUM_THREADS)."""
+        ids = [e.ids for e in self.tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)]
+        if append_eod:
+            for i in ids:
+                i.append(self.eos_id)
+        counts = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(counts.sum()))
+        return flat, counts
+
+
+def load_tokenizer(path: str, tokenizer_type: str | None = None):
+    """The tokenizer stored at ``path``: a Hugging Face tokenizer folder (``tokenizer.json``) or a
+    SentencePiece ``.model`` file, told apart by what ``path`` is unless ``tokenizer_type`` says."""
+    if tokenizer_type is None:
+        tokenizer_type = "HuggingFaceTokenizer" if os.path.isdir(path) else "SentencePieceTokenizer"
+    return build_tokenizer(tokenizer_type, path)
+
+
 def build_tokenizer(tokenizer_type: str, model_path: str | None = None, vocab_size: int | None = None):
     """Megatron's ``--tokenizer-type``: ``SentencePieceTokenizer`` (alias ``Llama2Tokenizer``,
-    ``GPTSentencePieceTokenizer``) with ``--tokenizer-model``, or ``NullTokenizer`` with a vocab size."""
-    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+    ``GPTSentencePieceTokenizer``) with a ``.model`` file as ``--tokenizer-model``,
+    ``HuggingFaceTokenizer`` with a Hugging Face tokenizer folder as ``--tokenizer-model``, or
+    ``NullTokenizer`` with a vocab size."""
+    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                          "HuggingFaceTokenizer"):
         if not model_path:
             raise ValueError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model")
+        if tokenizer_type == "HuggingFaceTokenizer":
+            return HuggingFaceTokenizer(model_path)
         return SentencePieceTokenizer(model_path)
     if tokenizer_type == "NullTokenizer":
         if vocab_size is None:
             raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size")
         return NullTokenizer(vocab_size)
-    raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}: use SentencePieceTokenizer or NullTokenizer")
+    raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}: use SentencePieceTokenizer, "
+                     "HuggingFaceTokenizer or NullTokenizer")
 
 
 def train_sentencepiece(sentences, vocab_size: int, output_prefix: str, input_sentence_size: int = 0,

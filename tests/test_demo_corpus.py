@@ -8,13 +8,17 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
 from megallama.clean.sources.c4 import C4
 from megallama.clean.sources.commoncrawl import read_warc
 from megallama.clean.sources.github import GitHub, licence_allowed
-from megallama.demo_corpus import (
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+
+from demo_corpus import (  # noqa: E402  (examples/demo_corpus.py)
     CorpusSizes,
     assemble_corpus,
     catalogue_page,

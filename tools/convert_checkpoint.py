@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megallama.inference.checkpoint_io import FORMATS, convert_checkpoint
+from megallama.checkpoint import FORMATS, convert_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-pipeline-parallel-size", type=int, metavar="N",
                    help="megallama only: pipeline stages to write for (default 1)")
     p.add_argument("--tokenizer-model", metavar="M",
-                   help="SentencePiece model to store with the checkpoint (hf: also as HF tokenizer files); "
-                        "default: the tokenizer.model stored with --load, if any")
+                   help="tokenizer to store with the checkpoint: a SentencePiece model (hf: also converted to HF "
+                        "tokenizer files) or a Hugging Face tokenizer folder with tokenizer.json (LLaMA-3's; its "
+                        "files are copied); default: the tokenizer stored with --load, if any")
     return p
 
 

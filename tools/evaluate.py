@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-model", metavar="M",
                    help="SentencePiece model, for --jsonl and --multiple-choice (default: the tokenizer.model "
                         "stored with the checkpoint)")
+    p.add_argument("--tokenizer-type", default=None,
+                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
+                   help="SentencePieceTokenizer (LLaMA, LLaMA-2) or HuggingFaceTokenizer (LLaMA-3: --tokenizer-model "
+                        "is then the folder holding tokenizer.json); default: told by the tokenizer path (a folder "
+                        "is a Hugging Face tokenizer)")
     task = p.add_mutually_exclusive_group(required=True)
     task.add_argument("--data-path", metavar="PREFIX",
                       help="perplexity over the sequences of an indexed dataset (PREFIX.bin / PREFIX.idx)")
@@ -42,12 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tokenizer(args, reader):
-    from megallama.tokenizer import SentencePieceTokenizer
+    from megallama.tokenizer import load_tokenizer
 
     path = args.tokenizer_model or reader.tokenizer_model()
     if path is None:
-        raise ValueError(f"{args.load} holds no tokenizer.model: give --tokenizer-model")
-    return SentencePieceTokenizer(path)
+        raise ValueError(f"{args.load} holds no tokenizer (tokenizer.model or tokenizer.json): give --tokenizer-model")
+    return load_tokenizer(path, args.tokenizer_type)
 
 
 def run(args, model, reader) -> dict:
@@ -90,12 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             print(f"error: --{flag.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
             return 2
-    from megallama.inference.checkpoint_io import atomic_write, load_model
+    from megallama.checkpoint import load_model
+    from megallama.fileio import atomic_open
+    from megallama.inference.generation import prepare_for_inference
     from megallama.inference.runtime import init_tensor_parallel_from_env, is_rank0, shutdown
 
     device = init_tensor_parallel_from_env()
     try:
         model, reader = load_model(args.load, device=device)
+        prepare_for_inference(model)
         report = run(args, model, reader)
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -105,10 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps(report, indent=2)
         print(text)
         if args.output:
-            def write(tmp):
-                with open(tmp, "w") as f:
-                    f.write(text + "\n")
-            atomic_write(args.output, write)
+            with atomic_open(args.output, "w") as f:
+                f.write(text + "\n")
     shutdown()
     return 0
 

@@ -29,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", required=True, metavar="DIR",
                    help="checkpoint: a megallama save folder (any TP/PP layout), an HF folder or a Meta folder")
     p.add_argument("--tokenizer-model", metavar="M",
-                   help="SentencePiece model (default: the tokenizer.model stored with the checkpoint)")
+                   help="SentencePiece model or Hugging Face tokenizer folder (default: the one stored with the checkpoint)")
+    p.add_argument("--tokenizer-type", default=None,
+                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
+                   help="SentencePieceTokenizer (LLaMA, LLaMA-2) or HuggingFaceTokenizer (LLaMA-3: --tokenizer-model "
+                        "is then the folder holding tokenizer.json); default: told by the tokenizer path (a folder "
+                        "is a Hugging Face tokenizer)")
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append", metavar="TEXT",
                          help="a prompt; repeat the flag for several (generated as one batch)")
@@ -124,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         prompts = args.prompt  # None with --chat alone: an interactive chat
 
-    from megallama.inference.checkpoint_io import load_model
-    from megallama.inference.generation import SamplingParams
+    from megallama.checkpoint import load_model
+    from megallama.inference.generation import SamplingParams, prepare_for_inference
     from megallama.inference.runtime import init_tensor_parallel_from_env, is_rank0, shutdown
     from megallama.inference.text import generate_text
-    from megallama.tokenizer import SentencePieceTokenizer
+    from megallama.tokenizer import load_tokenizer
 
     device = init_tensor_parallel_from_env()
     rank0 = is_rank0()
@@ -138,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             temperature=0.8 if args.temperature is None else args.temperature,
             top_p=0.95 if args.top_p is None else args.top_p, top_k=args.top_k or 0)
         model, reader = load_model(args.load, device=device)
+        prepare_for_inference(model)
         tokenizer_model = args.tokenizer_model or reader.tokenizer_model()
         if tokenizer_model is None:
-            raise ValueError(f"{args.load} holds no tokenizer.model: give --tokenizer-model")
-        tokenizer = SentencePieceTokenizer(tokenizer_model)
+            raise ValueError(f"{args.load} holds no tokenizer (tokenizer.model or tokenizer.json): give --tokenizer-model")
+        tokenizer = load_tokenizer(tokenizer_model, args.tokenizer_type)
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         shutdown()

@@ -5,9 +5,13 @@
         --output-prefix out/c4 --tokenizer-type SentencePieceTokenizer \\
         --tokenizer-model tok/llama.model --append-eod --workers 2
 
-writes ``out/c4_text_document.bin/.idx``. Memory stays bounded whatever the input size; unusable
-lines are skipped and counted (``--strict`` makes them fatal). ``--executor ray`` tokenizes the input
-files in parallel across a Ray cluster and merges them into the same outputs, byte for byte.
+writes ``out/c4_text_document.bin/.idx``. For LLaMA-3, ``--tokenizer-type HuggingFaceTokenizer
+--tokenizer-model DIR`` with DIR holding tokenizer.json (and tokenizer_config.json); as with
+SentencePiece no BOS is added, ``--append-eod`` ends documents with the EOS token.
+
+Memory stays bounded whatever the input size; unusable lines are skipped and counted (``--strict``
+makes them fatal). ``--executor ray`` tokenizes the input files in parallel across a Ray cluster
+and merges them into the same outputs, byte for byte.
 """
 import argparse
 import sys
@@ -25,9 +29,11 @@ def parse_args(argv=None):
                    help="JSON fields to tokenize; each gets its own PREFIX_KEY_document output")
     p.add_argument("--output-prefix", required=True, help="outputs are PREFIX_KEY_document.bin/.idx")
     p.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
-                   choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "NullTokenizer"],
-                   help="tokenizer kind (SentencePiece for LLaMA)")
-    p.add_argument("--tokenizer-model", help="SentencePiece .model file")
+                   choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                            "HuggingFaceTokenizer", "NullTokenizer"],
+                   help="tokenizer kind (SentencePiece for LLaMA and LLaMA-2, HuggingFaceTokenizer for LLaMA-3)")
+    p.add_argument("--tokenizer-model",
+                   help="SentencePiece .model file, or for HuggingFaceTokenizer the folder holding tokenizer.json")
     p.add_argument("--vocab-size", type=int, help="vocabulary size, for NullTokenizer")
     p.add_argument("--append-eod", action="store_true", help="end every document with the end-of-document id")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes (with --executor local)")
@@ -47,7 +53,7 @@ def main(argv=None) -> int:
                                  args.vocab_size, args.json_keys, args.append_eod, args.workers,
                                  args.log_interval, args.strict, progress=not args.no_progress,
                                  executor=executor if args.executor == "ray" else None)
-    except (BadLineError, TruncatedInput, RuntimeError, ValueError) as exc:
+    except (BadLineError, FileNotFoundError, TruncatedInput, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_summary(summary))

@@ -10,7 +10,7 @@ with the previous complete checkpoint to fall back to).
 import argparse
 import sys
 
-from megallama.training.checkpointing import previous_complete_iteration, verify_checkpoint
+from megallama.checkpoint.storage import previous_complete_iteration, verify_checkpoint
 
 
 def main(argv=None) -> int:

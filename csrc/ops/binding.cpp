@@ -102,14 +102,22 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_y, const 
   return {grad_x, grad_w.to(weight.scalar_type())};
 }
 
-at::Tensor swiglu_split_fwd(const at::Tensor& a, const at::Tensor& b) {
+// The packed tensor ab [..., 2f] holds a in its first f columns and b in its last f (the model's
+// w13 output); the kernels read the two halves as strided views.
+int64_t packed_half(const at::Tensor& ab, const char* op) {
+  check_rows_tensor(ab, op, "ab");
+  TORCH_CHECK(ab.size(-1) % 2 == 0, op, ": the last dim of the packed tensor ab holds [a, b] and "
+              "must be even, got shape ", ab.sizes());
+  return ab.size(-1) / 2;
+}
+
+at::Tensor swiglu_fwd(const at::Tensor& ab) {
   const char* op = "swiglu_fwd";
-  check_rows_tensor(a, op, "a");
-  check_rows_tensor(b, op, "b");
-  check_same(a, b, op, "a", "b");
+  const int64_t f = packed_half(ab, op);
+  const at::Tensor a = ab.narrow(-1, 0, f), b = ab.narrow(-1, f, f);
   at::Tensor out = at::empty(a.sizes(), a.options());
-  if (a.numel() == 0) return out;
-  if (backend_of(a, op) == Backend::kCpu) {
+  if (out.numel() == 0) return out;
+  if (backend_of(ab, op) == Backend::kCpu) {
     swiglu_fwd_cpu(a, b, out);
   } else {
 #ifdef MEGALLAMA_WITH_CUDA
@@ -119,53 +127,25 @@ at::Tensor swiglu_split_fwd(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> swiglu_split_bwd_into(const at::Tensor& grad_out,
-                                                         const at::Tensor& a, const at::Tensor& b,
-                                                         at::Tensor grad_a, at::Tensor grad_b) {
-  const char* op = "swiglu_bwd";
-  check_rows_tensor(grad_out, op, "grad_out");
-  check_rows_tensor(a, op, "a");
-  check_rows_tensor(b, op, "b");
-  check_same(a, b, op, "a", "b");
-  check_same(grad_out, a, op, "grad_out", "a");
-  if (a.numel() == 0) return {grad_a, grad_b};
-  if (backend_of(a, op) == Backend::kCpu) {
-    swiglu_bwd_cpu(grad_out, a, b, grad_a, grad_b);
-  } else {
-#ifdef MEGALLAMA_WITH_CUDA
-    swiglu_bwd_cuda(grad_out, a, b, grad_a, grad_b);
-#endif
-  }
-  return {grad_a, grad_b};
-}
-
-std::tuple<at::Tensor, at::Tensor> swiglu_split_bwd(const at::Tensor& grad_out, const at::Tensor& a,
-                                                    const at::Tensor& b) {
-  return swiglu_split_bwd_into(grad_out, a, b, at::empty(a.sizes(), a.options()),
-                               at::empty(b.sizes(), b.options()));
-}
-
-int64_t packed_half(const at::Tensor& ab, const char* op) {
-  check_rows_tensor(ab, op, "ab");
-  TORCH_CHECK(ab.size(-1) % 2 == 0, op, ": the last dim of the packed tensor ab holds [a, b] and "
-              "must be even, got shape ", ab.sizes());
-  return ab.size(-1) / 2;
-}
-
-at::Tensor swiglu_fwd(const at::Tensor& ab) {
-  const int64_t f = packed_half(ab, "swiglu_fwd");
-  return swiglu_split_fwd(ab.narrow(-1, 0, f), ab.narrow(-1, f, f));
-}
-
 at::Tensor swiglu_bwd(const at::Tensor& grad_out, const at::Tensor& ab) {
   const char* op = "swiglu_bwd";
   const int64_t f = packed_half(ab, op);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(with_last(ab, f)), op, ": grad_out must have "
               "shape ", at::IntArrayRef(with_last(ab, f)), " (ab's with its last dim halved), got ",
               grad_out.sizes());
+  check_rows_tensor(grad_out, op, "grad_out");
+  const at::Tensor a = ab.narrow(-1, 0, f), b = ab.narrow(-1, f, f);
+  check_same(grad_out, a, op, "grad_out", "a");
   at::Tensor grad_ab = at::empty(ab.sizes(), ab.options());
-  swiglu_split_bwd_into(grad_out, ab.narrow(-1, 0, f), ab.narrow(-1, f, f),
-                        grad_ab.narrow(-1, 0, f), grad_ab.narrow(-1, f, f));
+  if (grad_ab.numel() == 0) return grad_ab;
+  at::Tensor grad_a = grad_ab.narrow(-1, 0, f), grad_b = grad_ab.narrow(-1, f, f);
+  if (backend_of(ab, op) == Backend::kCpu) {
+    swiglu_bwd_cpu(grad_out, a, b, grad_a, grad_b);
+  } else {
+#ifdef MEGALLAMA_WITH_CUDA
+    swiglu_bwd_cuda(grad_out, a, b, grad_a, grad_b);
+#endif
+  }
   return grad_ab;
 }
 
@@ -223,10 +203,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_fwd", &swiglu_fwd, "(ab [..., 2f]) -> silu(a) * b [..., f]", py::arg("ab"));
   m.def("swiglu_bwd", &swiglu_bwd, "(grad_out [..., f], ab [..., 2f]) -> grad_ab [..., 2f]",
         py::arg("grad_out"), py::arg("ab"));
-  m.def("swiglu_split_fwd", &swiglu_split_fwd, "(a, b) -> silu(a) * b", py::arg("a"),
-        py::arg("b"));
-  m.def("swiglu_split_bwd", &swiglu_split_bwd, "(grad_out, a, b) -> (grad_a, grad_b)",
-        py::arg("grad_out"), py::arg("a"), py::arg("b"));
   m.def("rope_apply", &rope_apply,
         "(x [b, s, h, d], cos [s, d/2], sin [s, d/2], out [b, s, h, d], inverse): writes into out "
         "the rotate-half rotation of x by +theta (or -theta when inverse)",

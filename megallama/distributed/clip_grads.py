@@ -2,7 +2,7 @@
 
 A parameter's gradient enters the norm on exactly one rank of the model:
 
-* TP: tensor-parallel shards (``param.tensor_model_parallel = True``) are disjoint and all count;
+* TP: tensor-parallel shards (a ``tp_split``, see ``megallama.parallel.split``) are disjoint and all count;
   a parameter replicated over TP (norm weights) counts on TP rank 0 only.
 * Shared parameters (``param.shared = True``, a copy of one parameter living on several pipeline
   stages) count on the first pipeline stage only.
@@ -18,12 +18,14 @@ from typing import Iterable, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from megallama.parallel.split import is_tensor_parallel, tp_split_of
+
 
 def counts_for_norm(param: torch.nn.Parameter, tp_rank: int, pp_rank: int) -> bool:
     """Whether this rank's copy of ``param`` is the one counted in the global norm."""
     if getattr(param, "shared", False) and pp_rank != 0:
         return False
-    return bool(getattr(param, "tensor_model_parallel", False)) or tp_rank == 0
+    return is_tensor_parallel(param) or tp_rank == 0
 
 
 def global_grad_norm(grads: Iterable[torch.Tensor],
@@ -72,10 +74,27 @@ def _cuda_backend() -> bool:
     return dist.is_initialized() and dist.get_backend() == "nccl"
 
 
-def grads_for_norm(pairs: Iterable[Tuple[torch.nn.Parameter, torch.Tensor]]) -> list:
-    """The gradients of (model parameter, gradient) pairs that count on this rank."""
+def grads_for_norm(entries: Iterable[Tuple[torch.nn.Parameter, torch.Tensor, int]]) -> list:
+    """The gradients that count on this rank, from (model parameter, gradient, offset) triples: the
+    gradient is the flat slice of the parameter's gradient starting at element ``offset`` (the
+    whole of it at offset 0, or a ZeRO slice). Rows this rank holds as a replica (key/value heads
+    replicated when TP exceeds their number) are left out: their first holder counts them."""
     from megallama.parallel import state
 
-    tp_rank = state.get_tensor_model_parallel_rank()
+    tp_rank, tp = state.get_tensor_model_parallel_rank(), state.get_tensor_model_parallel_world_size()
     pp_rank = state.get_pipeline_model_parallel_rank()
-    return [g for p, g in pairs if counts_for_norm(p, tp_rank, pp_rank)]
+    grads = []
+    for param, grad, offset in entries:
+        if not counts_for_norm(param, tp_rank, pp_rank):
+            continue
+        split = tp_split_of(param)
+        if split is None or not split.has_replicas(tp):
+            grads.append(grad)
+            continue
+        flat, row = grad.reshape(-1), param[0].numel()  # replicas are split along dim 0 (fused q/k/v rows)
+        for block in split.local_blocks(tp_rank, tp):
+            lo = max(block.local_start * row, offset) - offset
+            hi = min((block.local_start + block.length) * row, offset + flat.numel()) - offset
+            if not block.replica and lo < hi:
+                grads.append(flat[lo:hi])
+    return grads

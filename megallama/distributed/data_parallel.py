@@ -11,6 +11,13 @@ Without the distributed optimizer a bucket is all-reduced (summed); with it, red
 rank ``i`` receives the summed gradient of the ``i``-th equal slice of each bucket, the slice whose
 fp32 main parameters and AdamW state it owns (ZeRO-1). Buckets are padded to a multiple of the DP
 size so the slices are equal.
+
+With the distributed optimizer the new parameters come back by an all-gather of each bucket's
+slices (:meth:`DistributedDataParallel.start_param_gather`). With ``overlap_param_gather`` those
+all-gathers are left in flight after the optimizer step and each is waited for in the forward
+pre-hook of the first module that reads its parameters, so they hide behind the next forward
+(Megatron's ``--overlap-param-gather``); :meth:`~DistributedDataParallel.finish_param_sync` waits
+for all of them, for whatever reads the parameters outside a forward (checkpoint saves).
 """
 import contextlib
 from typing import Dict, List, Optional, Tuple
@@ -36,6 +43,7 @@ class _Bucket:
         self.pending = len(params)
         self.work = None
         self.send_buffer = None
+        self.param_gather = None  # (work, gathered bucket, this rank's shard) of new parameters in flight
 
 
 class DistributedDataParallel(torch.nn.Module):
@@ -48,23 +56,30 @@ class DistributedDataParallel(torch.nn.Module):
         bucket_size: elements per bucket (a bucket closes once it holds at least this many).
         overlap_grad_reduce: start each bucket's collective as soon as it is ready; otherwise all
             collectives run in :meth:`finish_grad_sync`.
+        overlap_param_gather: leave the optimizer's parameter all-gathers in flight until the
+            forward needs their parameters (needs ``use_distributed_optimizer``); otherwise each
+            is waited for in the optimizer step.
     """
 
     def __init__(self, module: torch.nn.Module, data_parallel_group: Optional[dist.ProcessGroup] = None,
                  use_distributed_optimizer: bool = False, bucket_size: int = DEFAULT_BUCKET_SIZE,
-                 overlap_grad_reduce: bool = True):
+                 overlap_grad_reduce: bool = True, overlap_param_gather: bool = False):
         super().__init__()
         if data_parallel_group is None:
             from megallama.parallel import state
             data_parallel_group = state.get_data_parallel_group()
         if bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1 element, got {bucket_size}")
+        if overlap_param_gather and not use_distributed_optimizer:
+            raise ValueError("overlap_param_gather needs the distributed optimizer "
+                             "(use_distributed_optimizer=True): only it all-gathers parameters")
         self.module = module
         self.data_parallel_group = data_parallel_group
         self.dp_size = dist.get_world_size(data_parallel_group)
         self.dp_rank = dist.get_rank(data_parallel_group)
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_grad_reduce = overlap_grad_reduce
+        self.overlap_param_gather = overlap_param_gather
         self._sync_enabled = True
         self._timeout = default_group_timeout()
 
@@ -93,6 +108,10 @@ class DistributedDataParallel(torch.nn.Module):
                 p.main_grad = self.grad_buffer[pos:pos + p.numel()].view(p.shape)
                 p.register_post_accumulate_grad_hook(self._grad_ready)
                 pos += p.numel()
+        # The order the forward needs the buckets in: the order their all-gathers are started.
+        self.param_gather_order: List[_Bucket] = list(reversed(self.buckets))
+        if overlap_param_gather:
+            self._register_param_gather_hooks()
 
     def _close_bucket(self, params, offset: int, numel: int) -> int:
         padded = -(-numel // self.dp_size) * self.dp_size
@@ -101,6 +120,73 @@ class DistributedDataParallel(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    # --- parameter all-gather (distributed optimizer) --------------------------------------------
+
+    def _register_param_gather_hooks(self) -> None:
+        """A forward pre-hook on every module waits for the buckets of the parameters it may read.
+
+        megallama's modules read their children's weights directly (the fused attention and MLP,
+        the loss on ``output.weight``), so a submodule waits for its whole subtree. The wrapped
+        module itself waits only for its own parameters and its leaf children's (embedding, final
+        norm, output layer), so that each layer's gather stays in flight until that layer runs.
+        """
+        order: List[_Bucket] = []
+        for module in self.module.modules():
+            if module is self.module:
+                leaves = [c for c in module.children() if next(c.children(), None) is None]
+                params = [*module.parameters(recurse=False), *(p for c in leaves for p in c.parameters())]
+            else:
+                params = list(module.parameters())
+            buckets: List[_Bucket] = []
+            for p in params:
+                bucket = self._bucket_of.get(p)
+                if bucket is not None and all(bucket is not b for b in buckets):
+                    buckets.append(bucket)
+            if buckets:
+                module.register_forward_pre_hook(self._param_gather_hook(buckets))
+            order += [b for b in buckets if all(b is not o for o in order)]
+        self.param_gather_order = order + [b for b in self.param_gather_order if all(b is not o for o in order)]
+
+    def _param_gather_hook(self, buckets: List[_Bucket]):
+        def hook(module, args):
+            for bucket in buckets:
+                self.wait_param_gather(bucket)
+        return hook
+
+    def start_param_gather(self, bucket: _Bucket, shard: torch.Tensor) -> None:
+        """All-gather ``bucket``'s new parameters from every DP rank's ``shard`` (this rank's slice
+        of the bucket, in the parameters' dtype) and, unless ``overlap_param_gather``, wait."""
+        self.wait_param_gather(bucket)  # one no forward waited for (unused parameters) lands first
+        if self.dp_size == 1:
+            bucket.param_gather = (_DoneWork(), shard, shard)
+        else:
+            gathered = shard.new_empty(bucket.padded)
+            # Synchronous unless overlapped: an asynchronous gloo collective's buffers are released
+            # later, on gloo's worker thread, and would stay allocated into the next step.
+            work = all_gather_single(gathered, shard, group=self.data_parallel_group,
+                                     async_op=self.overlap_param_gather)
+            bucket.param_gather = (work or _DoneWork(), gathered, shard)  # the shard must outlive the collective
+        if not self.overlap_param_gather:
+            self.wait_param_gather(bucket)
+
+    def wait_param_gather(self, bucket: _Bucket) -> None:
+        """Wait for ``bucket``'s parameter all-gather, if one is in flight, and copy it into the parameters."""
+        if bucket.param_gather is None:
+            return
+        work, gathered, _ = bucket.param_gather
+        wait(work, self._timeout)
+        bucket.param_gather = None
+        with torch.no_grad():
+            for p in bucket.params:
+                lo, hi = self.param_range[p]
+                p.data.copy_(gathered[lo - bucket.start:hi - bucket.start].view_as(p))
+
+    def finish_param_sync(self) -> None:
+        """Complete every parameter all-gather in flight: call before reading the parameters
+        outside a forward (saving a checkpoint, comparing or exporting weights)."""
+        for bucket in self.param_gather_order:
+            self.wait_param_gather(bucket)
 
     # --- gradient flow ----------------------------------------------------------------------------
 

@@ -9,11 +9,11 @@ main parameters and writes them back to the model parameters (bf16 or fp32).
 * :class:`MixedPrecisionOptimizer`: every DP rank holds all main parameters and AdamW state.
 * :class:`DistributedOptimizer`: DP rank ``i`` holds the main parameters and AdamW state of the
   ``i``-th slice of every gradient bucket only (the slice it received by reduce-scatter); after its
-  update the new parameters are all-gathered over DP.
+  update the new parameters are all-gathered over DP (left in flight until the next forward needs
+  them when the DDP chunks have ``overlap_param_gather``: call :meth:`finish_param_sync` before
+  reading the model's parameters outside a forward).
 
-``state_dict()`` is layout-free: per parameter name, the full (DP-gathered) fp32 main parameter and
-AdamW moments with the shape of this rank's model parameter, so a checkpoint can be resharded to
-another DP size (and, by slicing as the model's weights, another TP/PP layout).
+Checkpoints read and write the optimizer state through ``entries`` (see :class:`_Entry`).
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -21,14 +21,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from megallama.distributed.clip_grads import clip_grads_, global_grad_norm, grads_for_norm, is_finite
-from megallama.distributed.data_parallel import DistributedDataParallel, all_gather_single
-
-_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+from megallama.distributed.data_parallel import DistributedDataParallel
 
 
 @dataclass
 class OptimizerConfig:
-    """AdamW hyperparameters (the LLaMA paper's defaults) and the sharding choice."""
+    """AdamW hyperparameters (the LLaMA paper's defaults), the sharding choice, and when the DDP
+    chunks wait for their collectives (``DistributedDataParallel``'s arguments of the same names,
+    which :func:`build_optimizer` checks the chunks were built with)."""
 
     lr: float = 3e-4
     weight_decay: float = 0.1
@@ -37,6 +37,13 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # 0 disables clipping (the norm is still computed and checked)
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = False
+
+    def __post_init__(self):
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError("overlap_param_gather needs the distributed optimizer (use_distributed_optimizer): "
+                             "only it all-gathers parameters after the step")
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
@@ -60,9 +67,9 @@ def build_optimizer(config: OptimizerConfig, model_chunks: List[DistributedDataP
     for chunk in model_chunks:
         if not isinstance(chunk, DistributedDataParallel):
             raise TypeError("build_optimizer needs model chunks wrapped in DistributedDataParallel")
-        if chunk.use_distributed_optimizer != config.use_distributed_optimizer:
-            raise ValueError("DistributedDataParallel(use_distributed_optimizer=...) must match "
-                             "OptimizerConfig.use_distributed_optimizer")
+        for option in ("use_distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather"):
+            if getattr(chunk, option) != getattr(config, option):
+                raise ValueError(f"DistributedDataParallel({option}=...) must match OptimizerConfig.{option}")
     cls = DistributedOptimizer if config.use_distributed_optimizer else MixedPrecisionOptimizer
     return cls(config, model_chunks, optimizer_factory or default_adamw)
 
@@ -71,7 +78,7 @@ class _Entry:
     """One fp32 main tensor: a whole model parameter, or (ZeRO-1) the flat slice [lo, hi) of it.
 
     ``optimizer.entries`` (name, param, main, grad, lo, hi) is read by the sharded checkpoint code
-    (megallama.training.sharded_state), which saves each rank's slices without gathering.
+    (megallama.checkpoint.sharded), which saves each rank's slices without gathering.
     """
 
     def __init__(self, name, param, main, grad, lo, hi):
@@ -105,6 +112,11 @@ class _OptimizerBase:
         """The inner optimizer's groups (a learning-rate scheduler sets ``group['lr']``)."""
         return self.optimizer.param_groups
 
+    def finish_param_sync(self) -> None:
+        """Complete the parameter all-gathers still in flight (``overlap_param_gather``)."""
+        for chunk in self.model_chunks:
+            chunk.finish_param_sync()
+
     def zero_grad(self) -> None:
         for chunk in self.model_chunks:
             chunk.zero_grad_buffer()
@@ -117,7 +129,7 @@ class _OptimizerBase:
         for e in self.entries:
             e.main.grad = e.grad
         dp_group = self.model_chunks[0].data_parallel_group if self.sharded else None
-        norm = global_grad_norm(grads_for_norm((e.param, e.grad) for e in self.entries), dp_group)
+        norm = global_grad_norm(grads_for_norm((e.param, e.grad, e.lo) for e in self.entries), dp_group)
         applied = is_finite(norm)
         if applied:
             if self.config.clip_grad > 0:
@@ -128,52 +140,6 @@ class _OptimizerBase:
         for e in self.entries:
             e.main.grad = None
         return applied, norm
-
-    # --- layout-free state ------------------------------------------------------------------------
-
-    def _step_count(self) -> int:
-        for e in self.entries:
-            st = self.optimizer.state.get(e.main)
-            if st:
-                return int(float(st["step"]))
-        return 0
-
-    def _moment(self, e: _Entry, key: str) -> torch.Tensor:
-        st = self.optimizer.state.get(e.main)
-        return st[key] if st else torch.zeros_like(e.main)
-
-    def _set_state(self, e: _Entry, step: int, moments: Dict[str, torch.Tensor]) -> None:
-        group = next(g for g in self.optimizer.param_groups if any(t is e.main for t in g["params"]))
-        on_device = group.get("fused") or group.get("capturable")
-        step_t = torch.tensor(float(step), dtype=torch.float32,
-                              device=e.main.device if on_device else "cpu")
-        self.optimizer.state[e.main] = {"step": step_t, **{k: v.clone() for k, v in moments.items()}}
-
-    def state_dict(self) -> dict:
-        """{"step", "param_groups" (hyperparameters), "params": {name: {main_param, exp_avg, exp_avg_sq}}}."""
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        return {"step": self._step_count(), "param_groups": groups, "params": self._full_tensors()}
-
-    def load_state_dict(self, state: dict) -> None:
-        missing = sorted(set(self.names.values()) - set(state["params"]))
-        if missing:
-            raise KeyError(f"optimizer state has no entry for parameters {missing[:5]}"
-                           f"{' …' if len(missing) > 5 else ''}")
-        if len(state["param_groups"]) != len(self.optimizer.param_groups):
-            raise ValueError("optimizer state has a different number of parameter groups")
-        for group, saved in zip(self.optimizer.param_groups, state["param_groups"]):
-            group.update({k: v for k, v in saved.items() if k in group and k != "params"})
-        for e in self.entries:
-            full = state["params"][e.name]
-            if tuple(full["main_param"].shape) != tuple(e.param.shape):
-                raise ValueError(f"optimizer state for {e.name} has shape {tuple(full['main_param'].shape)}, "
-                                 f"the model parameter {tuple(e.param.shape)} (reshard it first)")
-            e.main.data.copy_(full["main_param"].reshape(-1)[e.lo:e.hi].view_as(e.main))
-            if state["step"] > 0:
-                self._set_state(e, state["step"], {k: full[k].reshape(-1)[e.lo:e.hi].view_as(e.main)
-                                                   .to(e.main.device, torch.float32)
-                                                   for k in _STATE_KEYS})
-        self._write_back()
 
 
 class MixedPrecisionOptimizer(_OptimizerBase):
@@ -194,13 +160,6 @@ class MixedPrecisionOptimizer(_OptimizerBase):
         for e in self.entries:
             if e.main is not e.param:
                 e.param.data.copy_(e.main.data)
-
-    def _full_tensors(self) -> dict:
-        out = {}
-        for e in self.entries:
-            out[e.name] = {"main_param": e.main.detach().float().clone(),
-                           **{k: self._moment(e, k).detach().clone() for k in _STATE_KEYS}}
-        return out
 
 
 class DistributedOptimizer(_OptimizerBase):
@@ -225,40 +184,22 @@ class DistributedOptimizer(_OptimizerBase):
                     main = torch.nn.Parameter(p.detach().reshape(-1)[lo - p_lo:hi - p_lo].float().clone())
                     entries.append(_Entry(self.names[p], p, main, chunk.grad_buffer[lo:hi],
                                           lo - p_lo, hi - p_lo))
+        self._entries_of: Dict[torch.nn.Parameter, List[_Entry]] = {}
+        for e in entries:
+            self._entries_of.setdefault(e.param, []).append(e)
         return entries
 
-    def _gather_buckets(self, shard_values: Callable[[_Entry], torch.Tensor], dtype=None):
-        """All-gather, bucket by bucket, a per-entry value; yields (param, flat full tensor)."""
-        by_param = {}
-        for e in self.entries:
-            by_param.setdefault(e.param, []).append(e)
-        for chunk in self.model_chunks:
-            for bucket in chunk.buckets:
-                s_lo, s_hi = chunk.shard_range(bucket)
-                bucket_dtype = dtype or bucket.params[0].dtype
-                shard = torch.zeros(s_hi - s_lo, dtype=bucket_dtype, device=chunk.grad_buffer.device)
-                for p in bucket.params:
-                    p_lo, _ = chunk.param_range[p]
-                    for e in by_param.get(p, []):
-                        shard[p_lo + e.lo - s_lo:p_lo + e.hi - s_lo] = shard_values(e)
-                full = torch.empty(bucket.padded, dtype=bucket_dtype, device=shard.device)
-                if chunk.dp_size > 1:
-                    all_gather_single(full, shard, group=chunk.data_parallel_group)
-                else:
-                    full.copy_(shard)
-                for p in bucket.params:
-                    p_lo, p_hi = chunk.param_range[p]
-                    yield p, full[p_lo - bucket.start:p_hi - bucket.start]
+    def _main_shard(self, chunk: DistributedDataParallel, bucket) -> torch.Tensor:
+        """This rank's slice of ``bucket``: its main parameters in the model's dtype (zero padding)."""
+        s_lo, s_hi = chunk.shard_range(bucket)
+        shard = torch.zeros(s_hi - s_lo, dtype=bucket.params[0].dtype, device=chunk.grad_buffer.device)
+        for p in bucket.params:
+            p_lo, _ = chunk.param_range[p]
+            for e in self._entries_of.get(p, []):
+                shard[p_lo + e.lo - s_lo:p_lo + e.hi - s_lo] = e.main.detach()
+        return shard
 
     def _write_back(self) -> None:
-        for p, flat in self._gather_buckets(lambda e: e.main.detach()):
-            p.data.copy_(flat.view_as(p))
-
-    def _full_tensors(self) -> dict:
-        out = {}
-        for key, value in (("main_param", lambda e: e.main.detach()),
-                           ("exp_avg", lambda e: self._moment(e, "exp_avg")),
-                           ("exp_avg_sq", lambda e: self._moment(e, "exp_avg_sq"))):
-            for p, flat in self._gather_buckets(value, dtype=torch.float32):
-                out.setdefault(self.names[p], {})[key] = flat.view_as(p).clone()
-        return out
+        for chunk in self.model_chunks:
+            for bucket in chunk.param_gather_order:
+                chunk.start_param_gather(bucket, self._main_shard(chunk, bucket))

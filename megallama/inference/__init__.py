@@ -1,5 +1,4 @@
-"""Inference: generation with a key/value cache, checkpoint conversion (HF, Meta), evaluation."""
-from megallama.inference.generation import (KVCache, SamplingParams, cached_forward, generate, prepare_for_inference,
-                                            sample_next_token)
+"""Inference: generation with a key/value cache, evaluation (checkpoints: ``megallama.checkpoint``)."""
+from megallama.inference.generation import KVCache, SamplingParams, generate, prepare_for_inference, sample_next_token
 
-__all__ = ["KVCache", "SamplingParams", "cached_forward", "generate", "prepare_for_inference", "sample_next_token"]
+__all__ = ["KVCache", "SamplingParams", "generate", "prepare_for_inference", "sample_next_token"]

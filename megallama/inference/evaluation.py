@@ -26,7 +26,7 @@ IGNORE = -100
 def _token_log_likelihoods(model, batch: list[tuple[list[int], list[int]]], pad_id: int) -> list[torch.Tensor]:
     """For each (inputs, targets) pair of equal length, log p(target_t | inputs_≤t), float32."""
     width = max(len(x) for x, _ in batch)
-    device = model.output.weight.device
+    device = next(model.parameters()).device
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long, device=device)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long, device=device)
     for row, (x, y) in enumerate(batch):

@@ -24,10 +24,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from megallama.inference.checkpoint_io import load_model
-from megallama.inference.generation import SamplingParams, generate
+from megallama.checkpoint import load_model
+from megallama.inference.generation import SamplingParams, generate, prepare_for_inference
 from megallama.inference.runtime import init_tensor_parallel_from_env, is_rank0
-from megallama.tokenizer import SentencePieceTokenizer
+from megallama.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,11 +40,13 @@ class MegallamaLM(TemplateLM):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
         device = init_tensor_parallel_from_env()
-        self.model, reader = load_model(load, dtype=DTYPES[dtype], device=device)
+        model, reader = load_model(load, dtype=DTYPES[dtype], device=device)
+        self.model = prepare_for_inference(model)
         tokenizer_model = tokenizer_model or reader.tokenizer_model()
         if tokenizer_model is None:
-            raise ValueError(f"{load} holds no tokenizer.model: pass tokenizer_model=PATH in --model_args")
-        self.tokenizer = SentencePieceTokenizer(tokenizer_model)
+            raise ValueError(f"{load} holds no tokenizer (tokenizer.model or tokenizer.json): pass "
+                             "tokenizer_model=PATH in --model_args")
+        self.tokenizer = load_tokenizer(tokenizer_model)
         self.batch_size = 8 if batch_size == "auto" else int(batch_size)
         self._max_length = int(max_length or self.model.config.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)

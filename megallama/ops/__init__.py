@@ -7,11 +7,9 @@ ImportError telling how to build it when it is missing.
 from megallama.ops.functions import (
     RMSNormFunction,
     RotaryFunction,
-    SwiGLUFunction,
     SwiGLUPackedFunction,
     apply_rotary,
     rms_norm,
-    swiglu,
     swiglu_packed,
 )
 from megallama.ops.kernels import (
@@ -28,8 +26,8 @@ from megallama.ops.kernels import (
 from megallama.ops.reference import rms_norm_ref, rope_ref, swiglu_ref
 
 __all__ = [
-    "RMSNormFunction", "RotaryFunction", "SwiGLUFunction", "SwiGLUPackedFunction",
-    "apply_rotary", "rms_norm", "swiglu", "swiglu_packed",
+    "RMSNormFunction", "RotaryFunction", "SwiGLUPackedFunction",
+    "apply_rotary", "rms_norm", "swiglu_packed",
     "has_cuda", "rms_norm_backward", "rms_norm_forward", "rope_backward", "rope_cos_sin",
     "rope_forward", "rotary_output", "swiglu_backward", "swiglu_forward",
     "rms_norm_ref", "rope_ref", "swiglu_ref",

@@ -35,21 +35,6 @@ class RMSNormFunction(torch.autograd.Function):
                 grad_weight if ctx.needs_input_grad[1] else None, None)
 
 
-class SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b):
-        a, b = _rows_ready(a), _rows_ready(b)
-        ctx.save_for_backward(a, b)
-        return kernels.swiglu_forward(a, b)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        a, b = ctx.saved_tensors
-        grad_a, grad_b = kernels.swiglu_backward(_rows_ready(grad_out), a, b)
-        return (grad_a if ctx.needs_input_grad[0] else None,
-                grad_b if ctx.needs_input_grad[1] else None)
-
-
 class SwiGLUPackedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ab):
@@ -81,11 +66,6 @@ class RotaryFunction(torch.autograd.Function):
 def rms_norm(x, weight, eps):
     """RMSNorm over the last dim: ``x * rsqrt(mean(x^2) + eps) * weight``."""
     return RMSNormFunction.apply(x, weight, eps)
-
-
-def swiglu(a, b):
-    """``silu(a) * b`` for a, b of the same shape (strided views allowed)."""
-    return SwiGLUFunction.apply(a, b)
 
 
 def swiglu_packed(ab):

@@ -9,6 +9,7 @@ import torch
 
 from megallama.ops import reference as ref
 from megallama.ops._ext import _ops
+from megallama.rope import RopeScaling, scale_inv_freq
 
 
 def has_cuda():
@@ -36,28 +37,20 @@ def rms_norm_backward(grad_y, x, weight, rstd):
     return ref.rms_norm_bwd_ref(grad_y, x, weight, rstd)
 
 
-def swiglu_forward(a, b=None):
-    """``silu(a) * b``. With ``b=None``, ``a`` is the packed ``[..., 2f]`` tensor [a | b]."""
-    if b is None:
-        if _use_kernel(a):
-            return _ops.swiglu_fwd(a)
-        f = _packed_half(a)
-        return ref.swiglu_ref(a[..., :f], a[..., f:])
-    if _use_kernel(a):
-        return _ops.swiglu_split_fwd(a, b)
-    return ref.swiglu_ref(a, b)
+def swiglu_forward(ab):
+    """``silu(a) * b`` where ``ab`` [..., 2f] packs a (first f columns) and b (last f)."""
+    if _use_kernel(ab):
+        return _ops.swiglu_fwd(ab)
+    f = _packed_half(ab)
+    return ref.swiglu_ref(ab[..., :f], ab[..., f:])
 
 
-def swiglu_backward(grad_out, a, b=None):
-    """Unpacked: ``(grad_a, grad_b)``. Packed (``b=None``): ``grad_ab`` [..., 2f], contiguous."""
-    if b is None:
-        if _use_kernel(a):
-            return _ops.swiglu_bwd(grad_out, a)
-        f = _packed_half(a)
-        return torch.cat(ref.swiglu_bwd_ref(grad_out, a[..., :f], a[..., f:]), dim=-1)
-    if _use_kernel(a):
-        return _ops.swiglu_split_bwd(grad_out, a, b)
-    return ref.swiglu_bwd_ref(grad_out, a, b)
+def swiglu_backward(grad_out, ab):
+    """``grad_ab`` [..., 2f], contiguous, for the packed ``ab`` of :func:`swiglu_forward`."""
+    if _use_kernel(ab):
+        return _ops.swiglu_bwd(grad_out, ab)
+    f = _packed_half(ab)
+    return torch.cat(ref.swiglu_bwd_ref(grad_out, ab[..., :f], ab[..., f:]), dim=-1)
 
 
 def _packed_half(ab):
@@ -105,13 +98,16 @@ def rope_backward(grad, cos, sin, out=None):
     return _rope(grad, cos, sin, out, True)
 
 
-def rope_cos_sin(seq_len, head_dim, theta=10000.0, offset=0, device=None):
+def rope_cos_sin(seq_len, head_dim, theta=10000.0, offset=0, device=None, scaling: RopeScaling | None = None):
     """``(cos, sin)``, float32 [seq_len, head_dim/2], for positions offset .. offset+seq_len-1, with
-    Hugging Face LLaMA's frequencies inv_freq = 1 / theta^(arange(0, d, 2)/d)."""
+    Hugging Face LLaMA's frequencies inv_freq = 1 / theta^(arange(0, d, 2)/d), rescaled by
+    LLaMA-3.1's rule (:func:`megallama.rope.scale_inv_freq`) when ``scaling`` is given."""
     if head_dim % 2:
         raise ValueError(f"rope_cos_sin: head_dim must be even, got {head_dim}")
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
     inv_freq = 1.0 / (theta ** exponents)
+    if scaling is not None:
+        inv_freq = scale_inv_freq(inv_freq, scaling)
     positions = torch.arange(offset, offset + seq_len, dtype=torch.int64, device=device).float()
     freqs = torch.outer(positions, inv_freq)
     return freqs.cos(), freqs.sin()

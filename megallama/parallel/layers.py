@@ -10,10 +10,7 @@ sequence.
 Initialisation draws the full weight from the default generator and keeps this rank's shard, so a
 model built under TP with ``torch.manual_seed(s)`` holds exactly the serial model's weights.
 """
-import math
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -27,65 +24,12 @@ from megallama.parallel.mappings import (
     start_gather,
     start_reduce_scatter,
 )
+from megallama.parallel.split import TensorSplit, is_tensor_parallel
 from megallama.parallel.state import (
     get_tensor_model_parallel_group,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
 )
-
-
-def divide(numerator, denominator, what):
-    """``numerator // denominator``, or a ValueError naming ``what`` when it does not divide."""
-    if numerator % denominator != 0:
-        raise ValueError(f"{what} ({numerator}) is not divisible by the tensor-parallel size ({denominator})")
-    return numerator // denominator
-
-
-def pad_to_multiple(size, multiple):
-    return math.ceil(size / multiple) * multiple
-
-
-def shard_tensor(full, dim, *, stacked=1, padded_size=None, rank=None, world_size=None):
-    """This tensor-parallel rank's slice of ``full`` along ``dim``.
-
-    ``stacked``: ``dim`` holds that many equal blocks that are split separately, as in a fused
-    [wq; wk; wv] weight of shape [3 * H * d, h] where each rank keeps [3 * H * d / TP, h] made of
-    its rows of each block. ``padded_size``: zero-pad ``dim`` to this size first (a vocabulary not
-    divisible by TP). The result owns its storage (only the shard), never a view of ``full``.
-    """
-    rank = get_tensor_model_parallel_rank() if rank is None else rank
-    world_size = get_tensor_model_parallel_world_size() if world_size is None else world_size
-    dim = dim % full.dim()
-    if padded_size is not None and padded_size != full.shape[dim]:
-        if stacked != 1:
-            raise ValueError("padding a stacked weight is not supported")
-        pad = [0, 0] * (full.dim() - dim - 1) + [0, padded_size - full.shape[dim]]
-        full = F.pad(full, pad)
-    block = divide(full.shape[dim], stacked, f"dimension {dim} of {tuple(full.shape)} over {stacked} blocks")
-    divide(block, world_size, f"block size {block} of dimension {dim} of {tuple(full.shape)}")
-    blocks = full.unflatten(dim, (stacked, block))
-    shard = blocks.chunk(world_size, dim + 1)[rank].flatten(dim, dim + 1)
-    # Always a copy: a contiguous block (rows of a vocabulary, TP=1) would otherwise be a view that
-    # keeps the whole of ``full`` alive, (TP - 1) / TP of it wasted in every parameter made from it.
-    return shard.clone(memory_format=torch.contiguous_format)
-
-
-@torch.no_grad()
-def gather_tensor(local, dim, *, stacked=1, full_size=None):
-    """Inverse of ``shard_tensor`` over the tensor-parallel group (no autograd): every rank gets
-    the full tensor, padding trimmed to ``full_size``."""
-    world_size = get_tensor_model_parallel_world_size()
-    dim = dim % local.dim()
-    if world_size == 1:
-        full = local
-    else:
-        parts = [torch.empty_like(local) for _ in range(world_size)]
-        dist.all_gather(parts, local.contiguous(), group=get_tensor_model_parallel_group())
-        block = divide(local.shape[dim], stacked, f"dimension {dim} of {tuple(local.shape)} over {stacked} blocks")
-        full = torch.cat([p.unflatten(dim, (stacked, block)) for p in parts], dim + 1).flatten(dim, dim + 1)
-    if full_size is not None:
-        full = full.narrow(dim, 0, full_size)
-    return full.clone()
 
 
 def init_method_normal(std):
@@ -95,22 +39,16 @@ def init_method_normal(std):
     return init_
 
 
-def _master_weight_shard(shape, init_method, dim, stacked, padded_size, dtype, device):
+def _master_weight_shard(shape, init_method, split, dtype, device):
     """Draw the full weight as the serial model would, then keep this rank's shard."""
     master = torch.empty(shape, dtype=dtype, device=device)
     with torch.no_grad():
         init_method(master)
-    param = nn.Parameter(shard_tensor(master, dim, stacked=stacked, padded_size=padded_size))
-    # Read by the helpers below and by norms over the model (split vs replicated parameters).
-    param.tensor_model_parallel = True
-    param.partition_dim, param.partition_stack = dim, stacked
-    param.full_shape, param.padded_size = tuple(shape), padded_size
+    tp = get_tensor_model_parallel_world_size()
+    param = nn.Parameter(split.shard(master, get_tensor_model_parallel_rank(), tp))
+    # Read by shard_like/gather_like, checkpoints and norms over the model (split vs replicated).
+    param.tp_split, param.full_shape = split, tuple(shape)
     return param
-
-
-def is_tensor_parallel(param):
-    """True for a parameter split over the tensor-parallel ranks (false for replicated norms)."""
-    return getattr(param, "tensor_model_parallel", False)
 
 
 @torch.no_grad()
@@ -121,15 +59,14 @@ def init_parameter_(param, init_method):
         init_method(param)
         return
     master = init_method(torch.empty(param.full_shape, dtype=param.dtype, device=param.device))
-    param.copy_(shard_tensor(master, param.partition_dim, stacked=param.partition_stack,
-                             padded_size=param.padded_size))
+    param.copy_(shard_like(param, master))
 
 
 def shard_like(param, full):
     """This rank's part of ``full`` (a whole, unpadded tensor) laid out as ``param`` is."""
     if not is_tensor_parallel(param):
         return full
-    return shard_tensor(full, param.partition_dim, stacked=param.partition_stack, padded_size=param.padded_size)
+    return param.tp_split.shard(full, get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
 
 
 def gather_like(param, local):
@@ -137,8 +74,17 @@ def gather_like(param, local):
     over the tensor-parallel group for a split parameter)."""
     if not is_tensor_parallel(param):
         return local
-    return gather_tensor(local, param.partition_dim, stacked=param.partition_stack,
-                         full_size=param.full_shape[param.partition_dim])
+    return param.tp_split.gather(local, get_tensor_model_parallel_world_size(), get_tensor_model_parallel_group())
+
+
+def _split_of(split, dim, size, pad=False):
+    """``split`` checked against the layer (dim and total size), or a plain one-part split."""
+    if split is None:
+        return TensorSplit(dim, (size,), pad)
+    if split.dim != dim or sum(split.parts) != size:
+        raise ValueError(f"a split along dim {split.dim} with parts {list(split.parts)} does not fit a layer "
+                         f"splitting dim {dim} of size {size}")
+    return split
 
 
 class _ColumnParallelMatmul(torch.autograd.Function):
@@ -172,27 +118,23 @@ class ColumnParallelLinear(nn.Module):
     gather_output: all-gather the columns so that every rank returns the full y.
     sequence_parallel: the input is split along ``sequence_dim``; it is all-gathered first (and the
         gradient reduce-scattered back). Only the split input is kept for backward.
-    stacked: the output rows are that many fused blocks, each split separately (fused q/k/v: 3).
-    pad_output: allow ``output_size`` not divisible by TP by padding it with zero rows (a
-        vocabulary); a gathered output is trimmed back to ``output_size``.
+    split: how the output rows are split (a ``TensorSplit`` along dim 0): fused parts, each split
+        separately (q/k/v), or one part padded to a multiple of TP (a vocabulary); a gathered
+        output is put back in the full order and trimmed to ``output_size``. Default: one part.
     """
 
     def __init__(self, input_size, output_size, *, gather_output=False, init_method=None,
-                 sequence_parallel=False, sequence_dim=1, stacked=1, pad_output=False,
-                 dtype=None, device=None):
+                 sequence_parallel=False, sequence_dim=1, split=None, dtype=None, device=None):
         super().__init__()
         world_size = get_tensor_model_parallel_world_size()
         self.input_size, self.output_size = input_size, output_size
-        self.padded_output_size = pad_to_multiple(output_size, world_size) if pad_output else output_size
-        self.output_size_per_partition = divide(self.padded_output_size, world_size, "output size")
+        self.split = _split_of(split, 0, output_size)
+        self.output_size_per_partition = self.split.local_size(world_size)
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
         self.sequence_dim = sequence_dim
-        self.stacked = stacked
         self.weight = _master_weight_shard(
-            (output_size, input_size), init_method or init_method_normal(0.02), 0, stacked,
-            self.padded_output_size, dtype, device,
-        )
+            (output_size, input_size), init_method or init_method_normal(0.02), self.split, dtype, device)
 
     # For hand-written backwards that multiply by ``self.weight`` themselves: they save the input
     # as received (this rank's sequence shard under sequence parallelism, 1/TP of the gathered
@@ -223,22 +165,18 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x):
         y = self.local_output(x)
         if self.gather_output:
-            y = gather_from_tensor_model_parallel_region(y)
-            if self.stacked > 1:  # rank-major [rank][block] columns -> the serial [block][rank] order
-                tp = get_tensor_model_parallel_world_size()
-                y = y.unflatten(-1, (tp, self.stacked, -1)).transpose(-3, -2).flatten(-3)
-            if self.padded_output_size != self.output_size:
-                y = y[..., : self.output_size]
+            y = gather_from_tensor_model_parallel_region(y)  # the ranks' columns side by side
+            y = self.split.rank_major_to_full(y, get_tensor_model_parallel_world_size(), dim=-1)
         return y
 
     def load_full_weight(self, full):
         """Copy this rank's shard of the full [output_size, input_size] weight."""
         with torch.no_grad():
-            self.weight.copy_(shard_tensor(full, 0, stacked=self.stacked, padded_size=self.padded_output_size))
+            self.weight.copy_(shard_like(self.weight, full))
 
     def full_weight(self):
         """The full [output_size, input_size] weight, gathered from every rank."""
-        return gather_tensor(self.weight.detach(), 0, stacked=self.stacked, full_size=self.output_size)
+        return gather_like(self.weight, self.weight.detach())
 
     def extra_repr(self):
         return (f"in={self.input_size}, out={self.output_size} ({self.output_size_per_partition} on this rank), "
@@ -254,20 +192,19 @@ class RowParallelLinear(nn.Module):
     """
 
     def __init__(self, input_size, output_size, *, input_is_parallel=True, init_method=None,
-                 sequence_parallel=False, sequence_dim=1, stacked=1, dtype=None, device=None):
+                 sequence_parallel=False, sequence_dim=1, split=None, dtype=None, device=None):
         super().__init__()
         if sequence_parallel and not input_is_parallel:
             raise ValueError("a sequence-parallel RowParallelLinear needs input_is_parallel=True")
         world_size = get_tensor_model_parallel_world_size()
         self.input_size, self.output_size = input_size, output_size
-        self.input_size_per_partition = divide(input_size, world_size, "input size")
+        self.split = _split_of(split, 1, input_size)
+        self.input_size_per_partition = self.split.local_size(world_size)
         self.input_is_parallel = input_is_parallel
         self.sequence_parallel = sequence_parallel
         self.sequence_dim = sequence_dim
-        self.stacked = stacked
         self.weight = _master_weight_shard(
-            (output_size, input_size), init_method or init_method_normal(0.02), 1, stacked, None, dtype, device,
-        )
+            (output_size, input_size), init_method or init_method_normal(0.02), self.split, dtype, device)
 
     def forward(self, x):
         if not self.input_is_parallel:
@@ -283,10 +220,10 @@ class RowParallelLinear(nn.Module):
 
     def load_full_weight(self, full):
         with torch.no_grad():
-            self.weight.copy_(shard_tensor(full, 1, stacked=self.stacked))
+            self.weight.copy_(shard_like(self.weight, full))
 
     def full_weight(self):
-        return gather_tensor(self.weight.detach(), 1, stacked=self.stacked)
+        return gather_like(self.weight, self.weight.detach())
 
     def extra_repr(self):
         return (f"in={self.input_size} ({self.input_size_per_partition} on this rank), out={self.output_size}, "
@@ -303,19 +240,19 @@ class VocabParallelEmbedding(nn.Module):
     """
 
     def __init__(self, num_embeddings, embedding_dim, *, init_method=None, sequence_parallel=False,
-                 sequence_dim=1, dtype=None, device=None):
+                 sequence_dim=1, split=None, dtype=None, device=None):
         super().__init__()
         world_size = get_tensor_model_parallel_world_size()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.padded_num_embeddings = pad_to_multiple(num_embeddings, world_size)
-        self.num_embeddings_per_partition = self.padded_num_embeddings // world_size
+        self.split = _split_of(split, 0, num_embeddings, pad=True)
+        if not self.split.pad_to_tp or len(self.split.parts) != 1:
+            raise ValueError("VocabParallelEmbedding's split is one part padded for TP (pad_to_tp=True)")
+        self.num_embeddings_per_partition = self.split.local_size(world_size)
         self.vocab_start = get_tensor_model_parallel_rank() * self.num_embeddings_per_partition
         self.sequence_parallel = sequence_parallel
         self.sequence_dim = sequence_dim
         self.weight = _master_weight_shard(
-            (num_embeddings, embedding_dim), init_method or nn.init.normal_, 0, 1,
-            self.padded_num_embeddings, dtype, device,
-        )
+            (num_embeddings, embedding_dim), init_method or nn.init.normal_, self.split, dtype, device)
 
     def forward(self, input_ids):
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.num_embeddings):
@@ -336,10 +273,10 @@ class VocabParallelEmbedding(nn.Module):
 
     def load_full_weight(self, full):
         with torch.no_grad():
-            self.weight.copy_(shard_tensor(full, 0, padded_size=self.padded_num_embeddings))
+            self.weight.copy_(shard_like(self.weight, full))
 
     def full_weight(self):
-        return gather_tensor(self.weight.detach(), 0, full_size=self.num_embeddings)
+        return gather_like(self.weight, self.weight.detach())
 
     def extra_repr(self):
         return (f"{self.num_embeddings}, {self.embedding_dim} ({self.num_embeddings_per_partition} rows on "

@@ -5,7 +5,7 @@ GPUs share the fastest links), data-parallel next, pipeline stages outermost. Ca
 ``initialize_model_parallel`` after ``torch.distributed.init_process_group`` (gloo or NCCL).
 
 Before it is called (a plain single process, no process group) every getter answers as the serial
-model needs: size 1, rank 0, group None, first and last pipeline stage at once.
+model needs: size 1, rank 0, group None, the last pipeline stage.
 
 Teardown: ``initialize_model_parallel`` registers ``destroy_model_parallel`` to run at interpreter
 exit. Gloo's worker thread drops a finished collective (and with it the tensors it holds, whose
@@ -23,11 +23,9 @@ import torch.distributed as dist
 _TENSOR_GROUP = None
 _PIPELINE_GROUP = None
 _DATA_GROUP = None
-_MODEL_GROUP = None
 _TENSOR_RANKS = None
 _PIPELINE_RANKS = None
 _DATA_RANKS = None
-_VIRTUAL_PIPELINE_RANK = None
 _VIRTUAL_PIPELINE_WORLD_SIZE = None
 
 
@@ -37,16 +35,16 @@ def initialize_model_parallel(
     virtual_pipeline_model_parallel_size=None,
     timeout=None,
 ):
-    """Build this process's TP, PP, DP and model-parallel (TP x PP) groups.
+    """Build this process's TP, PP and DP groups.
 
     The data-parallel size is what is left: world_size / (TP x PP). Every rank must call this
     with the same arguments (``new_group`` is collective). ``timeout`` (a timedelta) bounds every
     collective of the new groups; pass the one given to ``init_process_group``, since groups
     otherwise get torch's default (30 minutes) and a failed peer would hang them that long.
     """
-    global _TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP, _MODEL_GROUP
+    global _TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP
     global _TENSOR_RANKS, _PIPELINE_RANKS, _DATA_RANKS
-    global _VIRTUAL_PIPELINE_RANK, _VIRTUAL_PIPELINE_WORLD_SIZE
+    global _VIRTUAL_PIPELINE_WORLD_SIZE
     if not dist.is_initialized():
         raise RuntimeError(
             "initialize_model_parallel needs torch.distributed.init_process_group to be called first"
@@ -95,13 +93,7 @@ def initialize_model_parallel(
             group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 _PIPELINE_GROUP, _PIPELINE_RANKS = group, ranks
-    for d in range(dp):
-        ranks = [global_rank(t, d, p) for p in range(pp) for t in range(tp)]
-        group = dist.new_group(ranks, timeout=timeout)
-        if rank in ranks:
-            _MODEL_GROUP = group
     if virtual_pipeline_model_parallel_size is not None:
-        _VIRTUAL_PIPELINE_RANK = 0
         _VIRTUAL_PIPELINE_WORLD_SIZE = int(virtual_pipeline_model_parallel_size)
     atexit.unregister(destroy_model_parallel)  # once, however often the groups are rebuilt
     atexit.register(destroy_model_parallel)
@@ -109,18 +101,18 @@ def initialize_model_parallel(
 
 def destroy_model_parallel():
     """Forget the groups (the process group itself stays; destroy it with torch.distributed)."""
-    global _TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP, _MODEL_GROUP
+    global _TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP
     global _TENSOR_RANKS, _PIPELINE_RANKS, _DATA_RANKS
-    global _VIRTUAL_PIPELINE_RANK, _VIRTUAL_PIPELINE_WORLD_SIZE
-    for group in {_TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP, _MODEL_GROUP} - {None}:
+    global _VIRTUAL_PIPELINE_WORLD_SIZE
+    for group in {_TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP} - {None}:
         if dist.is_initialized():
             try:
                 dist.destroy_process_group(group)
             except ValueError:  # destroyed already, with a world group since replaced
                 pass
-    _TENSOR_GROUP = _PIPELINE_GROUP = _DATA_GROUP = _MODEL_GROUP = None
+    _TENSOR_GROUP = _PIPELINE_GROUP = _DATA_GROUP = None
     _TENSOR_RANKS = _PIPELINE_RANKS = _DATA_RANKS = None
-    _VIRTUAL_PIPELINE_RANK = _VIRTUAL_PIPELINE_WORLD_SIZE = None
+    _VIRTUAL_PIPELINE_WORLD_SIZE = None
 
 
 def model_parallel_is_initialized():
@@ -166,61 +158,13 @@ def get_pipeline_model_parallel_rank():
     return _rank_in(_PIPELINE_RANKS)
 
 
-def get_pipeline_model_parallel_ranks():
-    """Global ranks of this rank's pipeline, first stage first ([0] when not initialised)."""
-    return [0] if _PIPELINE_RANKS is None else list(_PIPELINE_RANKS)
-
-
-def get_pipeline_model_parallel_first_rank():
-    return get_pipeline_model_parallel_ranks()[0]
-
-
-def get_pipeline_model_parallel_last_rank():
-    return get_pipeline_model_parallel_ranks()[-1]
-
-
-def get_pipeline_model_parallel_next_rank():
-    """Global rank of the next stage (wrapping around from the last to the first)."""
-    ranks = get_pipeline_model_parallel_ranks()
-    return ranks[(get_pipeline_model_parallel_rank() + 1) % len(ranks)]
-
-
-def get_pipeline_model_parallel_prev_rank():
-    """Global rank of the previous stage (wrapping around from the first to the last)."""
-    ranks = get_pipeline_model_parallel_ranks()
-    return ranks[(get_pipeline_model_parallel_rank() - 1) % len(ranks)]
-
-
 def get_virtual_pipeline_model_parallel_world_size():
     """Model chunks per pipeline rank for the interleaved schedule; None when not interleaved."""
     return _VIRTUAL_PIPELINE_WORLD_SIZE
 
 
-def get_virtual_pipeline_model_parallel_rank():
-    """Which model chunk the schedule is running now; None when not interleaved."""
-    return _VIRTUAL_PIPELINE_RANK
-
-
-def set_virtual_pipeline_model_parallel_rank(rank):
-    global _VIRTUAL_PIPELINE_RANK
-    _VIRTUAL_PIPELINE_RANK = rank
-
-
-def is_pipeline_first_stage(ignore_virtual=False):
-    """True on the stage that holds the embedding (and, when interleaved, on its first chunk)."""
-    if not ignore_virtual and _VIRTUAL_PIPELINE_WORLD_SIZE is not None and _VIRTUAL_PIPELINE_RANK != 0:
-        return False
-    return get_pipeline_model_parallel_rank() == 0
-
-
-def is_pipeline_last_stage(ignore_virtual=False):
-    """True on the stage that holds the final norm, head and loss (its last chunk when interleaved)."""
-    if (
-        not ignore_virtual
-        and _VIRTUAL_PIPELINE_WORLD_SIZE is not None
-        and _VIRTUAL_PIPELINE_RANK != _VIRTUAL_PIPELINE_WORLD_SIZE - 1
-    ):
-        return False
+def is_pipeline_last_stage():
+    """True on the stage that holds the final norm, head and loss (in its last chunk when interleaved)."""
     return get_pipeline_model_parallel_rank() == get_pipeline_model_parallel_world_size() - 1
 
 
@@ -235,13 +179,3 @@ def get_data_parallel_world_size():
 
 def get_data_parallel_rank():
     return _rank_in(_DATA_RANKS)
-
-
-def get_data_parallel_ranks():
-    return [0] if _DATA_RANKS is None else list(_DATA_RANKS)
-
-
-# Model parallel = tensor x pipeline: the ranks that together hold one replica of the model.
-def get_model_parallel_group():
-    """The TP x PP ranks holding one model replica (for norms over the whole model); None if serial."""
-    return _MODEL_GROUP

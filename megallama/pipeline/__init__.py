@@ -1,11 +1,10 @@
 """Pipeline parallelism: stage partitioning, p2p exchange between stages, schedules."""
-from megallama.pipeline.p2p import PipelineCommunicator
+from megallama.pipeline.p2p import ActivationShape, PipelineCommunicator
 from megallama.pipeline.schedules import (
     forward_backward_no_pipelining,
     forward_backward_pipelining_with_interleaving,
     forward_backward_pipelining_without_interleaving,
     get_forward_backward_func,
-    tensor_shape,
 )
 from megallama.pipeline.stages import (
     StageSpec,
@@ -15,7 +14,8 @@ from megallama.pipeline.stages import (
 )
 
 __all__ = [
-    "PipelineCommunicator", "StageSpec", "build_model_chunks", "forward_backward_no_pipelining",
-    "forward_backward_pipelining_with_interleaving", "forward_backward_pipelining_without_interleaving",
-    "get_forward_backward_func", "stage_spec", "tensor_shape", "virtual_size_from_layers_per_stage",
+    "ActivationShape", "PipelineCommunicator", "StageSpec", "build_model_chunks",
+    "forward_backward_no_pipelining", "forward_backward_pipelining_with_interleaving",
+    "forward_backward_pipelining_without_interleaving", "get_forward_backward_func", "stage_spec",
+    "virtual_size_from_layers_per_stage",
 ]

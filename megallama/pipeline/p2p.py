@@ -12,6 +12,7 @@ Receive buffers have the shape the schedule derives from the config (``[micro_ba
 the sequence divided by TP under sequence parallelism): no shape handshake. Waits are bounded by
 the timeout given to ``init_process_group``, so a wedged neighbour makes this stage raise.
 """
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -22,6 +23,28 @@ from megallama.distributed.timeout import default_group_timeout, wait
 _FORWARD_TAG = 0
 _BACKWARD_TAG = 1
 _NCCL_GROUPS_READY = set()
+
+
+@dataclass(frozen=True)
+class ActivationShape:
+    """What the stages exchange: ``[micro_batch_size, seq_length, hidden_size]`` in ``dtype``,
+    with the sequence split over the tensor-parallel ranks under sequence parallelism."""
+
+    seq_length: int
+    micro_batch_size: int
+    hidden_size: int
+    dtype: torch.dtype = torch.float32
+    sequence_parallel: bool = False
+
+    def tensor_shape(self, tensor_parallel_size: int = 1) -> Tuple[int, int, int]:
+        """The shape one TP rank sends: under sequence parallelism it holds its slice of the sequence."""
+        seq_length = self.seq_length
+        if self.sequence_parallel:
+            if seq_length % tensor_parallel_size:
+                raise ValueError(f"sequence parallelism needs seq_length ({seq_length}) divisible by "
+                                 f"tensor_model_parallel_size ({tensor_parallel_size})")
+            seq_length //= tensor_parallel_size
+        return (self.micro_batch_size, seq_length, self.hidden_size)
 
 
 class PipelineCommunicator:

@@ -3,13 +3,15 @@
 The schedule API is independent of the training loop (Megatron's shape)::
 
     fwd_bwd = get_forward_backward_func(pipeline_size, virtual_size)
-    losses = fwd_bwd(forward_step_func, data_iterator, model_chunks, num_microbatches,
-                     seq_length, micro_batch_size, hidden_size, dtype, forward_only=False)
+    shape = ActivationShape(seq_length, micro_batch_size, hidden_size, dtype, sequence_parallel)
+    losses = fwd_bwd(forward_step_func, data_iterator, model_chunks, num_microbatches, shape,
+                     forward_only=False)
 
 ``forward_step_func(data_iterator, model_chunk, input_tensor) -> (output_tensor, loss_func)``
 runs one micro-batch through one model chunk; ``input_tensor`` is ``None`` on the first stage
 (which reads ``input_ids`` from the iterator) and the activation received from the previous stage
-elsewhere. On the last stage ``loss_func(output_tensor) -> (loss_sum, num_tokens)`` gives the SUM
+elsewhere; ``shape`` (:class:`~megallama.pipeline.p2p.ActivationShape`) is that activation's.
+On the last stage ``loss_func(output_tensor) -> (loss_sum, num_tokens)`` gives the SUM
 of the micro-batch's per-token losses and the number of tokens counted.
 
 **Loss reduction.** Backward runs on ``loss_sum``, so after the schedule the gradients are those of
@@ -27,12 +29,12 @@ Model chunks that have a ``no_sync()`` context (:class:`megallama.distributed.Di
 reduce their gradients only during the backward of their last micro-batch.
 """
 import contextlib
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd import Variable
 
-from megallama.pipeline.p2p import PipelineCommunicator
+from megallama.pipeline.p2p import ActivationShape, PipelineCommunicator
 
 LossList = List[dict]
 
@@ -55,20 +57,6 @@ def get_forward_backward_func(pipeline_size: Optional[int] = None,
     if pipeline_size > 1:
         return forward_backward_pipelining_without_interleaving
     return forward_backward_no_pipelining
-
-
-def tensor_shape(seq_length: int, micro_batch_size: int, hidden_size: int,
-                 sequence_parallel: bool = False, tensor_parallel_size: int = 1) -> tuple:
-    """Shape of the activation passed between stages: ``[micro_batch, seq, hidden]``.
-
-    Under sequence parallelism each TP rank holds (and sends) its slice of the sequence.
-    """
-    if sequence_parallel:
-        if seq_length % tensor_parallel_size:
-            raise ValueError(f"sequence parallelism needs seq_length ({seq_length}) divisible by "
-                             f"tensor_model_parallel_size ({tensor_parallel_size})")
-        seq_length //= tensor_parallel_size
-    return (micro_batch_size, seq_length, hidden_size)
 
 
 # --- helpers shared by the schedules ------------------------------------------------------------
@@ -117,12 +105,12 @@ def _check_common(model_chunks, num_microbatches, expected_chunks):
                          f"{len(model_chunks)}")
 
 
-def _communicator(model_chunks, seq_length, micro_batch_size, hidden_size, dtype, sequence_parallel):
+def _communicator(model_chunks, shape: ActivationShape) -> PipelineCommunicator:
     from megallama.parallel import state
-    shape = tensor_shape(seq_length, micro_batch_size, hidden_size, sequence_parallel,
-                         state.get_tensor_model_parallel_world_size())
     device = next(model_chunks[0].parameters()).device
-    return PipelineCommunicator(state.get_pipeline_model_parallel_group(), shape, dtype, device)
+    return PipelineCommunicator(state.get_pipeline_model_parallel_group(),
+                                shape.tensor_shape(state.get_tensor_model_parallel_world_size()),
+                                shape.dtype, device)
 
 
 def _grad_context(forward_only):
@@ -132,10 +120,9 @@ def _grad_context(forward_only):
 # --- no pipelining ------------------------------------------------------------------------------
 
 def forward_backward_no_pipelining(forward_step_func, data_iterator, model_chunks, num_microbatches,
-                                   seq_length, micro_batch_size, hidden_size,
-                                   dtype=torch.float32, forward_only=False,
-                                   sequence_parallel=False) -> LossList:
-    """Gradient accumulation over micro-batches on a single stage."""
+                                   shape: ActivationShape, forward_only=False) -> LossList:
+    """Gradient accumulation over micro-batches on a single stage (nothing is exchanged: ``shape``
+    is taken so that every schedule is called alike)."""
     model_chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     _check_common(model_chunks, num_microbatches, 1)
     chunk = model_chunks[0]
@@ -151,15 +138,13 @@ def forward_backward_no_pipelining(forward_step_func, data_iterator, model_chunk
 # --- 1F1B ---------------------------------------------------------------------------------------
 
 def forward_backward_pipelining_without_interleaving(
-        forward_step_func, data_iterator, model_chunks, num_microbatches, seq_length,
-        micro_batch_size, hidden_size, dtype=torch.float32, forward_only=False,
-        sequence_parallel=False) -> LossList:
+        forward_step_func, data_iterator, model_chunks, num_microbatches, shape: ActivationShape,
+        forward_only=False) -> LossList:
     """1F1B: ``p − r − 1`` warm-up forwards on rank ``r``, then one forward / one backward."""
     model_chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     _check_common(model_chunks, num_microbatches, 1)
     chunk = model_chunks[0]
-    comm = _communicator(model_chunks, seq_length, micro_batch_size, hidden_size, dtype,
-                         sequence_parallel)
+    comm = _communicator(model_chunks, shape)
     p, r = comm.size, comm.rank
     first, last = r == 0, r == p - 1
     num_warmup = num_microbatches if forward_only else min(p - r - 1, num_microbatches)
@@ -217,9 +202,8 @@ def forward_backward_pipelining_without_interleaving(
 # --- interleaved 1F1B ---------------------------------------------------------------------------
 
 def forward_backward_pipelining_with_interleaving(
-        forward_step_func, data_iterator: Union[Iterator, Sequence[Iterator]], model_chunks,
-        num_microbatches, seq_length, micro_batch_size, hidden_size, dtype=torch.float32,
-        forward_only=False, sequence_parallel=False) -> LossList:
+        forward_step_func, data_iterator: Sequence[Iterator], model_chunks, num_microbatches,
+        shape: ActivationShape, forward_only=False) -> LossList:
     """Interleaved 1F1B (Narayanan et al. 2021) over ``v`` model chunks per rank.
 
     Micro-batches go through the chunks in groups of ``p``; ``data_iterator`` is a list with one
@@ -230,128 +214,165 @@ def forward_backward_pipelining_with_interleaving(
     model_chunks = list(model_chunks)
     # The chunk count set up with the process groups, if any, is what the ranks agreed on.
     v = state.get_virtual_pipeline_model_parallel_world_size() or len(model_chunks)
-    comm = _communicator(model_chunks, seq_length, micro_batch_size, hidden_size, dtype,
-                         sequence_parallel)
-    p, r = comm.size, comm.rank
+    comm = _communicator(model_chunks, shape)
     _check_common(model_chunks, num_microbatches, v)
     if v < 2:
         raise ValueError("the interleaved schedule needs >= 2 model chunks per rank; use "
                          "forward_backward_pipelining_without_interleaving for one")
-    if num_microbatches % p:
+    if num_microbatches % comm.size:
         raise ValueError(f"the interleaved schedule needs the number of micro-batches "
-                         f"({num_microbatches}) divisible by pipeline_model_parallel_size ({p})")
+                         f"({num_microbatches}) divisible by pipeline_model_parallel_size ({comm.size})")
     if not isinstance(data_iterator, (list, tuple)) or len(data_iterator) != v:
         raise ValueError(f"the interleaved schedule needs a list of {v} data iterators (one per "
                          "model chunk)")
-    M, total = num_microbatches, num_microbatches * v
-    all_warmup = M == p
-    if forward_only or all_warmup:
-        num_warmup = total
-    else:
-        num_warmup = min((p - r - 1) * 2 + (v - 1) * p, total)
-    num_steady = total - num_warmup
+    schedule = _InterleavedSchedule(forward_step_func, data_iterator, model_chunks, num_microbatches,
+                                    comm, forward_only)
+    return schedule.run()
 
-    def chunk_of(k: int, forward: bool) -> int:
-        c = (k % (p * v)) // p
-        return c if forward else v - 1 - c
 
-    def microbatch_of(k: int) -> int:
-        return (k // (p * v)) * p + k % p
+class _InterleavedSchedule:
+    """One interleaved 1F1B pass on this rank: ``p`` ranks, ``v`` chunks each, ``M`` micro-batches.
 
-    def is_first(c: int) -> bool:
-        return r == 0 and c == 0
+    Each direction numbers its steps ``k = 0 .. M·v − 1``. Forward step ``k`` runs chunk
+    ``chunk_of(k, True)`` on micro-batch ``microbatch_of(k)``; backward step ``k`` runs the chunks in
+    reverse order. Per chunk, the queues hold the inputs received (or ``None`` on the first chunk),
+    the outputs kept for backward and the output gradients received, oldest first.
+    """
 
-    def is_last(c: int) -> bool:
-        return r == p - 1 and c == v - 1
+    def __init__(self, forward_step_func, data_iterators, model_chunks, num_microbatches,
+                 comm: PipelineCommunicator, forward_only: bool):
+        self.forward_step_func = forward_step_func
+        self.data_iterators = data_iterators
+        self.model_chunks = model_chunks
+        self.comm = comm
+        self.forward_only = forward_only
+        self.p, self.r, self.v = comm.size, comm.rank, len(model_chunks)
+        self.num_microbatches = num_microbatches
+        self.total = num_microbatches * self.v
+        # With one group of micro-batches the first backward needs every forward done.
+        self.all_warmup = num_microbatches == self.p
+        if forward_only or self.all_warmup:
+            self.num_warmup = self.total
+        else:
+            self.num_warmup = min((self.p - self.r - 1) * 2 + (self.v - 1) * self.p, self.total)
+        self.num_steady = self.total - self.num_warmup
+        self.losses: LossList = []
+        self.inputs: List[List[Optional[torch.Tensor]]] = [[] for _ in range(self.v)]
+        self.outputs: List[List[torch.Tensor]] = [[] for _ in range(self.v)]
+        self.output_grads: List[List[torch.Tensor]] = [[] for _ in range(self.v)]
 
-    def next_recv(k: int, forward: bool):
+    # --- chunk and micro-batch arithmetic --------------------------------------------------------
+
+    def chunk_of(self, k: int, forward: bool) -> int:
+        c = (k % (self.p * self.v)) // self.p
+        return c if forward else self.v - 1 - c
+
+    def microbatch_of(self, k: int) -> int:
+        return (k // (self.p * self.v)) * self.p + k % self.p
+
+    def is_first(self, c: int) -> bool:
+        return self.r == 0 and c == 0
+
+    def is_last(self, c: int) -> bool:
+        return self.r == self.p - 1 and c == self.v - 1
+
+    def next_recv(self, k: int, forward: bool) -> Tuple[bool, Optional[int]]:
         """Whether a tensor arrives after step ``k`` and which chunk it is for.
 
         The leading rank (first in forward, last in backward) runs ``p − 1`` steps ahead of the rank
         that feeds it round the ring, so what it receives was produced ``p − 1`` steps earlier.
         """
-        if r != (0 if forward else p - 1):
-            return True, chunk_of(k + 1, forward)
+        p, v = self.p, self.v
+        if self.r != (0 if forward else p - 1):
+            return True, self.chunk_of(k + 1, forward)
         if k < p - 1:
             return False, None
-        sender_chunk = chunk_of(k - (p - 1), forward)
+        sender_chunk = self.chunk_of(k - (p - 1), forward)
         if sender_chunk == (v - 1 if forward else 0):
             return False, None
         return True, sender_chunk + (1 if forward else -1)
 
-    losses: LossList = []
-    inputs: List[List[Optional[torch.Tensor]]] = [[] for _ in range(v)]
-    outputs: List[List[torch.Tensor]] = [[] for _ in range(v)]
-    output_grads: List[List[torch.Tensor]] = [[] for _ in range(v)]
+    # --- one step ----------------------------------------------------------------------------------
 
-    def forward(k: int) -> Optional[torch.Tensor]:
+    def forward(self, k: int) -> Optional[torch.Tensor]:
         """Forward of step k; returns what to send to the next rank (None on the last chunk)."""
-        c = chunk_of(k, True)
-        state.set_virtual_pipeline_model_parallel_rank(c)
-        if is_first(c):
-            inputs[c].append(None)
-        input_tensor = inputs[c].pop(0) if forward_only else inputs[c][-1]
-        with _grad_context(forward_only):
-            output = _forward(forward_step_func, data_iterator[c], model_chunks[c], input_tensor,
-                              is_last(c), losses)
-        if not forward_only:
-            outputs[c].append(output)
-        return None if is_last(c) else output
+        c = self.chunk_of(k, True)
+        if self.is_first(c):
+            self.inputs[c].append(None)
+        # Backward pops the input later; forward-only has no backward to keep it for.
+        input_tensor = self.inputs[c].pop(0) if self.forward_only else self.inputs[c][-1]
+        with _grad_context(self.forward_only):
+            output = _forward(self.forward_step_func, self.data_iterators[c], self.model_chunks[c],
+                              input_tensor, self.is_last(c), self.losses)
+        if not self.forward_only:
+            self.outputs[c].append(output)
+        return None if self.is_last(c) else output
 
-    def backward(k: int) -> Optional[torch.Tensor]:
+    def backward(self, k: int) -> Optional[torch.Tensor]:
         """Backward of step k; returns what to send to the previous rank (None on the first chunk)."""
-        c = chunk_of(k, False)
-        state.set_virtual_pipeline_model_parallel_rank(c)
-        output_grad = None if is_last(c) else output_grads[c].pop(0)
-        input_grad = _backward(model_chunks[c], inputs[c].pop(0), outputs[c].pop(0), output_grad,
-                               sync=microbatch_of(k) == M - 1)
-        return None if is_first(c) else input_grad
+        c = self.chunk_of(k, False)
+        output_grad = None if self.is_last(c) else self.output_grads[c].pop(0)
+        input_grad = _backward(self.model_chunks[c], self.inputs[c].pop(0), self.outputs[c].pop(0),
+                               output_grad, sync=self.microbatch_of(k) == self.num_microbatches - 1)
+        return None if self.is_first(c) else input_grad
 
-    if r != 0:
-        inputs[0].append(comm.recv_forward())
-    for k in range(num_warmup):
-        to_send = forward(k)
-        recv_prev, recv_chunk = next_recv(k, True)
-        if k == total - 1:
-            recv_prev = False
-        if k == num_warmup - 1 and not forward_only and not all_warmup:
-            # The first backward's gradient arrives together with the last warm-up exchange.
-            input_tensor, output_grad = comm.communicate(send_next=to_send, recv_prev=recv_prev,
-                                                         recv_next=r != p - 1)
-            if output_grad is not None:
-                output_grads[v - 1].append(output_grad)
-        else:
-            input_tensor, _ = comm.communicate(send_next=to_send, recv_prev=recv_prev)
-        if recv_prev:
-            inputs[recv_chunk].append(input_tensor)
-        _free_output(to_send)
+    # --- phases ------------------------------------------------------------------------------------
 
-    for i in range(num_steady):
-        fk = num_warmup + i
-        to_send = forward(fk)
-        grad_to_send = backward(i)
-        recv_prev, recv_chunk = next_recv(fk, True)
-        recv_next, grad_chunk = next_recv(i, False)
-        if i == num_steady - 1:
-            recv_prev = False
-        input_tensor, output_grad = comm.communicate(send_next=to_send, send_prev=grad_to_send,
-                                                     recv_prev=recv_prev, recv_next=recv_next)
-        _free_output(to_send)
-        if recv_prev:
-            inputs[recv_chunk].append(input_tensor)
-        if recv_next:
-            output_grads[grad_chunk].append(output_grad)
+    def run(self) -> LossList:
+        self.warmup()
+        self.steady()
+        if not self.forward_only:
+            self.cooldown()
+        return self.losses
 
-    if not forward_only:
-        if all_warmup and r != p - 1:
-            output_grads[v - 1].append(comm.recv_backward())
-        for k in range(num_steady, total):
-            grad_to_send = backward(k)
-            recv_next, grad_chunk = next_recv(k, False)
-            if k == total - 1:
-                recv_next = False
-            _, output_grad = comm.communicate(send_prev=grad_to_send, recv_next=recv_next)
+    def warmup(self) -> None:
+        """Forwards only; the last exchange also brings the first backward's gradient."""
+        comm = self.comm
+        if self.r != 0:
+            self.inputs[0].append(comm.recv_forward())
+        for k in range(self.num_warmup):
+            to_send = self.forward(k)
+            recv_prev, recv_chunk = self.next_recv(k, True)
+            if k == self.total - 1:
+                recv_prev = False
+            if k == self.num_warmup - 1 and not self.forward_only and not self.all_warmup:
+                input_tensor, output_grad = comm.communicate(send_next=to_send, recv_prev=recv_prev,
+                                                             recv_next=self.r != self.p - 1)
+                if output_grad is not None:
+                    self.output_grads[self.v - 1].append(output_grad)
+            else:
+                input_tensor, _ = comm.communicate(send_next=to_send, recv_prev=recv_prev)
+            if recv_prev:
+                self.inputs[recv_chunk].append(input_tensor)
+            _free_output(to_send)
+
+    def steady(self) -> None:
+        """One forward and one backward per step, both directions exchanged at once."""
+        for i in range(self.num_steady):
+            forward_k = self.num_warmup + i
+            to_send = self.forward(forward_k)
+            grad_to_send = self.backward(i)
+            recv_prev, recv_chunk = self.next_recv(forward_k, True)
+            recv_next, grad_chunk = self.next_recv(i, False)
+            if i == self.num_steady - 1:
+                recv_prev = False
+            input_tensor, output_grad = self.comm.communicate(
+                send_next=to_send, send_prev=grad_to_send, recv_prev=recv_prev, recv_next=recv_next)
+            _free_output(to_send)
+            if recv_prev:
+                self.inputs[recv_chunk].append(input_tensor)
             if recv_next:
-                output_grads[grad_chunk].append(output_grad)
-    state.set_virtual_pipeline_model_parallel_rank(0)
-    return losses
+                self.output_grads[grad_chunk].append(output_grad)
+
+    def cooldown(self) -> None:
+        """The backwards left after the last forward."""
+        if self.all_warmup and self.r != self.p - 1:
+            self.output_grads[self.v - 1].append(self.comm.recv_backward())
+        for k in range(self.num_steady, self.total):
+            grad_to_send = self.backward(k)
+            recv_next, grad_chunk = self.next_recv(k, False)
+            if k == self.total - 1:
+                recv_next = False
+            _, output_grad = self.comm.communicate(send_prev=grad_to_send, recv_next=recv_next)
+            if recv_next:
+                self.output_grads[grad_chunk].append(output_grad)

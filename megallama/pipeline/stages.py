@@ -11,6 +11,8 @@ from typing import Callable, List, Optional
 
 import torch
 
+from megallama.config import LlamaConfig
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -38,25 +40,23 @@ def virtual_size_from_layers_per_stage(num_layers: int, pipeline_size: int,
     per_rank, rest = divmod(num_layers, pipeline_size)
     if rest or per_rank % num_layers_per_virtual_stage:
         raise ValueError(
-            f"num_layers ({num_layers}) must be divisible by pipeline_model_parallel_size "
+            f"num_layers ({num_layers}) is not divisible by pipeline_model_parallel_size "
             f"({pipeline_size}) × num_layers_per_virtual_pipeline_stage "
             f"({num_layers_per_virtual_stage}) = {pipeline_size * num_layers_per_virtual_stage}")
     return per_rank // num_layers_per_virtual_stage
 
 
-def stage_spec(num_layers: int, pipeline_size: int, pipeline_rank: int,
+def stage_spec(config: LlamaConfig, pipeline_size: int, pipeline_rank: int,
                virtual_size: Optional[int] = None, virtual_rank: int = 0) -> StageSpec:
     """The layers and the pre/post-processing one chunk (``pipeline_rank``, ``virtual_rank``) owns."""
+    config.check_parallel_layout(pipeline_model_parallel_size=pipeline_size,
+                                 virtual_pipeline_model_parallel_size=virtual_size)
     v = virtual_size or 1
-    if pipeline_size < 1 or not 0 <= pipeline_rank < pipeline_size:
+    if not 0 <= pipeline_rank < pipeline_size:
         raise ValueError(f"pipeline rank {pipeline_rank} is outside a pipeline of size {pipeline_size}")
     if not 0 <= virtual_rank < v:
         raise ValueError(f"virtual pipeline rank {virtual_rank} is outside {v} virtual stages")
-    if num_layers % (pipeline_size * v):
-        what = (f"pipeline_model_parallel_size ({pipeline_size}) × virtual stages ({v}) = "
-                f"{pipeline_size * v}" if v > 1 else f"pipeline_model_parallel_size ({pipeline_size})")
-        raise ValueError(f"num_layers ({num_layers}) must be divisible by {what}")
-    per_chunk = num_layers // (pipeline_size * v)
+    per_chunk = config.num_layers // (pipeline_size * v)
     first = (virtual_rank * pipeline_size + pipeline_rank) * per_chunk
     return StageSpec(
         layer_ids=list(range(first, first + per_chunk)),
@@ -65,24 +65,18 @@ def stage_spec(num_layers: int, pipeline_size: int, pipeline_rank: int,
     )
 
 
-def build_model_chunks(model_factory: Callable[[StageSpec], torch.nn.Module], num_layers: int,
+def build_model_chunks(model_factory: Callable[[StageSpec], torch.nn.Module], config: LlamaConfig,
                        virtual_size: Optional[int] = None) -> List[torch.nn.Module]:
     """Build this rank's model chunks (one per virtual stage) with ``model_factory(spec)``.
 
-    The pipeline rank and size come from the process groups of :mod:`megallama.parallel.state`;
-    the virtual rank is set while each chunk is built, as layers may consult it. For LLaMA:
+    The pipeline rank and size come from the process groups of :mod:`megallama.parallel.state`.
+    For LLaMA:
     ``build_model_chunks(lambda s: LlamaModel(cfg, pre_process=s.pre_process,
-    post_process=s.post_process, layer_ids=s.layer_ids), cfg.num_layers, v)``.
+    post_process=s.post_process, layer_ids=s.layer_ids), cfg, v)``.
     """
     from megallama.parallel import state
 
     pp_size = state.get_pipeline_model_parallel_world_size()
     pp_rank = state.get_pipeline_model_parallel_rank()
-    chunks = []
-    for vr in range(virtual_size or 1):
-        if virtual_size is not None:
-            state.set_virtual_pipeline_model_parallel_rank(vr)
-        chunks.append(model_factory(stage_spec(num_layers, pp_size, pp_rank, virtual_size, vr)))
-    if virtual_size is not None:
-        state.set_virtual_pipeline_model_parallel_rank(0)
-    return chunks
+    return [model_factory(stage_spec(config, pp_size, pp_rank, virtual_size, vr))
+            for vr in range(virtual_size or 1)]

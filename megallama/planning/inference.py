@@ -1,12 +1,13 @@
 """What serving each model size costs, beside what the paper reports it scores.
 
 The paper (§1) picks sizes for the cost of inference at a given quality. Per size: bf16 weights
-plus the KV cache (``2 · layers · hidden`` values per token of context) at a batch and context; the
-GPUs needed to hold them (tensor parallelism within a node); decode tokens/s from memory
-bandwidth — each decode step reads every weight and the whole cache once, so
+plus the KV cache (``2 · layers · key/value heads · head size`` values per token of context) at a
+batch and context; the GPUs needed to hold them (tensor parallelism within a node); decode tokens/s
+from memory bandwidth — each decode step reads every weight and the whole cache once, so
 ``batch / ((weights + cache) / (GPUs · HBM bandwidth))`` is the ceiling a memory-bound decoder
 reaches; and the FLOPs per generated token (``2`` per weight outside the embedding lookup, plus
-``4 · hidden`` per layer and token of context for the attention scores and the weighted sum).
+``4 · heads · head size`` per layer and token of context for the attention scores and the
+weighted sum).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class InferenceCost:
 
 
 def kv_cache_bytes(model: LlamaConfig, batch: int, context: int, bytes_per_value: int = 2) -> float:
-    return 2 * model.num_layers * model.hidden_size * bytes_per_value * batch * context
+    return 2 * model.num_layers * model.num_query_groups * model.kv_channels * bytes_per_value * batch * context
 
 
 def inference_cost(size: str, model: LlamaConfig, gpu: GpuSpec, batch: int, context: int,
@@ -57,7 +58,7 @@ def inference_cost(size: str, model: LlamaConfig, gpu: GpuSpec, batch: int, cont
                          f"{(weights + cache) / 1e9:.0f} GB: more than one node of {gpu.name}")
     decode = batch / ((weights + cache) / (gpus * gpu.hbm_gb_s * 1e9))
     matmul_weights = model.num_parameters(include_embedding=False)
-    flops = 2 * matmul_weights + 4 * model.num_layers * model.hidden_size * context
+    flops = 2 * matmul_weights + 4 * model.num_layers * model.num_attention_heads * model.kv_channels * context
     quality = PAPER_QUALITY.get(size, {})
     return InferenceCost(size, model.num_parameters(), weights / 1e9, cache / 1e9, gpus, decode, flops / 1e9,
                          quality.get("hellaswag"), quality.get("naturalquestions_64shot"))

@@ -65,6 +65,8 @@ class Layout:
             out.append(f"recompute must be one of {RECOMPUTE_CHOICES}, got {self.recompute!r}")
         if m.num_attention_heads % self.tp or m.ffn_hidden_size % self.tp:
             out.append(f"TP={self.tp} does not divide {m.num_attention_heads} heads and FFN {m.ffn_hidden_size}")
+        elif m.num_query_groups % self.tp and self.tp % m.num_query_groups:
+            out.append(f"TP={self.tp} and the {m.num_query_groups} key/value heads do not divide one another")
         if m.num_layers % (self.pp * self.virtual):
             out.append(f"PP={self.pp} × virtual={self.virtual} does not divide {m.num_layers} layers")
         if self.virtual > 1 and self.pp < 2:

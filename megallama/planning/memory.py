@@ -8,13 +8,15 @@ main weights and moments for 1/DP of them, and it keeps that fp32 copy of its sl
 Activations follow Korthikanti et al. (2022), re-derived for LLaMA (no dropout, RMSNorm, SwiGLU,
 rotary) and for what ``megallama.model`` saves (``tests/model`` asserts the same count): per token
 and layer the norm inputs ``x`` and ``h``, the two normed inputs of the fused projections, ``q k v``,
-the attention output (``a`` bytes each, ``8h`` in all), ``[w1 xn, w3 xn]`` (``2f``), and in fp32 one
+the attention output (``a`` bytes each, ``8h`` in all for LLaMA-1; ``k v`` are as narrow as the
+key/value heads under grouped-query attention), ``[w1 xn, w3 xn]`` (``2f``), and in fp32 one
 RMS scale per norm and the attention's log-sum-exp per head. Tensor parallelism splits the heads
-and the FFN columns; sequence parallelism splits the rest along the sequence (Megatron keeps only
-the sequence shard of the gathered inputs and gathers them again in backward); full recomputation
-keeps each layer's input and rebuilds one layer at a time. "selective" costs nothing here: the
-attention never stores its scores. The head keeps the normed input and, per token, the loss's
-gradient over the vocabulary (``a·V`` serial; ``4·V/TP`` in the vocabulary-parallel loss).
+(key/value heads fewer than the ranks are replicated, one per rank) and the FFN columns; sequence
+parallelism splits the rest along the sequence (Megatron keeps only the sequence shard of the
+gathered inputs and gathers them again in backward); full recomputation keeps each layer's input
+and rebuilds one layer at a time. "selective" costs nothing here: the attention never stores its
+scores. The head keeps the normed input and, per token, the loss's gradient over the vocabulary
+(``a·V`` serial; ``4·V/TP`` in the vocabulary-parallel loss).
 
 Pipelines hold several micro-batches' activations: rank ``r`` of ``p`` holds ``p − r`` under 1F1B;
 under the interleaved schedule it runs ``2(p − r − 1) + (v − 1)p`` warm-up forwards of chunks of
@@ -61,10 +63,17 @@ def _padded_vocab(workload: Workload, tp: int) -> int:
     return math.ceil(workload.model.vocab_size / tp) * tp
 
 
+def attention_widths(workload: Workload, tp: int) -> tuple[int, int]:
+    """Per tensor-parallel rank: the width of q (and of the attention output), that of k (and v)."""
+    m = workload.model
+    return m.num_attention_heads // tp * m.kv_channels, max(m.num_query_groups // tp, 1) * m.kv_channels
+
+
 def layer_parameters(workload: Workload, tp: int) -> int:
     m = workload.model
     h, f = m.hidden_size, m.ffn_hidden_size
-    return (4 * h * h + 3 * h * f) // tp + 2 * h
+    q, kv = attention_widths(workload, tp)
+    return h * (2 * q + 2 * kv) + 3 * h * f // tp + 2 * h
 
 
 def rank_parameters(workload: Workload, layout: Layout, rank: int) -> int:
@@ -75,25 +84,31 @@ def rank_parameters(workload: Workload, layout: Layout, rank: int) -> int:
     if rank == 0:
         n += vocab_rows
     if rank == layout.pp - 1:
-        n += vocab_rows + m.hidden_size
+        n += m.hidden_size
+        # A tied head is the embedding; a last stage without it keeps a copy, as Megatron's does.
+        if not (m.tie_word_embeddings and rank == 0):
+            n += vocab_rows
     return n
 
 
 def largest_parameter(workload: Workload, layout: Layout) -> int:
     m = workload.model
     vocab = _padded_vocab(workload, layout.tp) // layout.tp * m.hidden_size
-    return max(vocab, 2 * m.ffn_hidden_size * m.hidden_size // layout.tp)
+    q, kv = attention_widths(workload, layout.tp)
+    return max(vocab, 2 * m.ffn_hidden_size * m.hidden_size // layout.tp, (q + 2 * kv) * m.hidden_size)
 
 
 def layer_activation_bytes(workload: Workload, layout: Layout, tokens: int) -> float:
     """Bytes one layer saves for backward for ``tokens`` tokens, no recomputation."""
     m, a, t = workload.model, workload.act_bytes, layout.tp
     h, f, heads = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads
-    split = (4 * h + 2 * f) * a + 4 * heads          # q k v, attention output, [w1 xn, w3 xn], lse
+    q, kv = attention_widths(workload, t)
+    # this rank's q k v, attention output, [w1 xn, w3 xn], lse
+    split = (2 * q + 2 * kv + 2 * f / t) * a + 4 * heads / t
     kept = 4 * h * a + 4 * 2                         # x, xn, h, xn and the two RMS scales
     if layout.sequence_parallel:
-        return tokens * (split + kept) / t
-    return tokens * (split / t + kept)
+        return tokens * (split + kept / t)
+    return tokens * (split + kept)
 
 
 def layer_input_bytes(workload: Workload, layout: Layout, tokens: int) -> float:

@@ -1,7 +1,8 @@
 """Text and JSON forms of a plan, and the estimate ``megallama.pretrain`` prints for its own layout."""
 from __future__ import annotations
 
-from megallama.config import LlamaConfig
+import torch
+
 from megallama.planning.inference import InferenceCost
 from megallama.planning.layout import Layout, Workload
 from megallama.planning.memory import RankMemory, training_memory
@@ -64,14 +65,11 @@ def format_inference(costs: list[InferenceCost], gpu_name: str, batch: int, cont
 def pretrain_workload_and_layout(config) -> tuple[Workload, Layout]:
     """The planner's view of a ``megallama.training.config.PretrainConfig``."""
     m, par, t = config.model, config.parallel, config.training
-    model = LlamaConfig(num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
-                        ffn_hidden_size=m.ffn_hidden_size, vocab_size=m.vocab_size,
-                        max_position_embeddings=m.max_position_embeddings)
     v = par.virtual_pipeline_model_parallel_size(m.num_layers) or 1
     layout = Layout(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.data_parallel_size,
-                    t.micro_batch_size, v, par.sequence_parallel and par.tensor_model_parallel_size > 1,
-                    t.recompute_granularity or "none", par.use_distributed_optimizer)
-    return Workload(model, m.seq_length, t.global_batch_size, t.bf16), layout
+                    t.micro_batch_size, v, m.sequence_parallel, m.recompute_granularity or "none",
+                    config.optimizer.use_distributed_optimizer)
+    return Workload(m, t.seq_length, t.global_batch_size, m.params_dtype == torch.bfloat16), layout
 
 
 def pretrain_memory_estimate(config, device_bytes: float | None) -> tuple[str, bool]:

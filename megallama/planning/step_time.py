@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from megallama.distributed.data_parallel import DEFAULT_BUCKET_SIZE
 from megallama.planning.hardware import GpuSpec
 from megallama.planning.layout import Layout, Workload
-from megallama.planning.memory import rank_parameters
+from megallama.planning.memory import attention_widths, rank_parameters
 from megallama.training.flops import estimate_flops
 
 # Bytes per vocabulary entry and token of the loss's fp32 passes (logits cast, max, subtract,
@@ -55,27 +55,34 @@ class StepTime:
         return asdict(self)
 
 
-def _layer_flops(workload: Workload, num_layers: int, sequences: int) -> float:
+def _flops(workload: Workload, num_layers: int, vocab_size: int, sequences: int) -> float:
     m = workload.model
     return estimate_flops(num_layers=num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
-                          seq_length=workload.seq_length, vocab_size=0, num_sequences=sequences)
+                          seq_length=workload.seq_length, vocab_size=vocab_size, num_sequences=sequences,
+                          num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+                          kv_channels=m.kv_channels)
+
+
+def _layer_flops(workload: Workload, num_layers: int, sequences: int) -> float:
+    return _flops(workload, num_layers, 0, sequences)
 
 
 def _head_flops(workload: Workload, sequences: int) -> float:
-    m = workload.model
-    return estimate_flops(num_layers=0, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
-                          seq_length=workload.seq_length, vocab_size=m.vocab_size, num_sequences=sequences)
+    return _flops(workload, 0, workload.model.vocab_size, sequences)
 
 
 def elementwise_bytes(workload: Workload, layout: Layout, tokens: int, num_layers: int, head: bool) -> float:
     """HBM traffic of the memory-bound passes of one micro-batch on one GPU (forward + backward)."""
     m, a, t = workload.model, workload.act_bytes, layout.tp
     h, f = m.hidden_size, m.ffn_hidden_size
+    q, kv = attention_widths(workload, t)
     sp = t if layout.sequence_parallel else 1
-    replicated, split = 22 * h, 12 * h + 11 * f   # norms + residual adds; rotary, v copy, SwiGLU
+    # norms + residual adds; this rank's rotary of q and k and copy of v (read + write, forward and
+    # backward: 12h for LLaMA-1) and SwiGLU
+    replicated, split = 22 * h, 4 * q + 8 * kv + 11 * f / t
     if layout.full_recompute:
-        replicated, split = replicated + 10 * h, split + 6 * h + 3 * f
-    total = tokens * num_layers * a * (replicated / sp + split / t)
+        replicated, split = replicated + 10 * h, split + 2 * q + 4 * kv + 3 * f / t
+    total = tokens * num_layers * a * (replicated / sp + split)
     if head:
         total += tokens * m.vocab_size / t * (LOSS_FP32_BYTES + 2 * a)
     return total

@@ -1,1 +1,1 @@
-"""Pretraining: flags → config, the training loop, lr schedule, checkpoints, logging."""
+"""Pretraining: flags → config, the training loop, lr schedule, logging (checkpoints: ``megallama.checkpoint``)."""

@@ -9,31 +9,44 @@ of hanging some of them in a collective.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from typing import Optional, Sequence
 
-from megallama.config import LlamaConfig, llama_ffn_hidden_size
+from megallama.config import LlamaConfig
+from megallama.data.gpt_dataset import parse_data_path
+from megallama.distributed.optimizer import OptimizerConfig
+from megallama.training.arguments_model import (
+    ConfigError,
+    add_model_arguments,
+    in_flag_words,
+    model_from_namespace,
+    padded_vocab_size,
+)
 from megallama.training.config import (
     PAPER_PEAK_LR,
     CheckpointArgs,
     DataArgs,
     LoggingArgs,
     LRScheduleArgs,
-    ModelArgs,
-    OptimizerArgs,
     ParallelArgs,
     PretrainConfig,
     TrainingArgs,
 )
+from megallama.training.logger import WANDB_MISSING
+from megallama.training.megatron_flags import (
+    add_megatron_compatibility_flags,
+    check_megatron_compatibility_flags,
+    ignored_megatron_flags,
+)
+
+__all__ = ["ConfigError", "in_flag_words", "build_parser", "parse_args"]
 
 DECAY_STYLES = ("cosine", "linear", "constant")
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 # Megatron's other names for a SentencePiece model, accepted so launch scripts carry over.
 SENTENCEPIECE_ALIASES = ("GPTSentencePieceTokenizer", "Llama2Tokenizer")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one line naming the flags and numbers."""
+LLAMA_WARMUP_ITERS = 2000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,33 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a LLaMA model. Launch with `torchrun [torchrun flags] -m megallama.pretrain "
         "[flags]`; a plain `python -m megallama.pretrain` runs a single process.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # as Megatron: a Megatron flag must never be read as an abbreviation of ours
     )
-    g = p.add_argument_group("model shape")
-    g.add_argument("--model-size", choices=sorted(PAPER_PEAK_LR), default=None,
-                   help="Take the paper's shape (Table 2) and peak lr; explicit shape flags override it.")
-    g.add_argument("--num-layers", type=int, default=None, help="Number of transformer layers.")
-    g.add_argument("--hidden-size", type=int, default=None, help="Model width (the paper's dim).")
-    g.add_argument("--ffn-hidden-size", type=int, default=None,
-                   help="SwiGLU FFN width; default 2/3·4·hidden rounded up to a multiple of 256, as LLaMA.")
-    g.add_argument("--num-attention-heads", type=int, default=None, help="Number of attention heads.")
-    g.add_argument("--seq-length", type=int, default=2048, help="Tokens per training sequence.")
-    g.add_argument("--max-position-embeddings", type=int, default=None,
-                   help="Longest sequence the rotary table covers; default --seq-length.")
-    g.add_argument("--norm-epsilon", type=float, default=1e-6, help="RMSNorm epsilon (Meta's params.json).")
-    g.add_argument("--vocab-size", type=int, default=None,
-                   help="Embedding rows; default the tokenizer's vocabulary (32000 with NullTokenizer). "
-                   "Must not be smaller than the tokenizer's vocabulary.")
-    g.add_argument("--init-method-std", type=float, default=0.02, help="Std of the normal weight init.")
-    g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE theta (base of the rotary frequencies).")
-
-    g = p.add_argument_group("Megatron architecture flags (accepted so scripts carry over; LLaMA is fixed)")
-    for flag in ("--swiglu", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
-                 "--no-position-embedding", "--use-rotary-position-embeddings"):
-        g.add_argument(flag, action="store_true", help="Always on in LLaMA; accepted and ignored.")
-    g.add_argument("--normalization", choices=["RMSNorm"], default="RMSNorm", help="LLaMA uses RMSNorm.")
-    g.add_argument("--position-embedding-type", choices=["rope"], default="rope", help="LLaMA uses RoPE.")
-    g.add_argument("--attention-dropout", type=float, default=0.0, help="LLaMA has no dropout: must be 0.")
-    g.add_argument("--hidden-dropout", type=float, default=0.0, help="LLaMA has no dropout: must be 0.")
+    add_model_arguments(p)
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1,
@@ -81,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Shard norm regions' activations along the sequence over the tensor-parallel ranks.")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Shard fp32 main weights and AdamW state over data-parallel ranks (ZeRO-1).")
+    g.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=True,
+                   help="Start each gradient bucket's data-parallel reduction during backward, as soon as its "
+                   "gradients are ready. Megatron's default is off; megallama keeps it on because the result is "
+                   "bit-identical either way (only the speed differs); --no-overlap-grad-reduce waits for the "
+                   "whole backward, as Megatron without the flag.")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="Leave the distributed optimizer's parameter all-gathers in flight until the next forward "
+                   "needs each bucket (needs --use-distributed-optimizer and the gradient overlap).")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="torch.distributed backend; default nccl with CUDA, else gloo.")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10,
@@ -91,12 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="Sequences per optimizer step over all ranks (the paper: 4M tokens = 2048 × 2048); "
                    "default micro-batch × data-parallel size.")
-    g.add_argument("--train-iters", type=int, required=True, help="Optimizer steps to train for.")
+    g.add_argument("--train-iters", type=int, default=None,
+                   help="Optimizer steps to train for (give this or --train-samples).")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="Sequences to train on, instead of --train-iters: --train-samples // --global-batch-size "
+                   "iterations, with the lr schedule in samples (--lr-decay-samples, --lr-warmup-samples), "
+                   "as Megatron.")
     g.add_argument("--seed", type=int, default=1234, help="Seed of initialisation and data order.")
     g.add_argument("--bf16", action="store_true",
                    help="bf16 parameters and activations with fp32 main weights and fp32 gradient accumulation.")
-    g.add_argument("--recompute-granularity", choices=["selective", "full"], default=None,
-                   help="Recompute activations in backward: selective = attention core only, full = whole layers.")
     g.add_argument("--eval-interval", type=int, default=1000, help="Iterations between validation runs.")
     g.add_argument("--eval-iters", type=int, default=100, help="Batches per validation run (0 = no validation).")
     g.add_argument("--exit-signal-handler", action=argparse.BooleanOptionalAction, default=None,
@@ -107,6 +107,29 @@ def build_parser() -> argparse.ArgumentParser:
                    "after the run started (set-up and checkpoint loading count).")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="Stop (saving with --save) after the first iteration divisible by this.")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="Turn Python's automatic garbage collection off and collect at fixed points instead "
+                   "(around each validation, every --manual-gc-interval iterations), so no rank stalls the others "
+                   "at a random step.")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="With --manual-gc: collect every this many iterations (0: only around validation).")
+    g.add_argument("--num-workers", type=int, default=0,
+                   help="Background threads that read and collate the next global batch while the current "
+                   "iteration runs (Megatron's DataLoader workers); the samples and their order are the same "
+                   "with any number. 0: read in the training thread.")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="Accepted; always so here: the vocab-parallel cross entropy is one fused function that "
+                   "never gathers the full logits.")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="Accepted; always so here: the loss is the sum over the global batch's loss-counted "
+                   "tokens divided by their number (not a mean of per-micro-batch means).")
+    g.add_argument("--profile", action="store_true",
+                   help="On CUDA, bracket iterations [--profile-step-start, --profile-step-end) with "
+                   "torch.cuda.profiler.start()/stop() for `nsys profile --capture-range=cudaProfilerApi`; "
+                   "nothing to bracket on CPU.")
+    g.add_argument("--profile-step-start", type=int, default=10, help="First profiled iteration (with --profile).")
+    g.add_argument("--profile-step-end", type=int, default=12,
+                   help="Iteration at which profiling stops (with --profile).")
 
     g = p.add_argument_group("optimizer and learning rate")
     g.add_argument("--lr", type=float, default=None,
@@ -114,9 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "33B/65B), else 3e-4.")
     g.add_argument("--min-lr", type=float, default=None, help="Floor of the decay; default 10%% of --lr.")
     g.add_argument("--lr-decay-style", choices=DECAY_STYLES, default="cosine", help="Shape of the decay.")
-    g.add_argument("--lr-warmup-iters", type=int, default=2000, help="Iterations of linear warmup from 0.")
+    g.add_argument("--lr-warmup-iters", type=int, default=None,
+                   help=f"Iterations of linear warmup from 0; default {LLAMA_WARMUP_ITERS} (LLaMA's) unless "
+                   "--lr-warmup-fraction, --lr-warmup-samples or --train-samples is given (then Megatron's 0).")
     g.add_argument("--lr-decay-iters", type=int, default=None,
                    help="Iteration at which the lr reaches --min-lr; default --train-iters.")
+    g.add_argument("--lr-warmup-samples", type=int, default=None,
+                   help="Samples of linear warmup, with --train-samples; default 0.")
+    g.add_argument("--lr-decay-samples", type=int, default=None,
+                   help="Samples after which the lr is --min-lr, with --train-samples; default --train-samples.")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="Warmup length as this fraction of the decay length (--lr-decay-iters or "
+                   "--lr-decay-samples), counted in samples as Megatron; instead of --lr-warmup-iters/-samples.")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay.")
     g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW β1 (first-moment decay).")
     g.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW β2 (second-moment decay).")
@@ -129,12 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Megatron indexed datasets: PREFIX, or W1 PREFIX1 W2 PREFIX2 … for a weighted blend "
                    "(PREFIX.bin and PREFIX.idx must exist).")
     g.add_argument("--split", default="969,30,1", help="Train,valid,test proportions of each dataset.")
+    for split in ("train", "valid", "test"):
+        g.add_argument(f"--{split}-data-path", nargs="*", default=[],
+                       help=f"Whole datasets for {split} alone (PREFIX or W1 PREFIX1 …), instead of --data-path "
+                       "and --split" + (" (accepted; megallama runs no test pass)" if split == "test" else "") + ".")
     g.add_argument("--mock-data", action="store_true",
                    help="Deterministic synthetic tokens indexed by global sample number (tests, benchmarks).")
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES + SENTENCEPIECE_ALIASES, default=None,
                    help="Default SentencePieceTokenizer when --tokenizer-model is given, else NullTokenizer "
                    "(Megatron's GPTSentencePieceTokenizer and Llama2Tokenizer mean SentencePieceTokenizer).")
-    g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model file.")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece .model file; for HuggingFaceTokenizer the folder holding tokenizer.json.")
     g.add_argument("--data-cache-path", default=None,
                    help="Folder for the sample-index cache; default beside the data.")
     g.add_argument("--sft-data-path", nargs="*", default=[],
@@ -175,90 +212,145 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", default=None, help="Write TensorBoard scalars here.")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="Peak TFLOP/s of one device for MFU; default detected for known GPUs (none on CPU).")
-    return p
+    g.add_argument("--log-throughput", action="store_true",
+                   help="Also write Megatron's `throughput` scalar (TFLOP/s per device); the console line always "
+                   "shows tokens/s, TFLOP/s and MFU.")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true",
+                   help="Also write per-phase times: forward-backward-time, optimizer-time, batch-generator-time "
+                   "(iteration-time is always written).")
+    g.add_argument("--log-memory-to-tensorboard", action="store_true",
+                   help="Also write mem-allocated-bytes and mem-reserved-bytes (CUDA; on CPU the current resident "
+                   "set size as mem-allocated-bytes); mem-max-allocated-bytes is always written.")
+    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
+                   help="Also write `lm loss validation ppl` = exp(min(20, validation loss)), as Megatron.")
+    g.add_argument("--wandb-project", default=None,
+                   help="Also log the scalars to this Weights & Biases project (needs `pip install -e .[wandb]`); "
+                   "empty or absent: off.")
+    g.add_argument("--wandb-exp-name", default=None, help="Weights & Biases run name (with --wandb-project).")
+    g.add_argument("--wandb-save-dir", default=None,
+                   help="Local Weights & Biases folder (with --wandb-project); default SAVE/wandb with --save, "
+                   "else wandb/ under the current folder.")
+    return add_megatron_compatibility_flags(p)
 
 
 def _world_size(env) -> int:
     return int(env.get("WORLD_SIZE", "1"))
 
 
-def config_from_namespace(ns: argparse.Namespace, world_size: int) -> PretrainConfig:
-    """Fill the defaults that depend on other flags and group the flags into a ``PretrainConfig``."""
-    preset = LlamaConfig.preset(ns.model_size) if ns.model_size else None
-    shape = {}
-    for name in ("num_layers", "hidden_size", "num_attention_heads"):
-        value = getattr(ns, name)
-        shape[name] = value if value is not None else getattr(preset, name, None)
-        if shape[name] is None:
-            raise ConfigError(f"--{name.replace('_', '-')} is required when --model-size is not given")
-    ffn = ns.ffn_hidden_size if ns.ffn_hidden_size is not None else llama_ffn_hidden_size(shape["hidden_size"])
+def _training_length(ns: argparse.Namespace, global_batch: int) -> tuple[int, dict]:
+    """(train iterations, the lr schedule's length fields) from iteration or sample flags, with
+    Megatron's rules for which go together."""
+    if (ns.train_iters is None) == (ns.train_samples is None):
+        raise ConfigError("give exactly one of --train-iters and --train-samples")
+    if ns.lr_warmup_fraction is not None and (ns.lr_warmup_iters is not None or ns.lr_warmup_samples is not None):
+        raise ConfigError("--lr-warmup-fraction replaces --lr-warmup-iters and --lr-warmup-samples: give only one")
+    if ns.train_samples is not None:
+        if ns.lr_decay_iters is not None or ns.lr_warmup_iters is not None:
+            raise ConfigError("--train-samples counts the lr schedule in samples: give --lr-decay-samples and "
+                              "--lr-warmup-samples instead of --lr-decay-iters and --lr-warmup-iters")
+        train_iters = ns.train_samples // global_batch  # Megatron's iterations for a constant batch size
+        if train_iters < 1:
+            raise ConfigError(f"--train-samples {ns.train_samples} is less than one --global-batch-size {global_batch}")
+        return train_iters, dict(
+            lr_warmup_iters=0, lr_decay_iters=train_iters,
+            lr_warmup_samples=ns.lr_warmup_samples if ns.lr_warmup_samples is not None else 0,
+            lr_decay_samples=ns.lr_decay_samples if ns.lr_decay_samples is not None else ns.train_samples,
+            lr_warmup_fraction=ns.lr_warmup_fraction)
+    if ns.lr_decay_samples is not None or ns.lr_warmup_samples is not None:
+        raise ConfigError("--lr-decay-samples and --lr-warmup-samples go with --train-samples; with --train-iters "
+                          "give --lr-decay-iters and --lr-warmup-iters")
+    # LLaMA's 2000-iteration warmup is megallama's default only where no Megatron warmup flag says otherwise.
+    warmup = ns.lr_warmup_iters if ns.lr_warmup_iters is not None else \
+        (0 if ns.lr_warmup_fraction is not None else LLAMA_WARMUP_ITERS)
+    return ns.train_iters, dict(
+        lr_warmup_iters=warmup, lr_decay_iters=ns.lr_decay_iters if ns.lr_decay_iters is not None else ns.train_iters,
+        lr_warmup_fraction=ns.lr_warmup_fraction)
 
+
+def _attention_backend(ns: argparse.Namespace) -> str:
+    if ns.use_flash_attn and ns.attention_backend not in ("auto", "flash"):
+        raise ConfigError(f"--use-flash-attn asks for --attention-backend flash, not {ns.attention_backend}")
+    return "flash" if ns.use_flash_attn else ns.attention_backend
+
+
+def config_from_namespace(ns: argparse.Namespace, world_size: int) -> PretrainConfig:
+    """Fill the defaults that depend on other flags and group the flags into a ``PretrainConfig``.
+
+    Without ``--vocab-size`` the vocabulary is LLaMA's 32000 until ``check_inputs`` reads the tokenizer's.
+    """
+    model = model_from_namespace(ns)
     tokenizer_type = ns.tokenizer_type or ("SentencePieceTokenizer" if ns.tokenizer_model else "NullTokenizer")
     if tokenizer_type in SENTENCEPIECE_ALIASES:
         tokenizer_type = "SentencePieceTokenizer"
-    vocab_size = ns.vocab_size
-    if vocab_size is None and tokenizer_type == "NullTokenizer":
-        vocab_size = 32000
     lr = ns.lr if ns.lr is not None else PAPER_PEAK_LR.get(ns.model_size, 3.0e-4)
     parallel = ParallelArgs(
         tensor_model_parallel_size=ns.tensor_model_parallel_size,
         pipeline_model_parallel_size=ns.pipeline_model_parallel_size,
         num_layers_per_virtual_pipeline_stage=ns.num_layers_per_virtual_pipeline_stage,
-        sequence_parallel=ns.sequence_parallel,
-        use_distributed_optimizer=ns.use_distributed_optimizer,
         world_size=world_size,
         distributed_backend=ns.distributed_backend,
         distributed_timeout_minutes=ns.distributed_timeout_minutes,
     )
-    _check_parallel_layout(parallel, shape["num_layers"])
+    _check_parallel_layout(model, parallel)
     global_batch = ns.global_batch_size or ns.micro_batch_size * parallel.data_parallel_size
+    train_iters, lr_lengths = _training_length(ns, global_batch)
+    if ns.overlap_param_gather and not ns.use_distributed_optimizer:
+        raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (only it all-gathers "
+                          "parameters after the step)")
+    if ns.overlap_param_gather and not ns.overlap_grad_reduce:
+        raise ConfigError("--overlap-param-gather needs the gradient overlap: drop --no-overlap-grad-reduce")
     return PretrainConfig(
-        model=ModelArgs(
-            num_layers=shape["num_layers"], hidden_size=shape["hidden_size"],
-            num_attention_heads=shape["num_attention_heads"], ffn_hidden_size=ffn,
-            seq_length=ns.seq_length, max_position_embeddings=ns.max_position_embeddings or ns.seq_length,
-            norm_epsilon=ns.norm_epsilon, vocab_size=vocab_size if vocab_size is not None else 0,
-            init_method_std=ns.init_method_std, rope_theta=ns.rotary_base,
-        ),
+        model=model,
         parallel=parallel,
-        optimizer=OptimizerArgs(
-            weight_decay=ns.weight_decay, adam_beta1=ns.adam_beta1, adam_beta2=ns.adam_beta2,
-            adam_eps=ns.adam_eps, clip_grad=ns.clip_grad,
+        optimizer=OptimizerConfig(
+            lr=lr, weight_decay=ns.weight_decay, adam_beta1=ns.adam_beta1, adam_beta2=ns.adam_beta2,
+            adam_eps=ns.adam_eps, clip_grad=ns.clip_grad, use_distributed_optimizer=ns.use_distributed_optimizer,
+            overlap_grad_reduce=ns.overlap_grad_reduce, overlap_param_gather=ns.overlap_param_gather,
         ),
         lr_schedule=LRScheduleArgs(
-            lr=lr, min_lr=ns.min_lr if ns.min_lr is not None else 0.1 * lr,
-            lr_decay_style=ns.lr_decay_style, lr_warmup_iters=ns.lr_warmup_iters,
-            lr_decay_iters=ns.lr_decay_iters if ns.lr_decay_iters is not None else ns.train_iters,
+            min_lr=ns.min_lr if ns.min_lr is not None else 0.1 * lr, lr_decay_style=ns.lr_decay_style, **lr_lengths,
         ),
         training=TrainingArgs(
-            micro_batch_size=ns.micro_batch_size, global_batch_size=global_batch, train_iters=ns.train_iters,
-            seed=ns.seed, bf16=ns.bf16, recompute_granularity=ns.recompute_granularity,
-            eval_interval=ns.eval_interval, eval_iters=ns.eval_iters,
+            micro_batch_size=ns.micro_batch_size, global_batch_size=global_batch, seq_length=ns.seq_length,
+            train_iters=train_iters, seed=ns.seed, eval_interval=ns.eval_interval, eval_iters=ns.eval_iters,
             exit_signal_handler=ns.exit_signal_handler if ns.exit_signal_handler is not None else ns.save is not None,
             exit_duration_in_mins=ns.exit_duration_in_mins, exit_interval=ns.exit_interval,
+            manual_gc=ns.manual_gc, manual_gc_interval=ns.manual_gc_interval, num_workers=ns.num_workers,
+            attention_backend=_attention_backend(ns), profile=ns.profile,
+            profile_step_start=ns.profile_step_start, profile_step_end=ns.profile_step_end,
         ),
         data=DataArgs(
             data_path=list(ns.data_path), split=ns.split, mock_data=ns.mock_data,
+            train_data_path=list(ns.train_data_path), valid_data_path=list(ns.valid_data_path),
+            test_data_path=list(ns.test_data_path),
             tokenizer_type=tokenizer_type, tokenizer_model=ns.tokenizer_model,
             data_cache_path=ns.data_cache_path, sft_data_path=list(ns.sft_data_path),
             reset_position_ids=ns.reset_position_ids, reset_attention_mask=ns.reset_attention_mask,
-            eod_mask_loss=ns.eod_mask_loss,
+            eod_mask_loss=ns.eod_mask_loss, make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by,
         ),
         checkpoint=CheckpointArgs(
             save=ns.save, load=ns.load, save_interval=ns.save_interval, ckpt_step=ns.ckpt_step,
             no_load_optim=ns.no_load_optim, no_load_rng=ns.no_load_rng, finetune=ns.finetune,
             allow_no_checkpoint=ns.allow_no_checkpoint, rewind_save=ns.rewind_save,
         ),
-        logging=LoggingArgs(log_interval=ns.log_interval, tensorboard_dir=ns.tensorboard_dir,
-                            peak_tflops=ns.peak_tflops),
+        logging=LoggingArgs(
+            log_interval=ns.log_interval, tensorboard_dir=ns.tensorboard_dir, peak_tflops=ns.peak_tflops,
+            log_throughput=ns.log_throughput, log_timers_to_tensorboard=ns.log_timers_to_tensorboard,
+            log_memory_to_tensorboard=ns.log_memory_to_tensorboard,
+            log_validation_ppl_to_tensorboard=ns.log_validation_ppl_to_tensorboard,
+            wandb_project=ns.wandb_project or None, wandb_exp_name=ns.wandb_exp_name,
+            wandb_save_dir=ns.wandb_save_dir,
+        ),
     )
 
 
-def _check_parallel_layout(par: ParallelArgs, num_layers: int) -> None:
+def _check_parallel_layout(model: LlamaConfig, par: ParallelArgs) -> None:
+    """The model splits over the layout and the layout over the world size."""
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    for name, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)):
-        if value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
+    try:
+        model.check_parallel_layout(tp, pp, par.virtual_pipeline_model_parallel_size(model.num_layers))
+    except ValueError as error:
+        raise in_flag_words(error) from None
     if par.world_size % (tp * pp):
         raise ConfigError(
             f"world size {par.world_size} is not divisible by --tensor-model-parallel-size {tp} "
@@ -267,42 +359,18 @@ def _check_parallel_layout(par: ParallelArgs, num_layers: int) -> None:
 
 
 def validate(config: PretrainConfig) -> None:
-    """Arithmetic checks of the flags against each other; raises ``ConfigError`` with one line."""
+    """Arithmetic checks of the flags against each other; raises ``ConfigError`` with one line.
+    The model's own checks are ``LlamaConfig``'s (run when it is built) and its ``check_parallel_layout``."""
     m, par, t, s = config.model, config.parallel, config.training, config.lr_schedule
     tp, pp, vstage = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, \
         par.num_layers_per_virtual_pipeline_stage
-    _check_parallel_layout(par, m.num_layers)
-    positive = {"--num-layers": m.num_layers, "--hidden-size": m.hidden_size,
-                "--num-attention-heads": m.num_attention_heads, "--ffn-hidden-size": m.ffn_hidden_size,
-                "--seq-length": m.seq_length, "--micro-batch-size": t.micro_batch_size,
+    _check_parallel_layout(m, par)
+    positive = {"--seq-length": t.seq_length, "--micro-batch-size": t.micro_batch_size,
                 "--global-batch-size": t.global_batch_size, "--train-iters": t.train_iters,
                 "--log-interval": config.logging.log_interval}
     for flag, value in positive.items():
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
-    if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
-                          f"{m.num_attention_heads}")
-    if (m.hidden_size // m.num_attention_heads) % 2:
-        raise ConfigError(f"head size {m.hidden_size // m.num_attention_heads} (--hidden-size / "
-                          "--num-attention-heads) must be even for rotary embeddings")
-    if m.num_attention_heads % tp:
-        raise ConfigError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
-                          f"--tensor-model-parallel-size {tp}")
-    if m.ffn_hidden_size % tp:
-        raise ConfigError(f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by "
-                          f"--tensor-model-parallel-size {tp}")
-    if vstage is None:
-        if m.num_layers % pp:
-            raise ConfigError(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
-    else:
-        if pp < 2:
-            raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size ≥ 2")
-        if vstage < 1 or m.num_layers % (pp * vstage):
-            raise ConfigError(
-                f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp} "
-                f"× --num-layers-per-virtual-pipeline-stage {vstage} = {pp * vstage}"
-            )
     dp = par.data_parallel_size
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
@@ -315,17 +383,27 @@ def validate(config: PretrainConfig) -> None:
             f"global batch / (micro batch × data-parallel size)) to be a multiple of "
             f"--pipeline-model-parallel-size {pp}"
         )
-    if par.sequence_parallel and m.seq_length % tp:
-        raise ConfigError(f"--sequence-parallel needs --seq-length {m.seq_length} divisible by "
+    if m.sequence_parallel and t.seq_length % tp:
+        raise ConfigError(f"--sequence-parallel needs --seq-length {t.seq_length} divisible by "
                           f"--tensor-model-parallel-size {tp}")
-    if m.seq_length > m.max_position_embeddings:
-        raise ConfigError(f"--seq-length {m.seq_length} exceeds --max-position-embeddings "
+    if t.seq_length > m.max_position_embeddings:
+        raise ConfigError(f"--seq-length {t.seq_length} exceeds --max-position-embeddings "
                           f"{m.max_position_embeddings}")
-    if not 0 <= s.min_lr <= s.lr:
-        raise ConfigError(f"--min-lr {s.min_lr} must be between 0 and --lr {s.lr}")
-    if s.lr_warmup_iters < 0 or s.lr_warmup_iters >= s.lr_decay_iters:
+    if not 0 <= s.min_lr <= config.optimizer.lr:
+        raise ConfigError(f"--min-lr {s.min_lr} must be between 0 and --lr {config.optimizer.lr}")
+    warmup, decay = s.warmup_and_decay_samples(t.global_batch_size)
+    if not 0 <= warmup < decay:
+        if s.lr_decay_samples is not None or s.lr_warmup_fraction is not None:
+            raise ConfigError(f"the lr warmup ({warmup:g} samples, from --lr-warmup-samples or --lr-warmup-fraction) "
+                              f"must be at least 0 and below the decay length ({decay} samples, --lr-decay-samples, "
+                              "default --train-samples, or --lr-decay-iters × --global-batch-size)")
         raise ConfigError(f"--lr-warmup-iters {s.lr_warmup_iters} must be below --lr-decay-iters "
                           f"{s.lr_decay_iters} (which defaults to --train-iters)")
+    if t.num_workers < 0 or t.manual_gc_interval < 0:
+        raise ConfigError("--num-workers and --manual-gc-interval must be at least 0")
+    if t.profile and not 0 <= t.profile_step_start < t.profile_step_end:
+        raise ConfigError(f"--profile needs 0 ≤ --profile-step-start {t.profile_step_start} < "
+                          f"--profile-step-end {t.profile_step_end}")
     if t.eval_iters < 0 or t.eval_interval < 1:
         raise ConfigError("--eval-iters must be ≥ 0 and --eval-interval ≥ 1")
     ck = config.checkpoint
@@ -337,8 +415,11 @@ def validate(config: PretrainConfig) -> None:
             (t.exit_duration_in_mins is not None and t.exit_duration_in_mins <= 0):
         raise ConfigError("--exit-interval must be at least 1 and --exit-duration-in-mins above 0")
     d = config.data
-    if d.mock_data + bool(d.data_path) + bool(d.sft_data_path) != 1:
-        raise ConfigError("give exactly one of --data-path, --mock-data and --sft-data-path")
+    if d.mock_data + bool(d.data_path) + bool(d.sft_data_path) + d.separate_split_paths != 1:
+        raise ConfigError("give exactly one of --data-path, --mock-data, --sft-data-path and "
+                          "--train-data-path (with --valid-data-path/--test-data-path)")
+    if d.separate_split_paths and not d.train_data_path:
+        raise ConfigError("--valid-data-path/--test-data-path need --train-data-path")
     if d.reset_position_ids != d.reset_attention_mask:
         raise ConfigError("--reset-position-ids and --reset-attention-mask go together (positions restart "
                           "where attention is cut)")
@@ -351,26 +432,20 @@ def validate(config: PretrainConfig) -> None:
     if ck.finetune and ck.load is None:
         raise ConfigError("--finetune needs --load (the pretrained checkpoint or HF folder)")
     if d.sft_data_path:
-        data_prefixes(d.sft_data_path)
-    if d.tokenizer_type == "SentencePieceTokenizer" and not d.tokenizer_model:
-        raise ConfigError("--tokenizer-type SentencePieceTokenizer needs --tokenizer-model")
-    if d.data_path:
-        data_prefixes(d.data_path)  # raises on a malformed weight/prefix list
+        data_prefixes(d.sft_data_path)  # raises on a malformed weight/prefix list
+    if d.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer") and not d.tokenizer_model:
+        raise ConfigError(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
+    for paths in (d.data_path, d.train_data_path, d.valid_data_path, d.test_data_path):
+        if paths:
+            data_prefixes(paths)  # raises on a malformed weight/prefix list
 
 
-def data_prefixes(data_path: Sequence[str]) -> list[tuple[float, str]]:
-    """``--data-path`` as (weight, prefix) pairs: ``PREFIX`` alone or ``W1 PREFIX1 W2 PREFIX2 …``."""
-    if len(data_path) == 1:
-        return [(1.0, data_path[0])]
-    if len(data_path) % 2:
-        raise ConfigError(f"--data-path with several datasets takes weight/prefix pairs, got {len(data_path)} words")
-    pairs = []
-    for weight, prefix in zip(data_path[0::2], data_path[1::2]):
-        try:
-            pairs.append((float(weight), prefix))
-        except ValueError:
-            raise ConfigError(f"--data-path weight {weight!r} (before {prefix!r}) is not a number") from None
-    return pairs
+def data_prefixes(data_path: Sequence[str]) -> list[str]:
+    """The dataset prefixes of ``--data-path`` or ``--sft-data-path`` (``PREFIX`` or ``W1 PREFIX1 W2 PREFIX2 …``)."""
+    try:
+        return parse_data_path(data_path)[0]
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def sentencepiece_vocab_size(model_file: str) -> int:
@@ -379,32 +454,51 @@ def sentencepiece_vocab_size(model_file: str) -> int:
     return SentencePieceTokenizer(model_file).vocab_size
 
 
-def check_inputs(config: PretrainConfig) -> None:
+def huggingface_vocab_size(folder: str) -> int:
+    from megallama.tokenizer import HuggingFaceTokenizer
+
+    try:
+        return HuggingFaceTokenizer(folder).vocab_size
+    except ValueError as exc:  # the folder names no usable eos_token
+        raise ConfigError(f"{exc} (--tokenizer-model)") from None
+
+
+def check_inputs(config: PretrainConfig, vocab_size_given: bool = True) -> None:
     """Checks against the filesystem: data files and tokenizer exist, the vocabulary fits.
 
-    Fills ``model.vocab_size`` from the tokenizer when ``--vocab-size`` was not given.
+    Sets ``model.vocab_size`` to the tokenizer's unless ``--vocab-size`` was given (``vocab_size_given``).
     """
     d = config.data
-    for _, prefix in data_prefixes(d.data_path) if d.data_path else []:
-        for ext in (".bin", ".idx"):
-            if not os.path.isfile(prefix + ext):
-                raise ConfigError(f"data file {prefix + ext} not found (from --data-path {prefix})")
-    for _, prefix in data_prefixes(d.sft_data_path) if d.sft_data_path else []:
+    for flag, paths in (("--data-path", d.data_path), ("--train-data-path", d.train_data_path),
+                        ("--valid-data-path", d.valid_data_path), ("--test-data-path", d.test_data_path)):
+        for prefix in data_prefixes(paths) if paths else []:
+            for ext in (".bin", ".idx"):
+                if not os.path.isfile(prefix + ext):
+                    raise ConfigError(f"data file {prefix + ext} not found (from {flag} {prefix})")
+    for prefix in data_prefixes(d.sft_data_path) if d.sft_data_path else []:
         from megallama.data.instructions import output_prefixes
 
         for path in (p + ext for p in output_prefixes(prefix) for ext in (".bin", ".idx")):
             if not os.path.isfile(path):
                 raise ConfigError(f"instruction data file {path} not found (from --sft-data-path {prefix}; "
                                   "made by tools/preprocess_instructions.py)")
-    if d.tokenizer_type == "SentencePieceTokenizer":
-        if not os.path.isfile(d.tokenizer_model):
-            raise ConfigError(f"tokenizer model {d.tokenizer_model} not found (--tokenizer-model)")
-        vocab = sentencepiece_vocab_size(d.tokenizer_model)
-        if config.model.vocab_size == 0:
-            config.model.vocab_size = vocab
+    if d.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
+        if d.tokenizer_type == "SentencePieceTokenizer":
+            if not os.path.isfile(d.tokenizer_model):
+                raise ConfigError(f"tokenizer model {d.tokenizer_model} not found (--tokenizer-model)")
+            vocab = sentencepiece_vocab_size(d.tokenizer_model)
+        else:
+            if not os.path.isfile(os.path.join(d.tokenizer_model, "tokenizer.json")):
+                raise ConfigError(f"tokenizer folder {d.tokenizer_model} has no tokenizer.json (--tokenizer-model)")
+            vocab = huggingface_vocab_size(d.tokenizer_model)
+        if not vocab_size_given:
+            config.model.vocab_size = padded_vocab_size(vocab, d.make_vocab_size_divisible_by,
+                                                        config.parallel.tensor_model_parallel_size)
         elif vocab > config.model.vocab_size:
             raise ConfigError(f"tokenizer {d.tokenizer_model} has {vocab} tokens, more than --vocab-size "
                               f"{config.model.vocab_size}")
+    if config.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(WANDB_MISSING)
     check_checkpoint_folders(config.checkpoint)
 
 
@@ -416,7 +510,7 @@ def check_checkpoint_folders(ck: CheckpointArgs) -> None:
     """A ``--load`` naming no checkpoint is a mistyped path unless it is the ``--save`` folder
     (resume-or-start) or ``--allow-no-checkpoint`` says so; a run starting below the iteration
     ``--save`` already holds would rewind that folder's tracker, unless ``--rewind-save``."""
-    from megallama.training.checkpointing import CheckpointError, read_tracker
+    from megallama.checkpoint.storage import CheckpointError, read_tracker
 
     if ck.finetune:  # --load is the weights to start from; the run resumes only from --save
         return
@@ -441,10 +535,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None, check_files: bool
     """Parse and validate the flags; ``env`` (default ``os.environ``) gives the launcher's WORLD_SIZE."""
     env = os.environ if env is None else env
     ns = build_parser().parse_args(argv)
-    if ns.attention_dropout != 0.0 or ns.hidden_dropout != 0.0:
-        raise ConfigError("LLaMA has no dropout: --attention-dropout and --hidden-dropout must be 0")
+    check_megatron_compatibility_flags(ns, error=ConfigError)
     config = config_from_namespace(ns, _world_size(env))
     validate(config)
     if check_files:
-        check_inputs(config)
+        check_inputs(config, vocab_size_given=ns.vocab_size is not None)
+    ignored = ignored_megatron_flags(ns)
+    if ignored and env.get("RANK", "0") == "0":  # once for the whole job
+        print("\n".join(f"megallama.pretrain: ignoring Megatron flag {line}" for line in ignored), flush=True)
     return config

@@ -4,10 +4,13 @@ Only matrix multiplications count, 2 FLOPs per multiply-add; backward costs twic
 input and the weight gradient), so a training step is 3× the forward. Recomputation is not counted
 (that would be hardware FLOPs, not model FLOPs). Per token of one sequence of length ``s``:
 
-* each layer's projections: q, k, v, o are ``h × h`` and the SwiGLU FFN has three ``h × f``
-  matrices, so ``2·(4h² + 3hf)`` forward FLOPs;
-* each layer's attention core: scores ``QKᵀ`` and the weighted sum of ``V`` are each ``s × h``
-  per token, ``2·2·s·h`` forward FLOPs — the full ``s²`` square, causal mask or not, as both count;
+* each layer's projections: q and o are ``h × q`` with ``q`` = heads · head size (``h`` unless
+  ``kv_channels`` says otherwise), k and v ``h × g·d`` for ``g`` key/value groups (grouped-query
+  attention; ``g`` = heads without it), and the SwiGLU FFN has three ``h × f`` matrices, so
+  ``2·(2hq + 2h·gd + 3hf)`` forward FLOPs — ``2·(4h² + 3hf)`` for LLaMA-1;
+* each layer's attention core: scores ``QKᵀ`` and the weighted sum of ``V`` are each ``s × q``
+  per token (every query head against its group's keys), ``2·2·s·q`` forward FLOPs — the full
+  ``s²`` square, causal mask or not, as both count;
 * the output layer: ``2·h·V``. The embedding is a lookup: no FLOPs.
 """
 from __future__ import annotations
@@ -38,12 +41,18 @@ PEAK_TFLOPS = (
 
 def estimate_flops(
     *, num_layers: int, hidden_size: int, ffn_hidden_size: int, seq_length: int, vocab_size: int,
-    num_sequences: int = 1,
+    num_sequences: int = 1, num_attention_heads: int = 1, num_query_groups: Optional[int] = None,
+    kv_channels: Optional[int] = None,
 ) -> float:
-    """Model FLOPs of one training step (forward + backward) over ``num_sequences`` sequences."""
+    """Model FLOPs of one training step (forward + backward) over ``num_sequences`` sequences.
+    ``num_query_groups`` (default: one per head) and ``kv_channels`` (default: hidden_size /
+    num_attention_heads) as in :class:`megallama.config.LlamaConfig`; heads matter only with them."""
     h, f, s = hidden_size, ffn_hidden_size, seq_length
-    projections = 2 * (4 * h * h + 3 * h * f)
-    attention = 2 * 2 * s * h
+    head_size = kv_channels or h // num_attention_heads
+    q = num_attention_heads * head_size
+    kv = (num_query_groups or num_attention_heads) * head_size
+    projections = 2 * (2 * h * q + 2 * h * kv + 3 * h * f)
+    attention = 2 * 2 * s * q
     output_layer = 2 * h * vocab_size
     forward_per_token = num_layers * (projections + attention) + output_layer
     return 3.0 * forward_per_token * s * num_sequences

@@ -3,12 +3,18 @@
 TensorBoard tags are Megatron-LM's (``lm loss``, ``learning-rate``, ``grad-norm``,
 ``iteration-time``, ``lm loss validation``, ``mem-max-allocated-bytes``) so existing dashboards
 work, plus ``tokens-per-second``, ``tflops`` (per device) and ``mfu``; the step is the 1-based
-iteration. Values are averages over the iterations since the previous report (loss, time) or the
-latest value (learning rate, gradient norm). Only one rank reports: the caller passes
-``enabled=True`` on the rank that holds the loss (the last pipeline stage).
+iteration. Megatron's logging flags add their tags: ``--log-throughput`` ``throughput``,
+``--log-timers-to-tensorboard`` the ``*-time`` of each phase, ``--log-memory-to-tensorboard``
+``mem-allocated-bytes`` and ``mem-reserved-bytes``, ``--log-validation-ppl-to-tensorboard`` ``lm loss
+validation ppl``. With ``--wandb-project`` the same scalars also go to Weights & Biases. Values are
+averages over the iterations since the previous report (loss, times) or the latest value (learning
+rate, gradient norm). Only one rank reports: the caller passes ``enabled=True`` on the rank that
+holds the loss (the last pipeline stage).
 """
 from __future__ import annotations
 
+import math
+import os
 import resource
 from typing import Callable, Optional
 
@@ -19,6 +25,9 @@ from megallama.training.flops import estimate_flops, estimate_mfu, tflops_per_de
 
 TAGS = ("lm loss", "learning-rate", "grad-norm", "iteration-time", "lm loss validation",
         "tokens-per-second", "tflops", "mfu", "mem-max-allocated-bytes")
+# The phases the trainer times for --log-timers-to-tensorboard (tags: "<phase>-time").
+TIMED_PHASES = ("batch-generator", "forward-backward", "optimizer")
+WANDB_MISSING = "--wandb-project needs Weights & Biases: pip install -e .[wandb]"
 
 
 def peak_memory_bytes(device: Optional[torch.device] = None) -> int:
@@ -26,6 +35,31 @@ def peak_memory_bytes(device: Optional[torch.device] = None) -> int:
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory_bytes(device: Optional[torch.device] = None) -> dict[str, int]:
+    """Memory now (``--log-memory-to-tensorboard``): CUDA's allocated and reserved bytes; on CPU the
+    process's resident set size."""
+    if device is not None and device.type == "cuda":
+        return {"mem-allocated-bytes": torch.cuda.memory_allocated(device),
+                "mem-reserved-bytes": torch.cuda.memory_reserved(device)}
+    with open("/proc/self/statm") as statm:
+        resident_pages = int(statm.read().split()[1])
+    return {"mem-allocated-bytes": resident_pages * os.sysconf("SC_PAGE_SIZE")}
+
+
+def start_wandb(config: PretrainConfig):
+    """A Weights & Biases run for ``--wandb-project`` (imported only then; it is an optional extra)."""
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError(WANDB_MISSING) from None
+    log = config.logging
+    save_dir = log.wandb_save_dir or (os.path.join(config.checkpoint.save, "wandb") if config.checkpoint.save else None)
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
+    return wandb.init(project=log.wandb_project, name=log.wandb_exp_name or None, dir=save_dir,
+                      config=config.to_dict())
 
 
 class TrainingLogger:
@@ -43,38 +77,54 @@ class TrainingLogger:
         self.interval = config.logging.log_interval
         self.train_iters = config.training.train_iters
         self.tokens_per_iteration = config.tokens_per_iteration
-        self.seq_length = config.model.seq_length
+        self.seq_length = config.training.seq_length
         m = config.model
         self.flops_per_iteration = estimate_flops(
             num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
-            seq_length=m.seq_length, vocab_size=m.vocab_size, num_sequences=config.training.global_batch_size,
+            seq_length=self.seq_length, vocab_size=m.vocab_size, num_sequences=config.training.global_batch_size,
+            num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups, kv_channels=m.kv_channels,
         )
         self.num_devices = num_devices
         self.peak_tflops = peak_tflops
         self.device = device
         self.print = print_fn
+        self.options = config.logging
         self.writer = None
         if enabled and config.logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=config.logging.tensorboard_dir)
+        self.wandb_run = start_wandb(config) if enabled and config.logging.wandb_project else None
         self._reset()
 
     def _reset(self):
         self._losses, self._seconds = [], 0.0
+        self._phase_seconds = dict.fromkeys(TIMED_PHASES, 0.0)
+
+    def _write(self, scalars: dict, iteration: int) -> None:
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, iteration)
+            self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=iteration)
 
     def training_iteration(
         self, iteration: int, consumed_samples: int, loss: float, lr: float, grad_norm: Optional[float],
-        seconds: float,
+        seconds: float, phase_seconds: Optional[dict[str, float]] = None,
     ) -> Optional[str]:
-        """Record one iteration; at a report iteration print the line and return it."""
+        """Record one iteration (``phase_seconds``: the ``TIMED_PHASES``' times in it); at a report
+        iteration print the line and return it."""
         self._losses.append(loss)
         self._seconds += seconds
+        for phase, value in (phase_seconds or {}).items():
+            self._phase_seconds[phase] += value
         if iteration % self.interval and iteration != self.train_iters:
             return None
         n = len(self._losses)
         mean_loss = sum(self._losses) / n
         seconds_per_iteration = self._seconds / n
+        phase_means = {f"{phase}-time": value / n for phase, value in self._phase_seconds.items()}
         self._reset()
         tokens_per_second = self.tokens_per_iteration / seconds_per_iteration
         tflops = tflops_per_device(self.flops_per_iteration, seconds_per_iteration, self.num_devices)
@@ -92,29 +142,36 @@ class TrainingLogger:
             f"TFLOP/s per device {tflops:.4g} | MFU {mfu_text} | peak memory {memory / 2**30:.2f} GiB"
         )
         self.print(line)
-        if self.writer is not None:
-            scalars = {"lm loss": mean_loss, "learning-rate": lr, "iteration-time": seconds_per_iteration,
-                       "tokens-per-second": tokens_per_second, "tflops": tflops,
-                       "mem-max-allocated-bytes": memory}
-            if grad_norm is not None:
-                scalars["grad-norm"] = grad_norm
-            if mfu is not None:
-                scalars["mfu"] = mfu
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag, value, iteration)
-            self.writer.flush()
+        scalars = {"lm loss": mean_loss, "learning-rate": lr, "iteration-time": seconds_per_iteration,
+                   "tokens-per-second": tokens_per_second, "tflops": tflops, "mem-max-allocated-bytes": memory}
+        if grad_norm is not None:
+            scalars["grad-norm"] = grad_norm
+        if mfu is not None:
+            scalars["mfu"] = mfu
+        if self.options.log_throughput:
+            scalars["throughput"] = tflops  # Megatron's tag: TFLOP/s per device
+        if self.options.log_timers_to_tensorboard:
+            scalars.update(phase_means)
+        if self.options.log_memory_to_tensorboard:
+            scalars.update(memory_bytes(self.device))
+        self._write(scalars, iteration)
         return line
 
     def validation(self, iteration: int, loss: float) -> Optional[str]:
         if not self.enabled:
             return None
         line = f"validation at iteration {iteration} | lm loss validation {loss:.6E}"
+        scalars = {"lm loss validation": loss}
+        if self.options.log_validation_ppl_to_tensorboard:
+            perplexity = math.exp(min(20.0, loss))  # capped as Megatron's, so a diverged run stays plottable
+            scalars["lm loss validation ppl"] = perplexity
+            line += f" | lm loss validation ppl {perplexity:.6E}"
         self.print(line)
-        if self.writer is not None:
-            self.writer.add_scalar("lm loss validation", loss, iteration)
-            self.writer.flush()
+        self._write(scalars, iteration)
         return line
 
     def close(self):
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

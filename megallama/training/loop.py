@@ -8,28 +8,32 @@ from a seed of (``--seed``, layer), never from where a layer happens to live, an
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import gc
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from megallama.config import LlamaConfig
-from megallama.distributed import (DistributedDataParallel, OptimizerConfig, build_optimizer,
-                                   finalize_model_grads, global_mean_loss)
+from megallama.checkpoint import sharded
+from megallama.checkpoint import storage as ckpt
+from megallama.distributed import (DistributedDataParallel, build_optimizer, finalize_model_grads,
+                                   global_mean_loss)
 from megallama.model import LlamaModel
 from megallama.parallel import get_rng_tracker, model_parallel_manual_seed, state
-from megallama.pipeline import build_model_chunks, get_forward_backward_func
+from megallama.pipeline import ActivationShape, build_model_chunks, get_forward_backward_func
 from megallama.planning.report import pretrain_memory_estimate
-from megallama.training import checkpointing as ckpt
-from megallama.training import sharded_state
 from megallama.training.config import PretrainConfig
 from megallama.training.exits import ExitSettings, ExitWatch
 from megallama.training.flops import detect_peak_tflops
+from megallama.training.forward_step import llama_forward_step
 from megallama.training.logger import TrainingLogger
 from megallama.training.lr_schedule import LRSchedule
 
@@ -79,52 +83,17 @@ def virtual_size(config: PretrainConfig) -> Optional[int]:
     return v if v is not None and v > 1 else None
 
 
-def llama_config(config: PretrainConfig) -> LlamaConfig:
-    m = config.model
-    return LlamaConfig(
-        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
-        ffn_hidden_size=m.ffn_hidden_size, vocab_size=m.vocab_size,
-        max_position_embeddings=m.max_position_embeddings, norm_epsilon=m.norm_epsilon, rope_theta=m.rope_theta,
-        init_method_std=m.init_method_std,
-        sequence_parallel=config.parallel.sequence_parallel and config.parallel.tensor_model_parallel_size > 1,
-        recompute_granularity=config.training.recompute_granularity,
-        params_dtype=torch.bfloat16 if config.training.bf16 else torch.float32,
-    )
-
-
-@torch.no_grad()
-def initialize_layout_free(chunk: LlamaModel, cfg: LlamaConfig, seed: int) -> None:
-    """Re-draw the chunk's weights so they do not depend on the layout: each part (embedding, layer
-    ``i``, head) comes from a one-part model built on the CPU under its own seed, as the model
-    initialises it (so a GPU run starts from the same weights as a CPU run)."""
-    fp32 = dataclasses.replace(cfg, params_dtype=torch.float32)
-    parts = [(chunk.layers[str(i)], dict(layer_ids=[i], pre_process=False, post_process=False), i + 1)
-             for i in (int(k) for k in chunk.layers)]
-    for name, pre, post, offset in (("tok_embeddings", True, False, 0), ("output", False, True, cfg.num_layers + 1)):
-        if hasattr(chunk, name):
-            parts.append((chunk, dict(layer_ids=[], pre_process=pre, post_process=post), offset))
-    for target, kwargs, offset in parts:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1_000_003 + offset)
-            source = LlamaModel(fp32, **kwargs)
-        if target is chunk:
-            for key, value in source.state_dict().items():
-                chunk.state_dict()[key].copy_(value)
-        else:
-            target.load_state_dict(source.layers[str(target.layer_id)].state_dict())
-
-
 def build_model(config: PretrainConfig, device: torch.device) -> list[LlamaModel]:
-    cfg = llama_config(config)
+    cfg = config.model
 
     def make_chunk(spec):
         with device:  # parameters are made where they will live: no whole-stage copy in host memory
             chunk = LlamaModel(cfg, pre_process=spec.pre_process, post_process=spec.post_process,
                                layer_ids=spec.layer_ids)
-        initialize_layout_free(chunk, cfg, config.training.seed)
+        chunk.initialize_layout_free(config.training.seed)
         return chunk
 
-    return build_model_chunks(make_chunk, cfg.num_layers, virtual_size(config))
+    return build_model_chunks(make_chunk, cfg, virtual_size(config))
 
 
 def build_datasets(config: PretrainConfig):
@@ -134,20 +103,34 @@ def build_datasets(config: PretrainConfig):
     if d.mock_data:
         from megallama.data.gpt_dataset import MockGPTDataset
 
-        seq, vocab = config.model.seq_length, config.model.vocab_size
+        seq, vocab = config.training.seq_length, config.model.vocab_size
         return (MockGPTDataset(seq, vocab, samples[0], seed=t.seed),
                 MockGPTDataset(seq, vocab, samples[1], seed=t.seed + 1) if samples[1] else None)
+    if d.separate_split_paths:
+        from megallama.data.blended import build_gpt_datasets
+
+        # Each split reads the whole of its own blend (Megatron's --train-data-path/--valid-data-path).
+        train = build_gpt_datasets(d.train_data_path, "1,0,0", t.seq_length, [samples[0], 0, 0], t.seed,
+                                   d.data_cache_path)[0]
+        valid = build_gpt_datasets(d.valid_data_path, "0,1,0", t.seq_length, [0, samples[1], 0], t.seed,
+                                   d.data_cache_path)[1] if d.valid_data_path and samples[1] else None
+        return _with_document_resets(train, valid, config)
     if d.sft_data_path:
         from megallama.data.sft_dataset import build_sft_datasets
 
         # Padding carries no loss and nothing attends to it: any id in the vocabulary will do.
-        train, valid, _ = build_sft_datasets(d.sft_data_path, d.split, config.model.seq_length, samples, t.seed,
+        train, valid, _ = build_sft_datasets(d.sft_data_path, d.split, config.training.seq_length, samples, t.seed,
                                              pad_id=0, cache_dir=d.data_cache_path)
         return train, valid
     from megallama.data.blended import build_gpt_datasets
 
-    train, valid, _ = build_gpt_datasets(d.data_path, d.split, config.model.seq_length, samples, t.seed,
+    train, valid, _ = build_gpt_datasets(d.data_path, d.split, config.training.seq_length, samples, t.seed,
                                          d.data_cache_path)
+    return _with_document_resets(train, valid, config)
+
+
+def _with_document_resets(train, valid, config: PretrainConfig):
+    d = config.data
     if d.reset_attention_mask or d.eod_mask_loss:
         from megallama.data.sft_dataset import EODResetDataset
         from megallama.tokenizer import build_tokenizer
@@ -158,9 +141,10 @@ def build_datasets(config: PretrainConfig):
     return train, valid
 
 
-def micro_batches(dataset, batch_start: int, config: PretrainConfig, device: torch.device) -> list:
-    """This DP rank's micro-batches of global batch starting at sample ``batch_start``: each
-    micro-step takes ``micro × DP`` consecutive samples, DP rank ``d`` the ``d``-th ``micro`` of them."""
+def host_micro_batches(dataset, batch_start: int, config: PretrainConfig) -> list:
+    """This DP rank's micro-batches of global batch starting at sample ``batch_start``, in host
+    memory: each micro-step takes ``micro × DP`` consecutive samples, DP rank ``d`` the ``d``-th
+    ``micro`` of them."""
     m, dp = config.training.micro_batch_size, config.parallel.data_parallel_size
     dp_rank = state.get_data_parallel_rank()
     out = []
@@ -171,8 +155,68 @@ def micro_batches(dataset, batch_start: int, config: PretrainConfig, device: tor
         batch = tuple(torch.stack([torch.as_tensor(s[key]) for s in samples]) if key in samples[0] else None
                       for key in ("tokens", "labels", "loss_mask", "position_ids"))
         check_token_ids(batch[0], first, config)  # on the host copy: no device sync per micro-batch
-        out.append(tuple(None if t is None else t.to(device) for t in batch))
+        out.append(batch)
     return out
+
+
+def to_device(batches: list, device: torch.device) -> list:
+    return [tuple(None if t is None else t.to(device) for t in batch) for batch in batches]
+
+
+class BatchPrefetcher:
+    """The training batches, read and collated by ``--num-workers`` threads up to that many global
+    batches ahead of the iteration that needs them (0: in the calling thread). The batches are
+    ``host_micro_batches``' whatever the number of threads: prefetching changes when, not what."""
+
+    def __init__(self, dataset, config: PretrainConfig):
+        self.dataset, self.config = dataset, config
+        workers = config.training.num_workers
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="megallama-batches") if workers else None
+        self.pending: dict[int, Future] = {}
+
+    def get(self, batch_start: int) -> list:
+        future = self.pending.pop(batch_start, None)
+        batches = future.result() if future is not None else host_micro_batches(self.dataset, batch_start, self.config)
+        if self.pool is not None:
+            t = self.config.training
+            ahead = range(batch_start + t.global_batch_size, t.train_iters * t.global_batch_size, t.global_batch_size)
+            for start in ahead[:t.num_workers]:
+                if start not in self.pending:
+                    self.pending[start] = self.pool.submit(host_micro_batches, self.dataset, start, self.config)
+        return batches
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --attention-backend → the kernels torch's scaled_dot_product_attention may choose from (auto: all).
+SDPA_BACKENDS = {
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "fused": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION],
+    "unfused": [SDPBackend.MATH],
+    "local": [SDPBackend.MATH],
+}
+
+
+def attention_kernels(backend: str):
+    """The context that restricts attention to ``--attention-backend``'s kernels."""
+    return sdpa_kernel(SDPA_BACKENDS[backend]) if backend in SDPA_BACKENDS else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def manual_garbage_collection(enabled: bool):
+    """``--manual-gc``: Python's automatic collector off for the run (the loop collects at fixed
+    iterations instead), on again afterwards."""
+    if not enabled or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    gc.collect()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def check_token_ids(tokens: torch.Tensor, first_sample: int, config: PretrainConfig) -> None:
@@ -185,17 +229,6 @@ def check_token_ids(tokens: torch.Tensor, first_sample: int, config: PretrainCon
         raise TrainingError(f"sample {first_sample + row} of the data holds token id "
                             f"{int(tokens[row][bad[row]][0])}, outside --vocab-size {vocab} (was the data "
                             "tokenized with another tokenizer?)")
-
-
-def forward_step(data_iterator, chunk, input_tensor):
-    tokens, labels, loss_mask, position_ids = next(data_iterator)
-    model = chunk.module
-    out = model(input_ids=tokens if model.pre_process else None,
-                labels=labels if model.post_process else None, hidden_states=input_tensor,
-                position_ids=position_ids)
-    if loss_mask is None:
-        return out, lambda per_token: (per_token.sum(), per_token.numel())
-    return out, lambda per_token: ((per_token * loss_mask).sum(), loss_mask.sum())
 
 
 class Trainer:
@@ -214,7 +247,7 @@ class Trainer:
         self.tp_rank = state.get_tensor_model_parallel_rank()
         self.tp_size = state.get_tensor_model_parallel_world_size()
         self.dp_rank = state.get_data_parallel_rank()
-        self.dtype = torch.bfloat16 if config.training.bf16 else torch.float32
+        self.dtype = config.model.params_dtype
         self.iteration, self.consumed_samples = 0, 0
         if config.checkpoint.save and dist.get_rank() == 0:  # before any save of this run can be writing
             stale = ckpt.remove_stale_temporaries(config.checkpoint.save)
@@ -222,26 +255,25 @@ class Trainer:
                 log0(f"removed {len(stale)} temporary files of interrupted saves in {config.checkpoint.save}")
         # The data before the model: a dataset of another vocabulary stops the run here, not in it.
         self.train_data, self.valid_data = build_datasets(config)
-        micro_batches(self.train_data, 0, config, torch.device("cpu"))
+        host_micro_batches(self.train_data, 0, config)
         chunks = build_model(config, self.device)
         loaded = self._find_checkpoint()
         if loaded:
             self._load_model(chunks, *loaded)
         elif config.checkpoint.finetune:
             self._load_pretrained(chunks)
-        self.chunks = [DistributedDataParallel(c, use_distributed_optimizer=config.parallel.use_distributed_optimizer)
-                       for c in chunks]
         o = config.optimizer
-        self.optimizer = build_optimizer(OptimizerConfig(
-            lr=config.lr_schedule.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
-            adam_eps=o.adam_eps, clip_grad=o.clip_grad,
-            use_distributed_optimizer=config.parallel.use_distributed_optimizer), self.chunks)
+        self.chunks = [DistributedDataParallel(c, use_distributed_optimizer=o.use_distributed_optimizer,
+                                               overlap_grad_reduce=o.overlap_grad_reduce,
+                                               overlap_param_gather=o.overlap_param_gather)
+                       for c in chunks]
+        self.optimizer = build_optimizer(config.optimizer, self.chunks)
         if loaded:
             self._load_training_state(*loaded)
-        self.schedule = LRSchedule(config.lr_schedule)
+        self.schedule = LRSchedule(config.lr_schedule, config.optimizer.lr, config.training.global_batch_size)
         self.forward_backward = get_forward_backward_func(config.parallel.pipeline_model_parallel_size,
                                                           virtual_size(config))
-        self.is_last_stage = state.is_pipeline_last_stage(ignore_virtual=True)
+        self.is_last_stage = state.is_pipeline_last_stage()
         peak = config.logging.peak_tflops or detect_peak_tflops(self.dtype, self.device)
         self.logger = TrainingLogger(config, enabled=dist.get_rank() == dist.get_world_size() - 1,
                                      num_devices=dist.get_world_size(), peak_tflops=peak, device=self.device,
@@ -268,7 +300,7 @@ class Trainer:
     def _load_pretrained(self, chunks) -> None:
         """``--finetune``: this rank's shard of each weight from ``--load`` (a megallama checkpoint of
         any layout, an HF or a Meta folder); iteration, optimizer and lr schedule start afresh."""
-        from megallama.inference.checkpoint_io import open_checkpoint
+        from megallama.checkpoint import open_checkpoint
         from megallama.parallel import shard_like
 
         path = self.config.checkpoint.load
@@ -276,8 +308,12 @@ class Trainer:
             reader = open_checkpoint(path)
         except (FileNotFoundError, KeyError, ValueError) as error:
             raise ckpt.CheckpointError(f"--finetune --load {path}: {error}") from None
-        ours = llama_config(self.config)
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
+        ours = self.config.model
+        # Every field that changes what the weights compute: a LLaMA-3 directory loaded without its
+        # --rotary-base or --use-rope-scaling would otherwise train a different model without a word.
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                     "ffn_hidden_size", "vocab_size", "norm_epsilon", "rope_theta", "rope_scaling",
+                     "tie_word_embeddings"):
             theirs, mine = getattr(reader.config, name), getattr(ours, name)
             if theirs != mine:
                 raise ckpt.CheckpointError(f"--finetune --load {path} has {name} {theirs}, the flags give {mine}")
@@ -291,7 +327,7 @@ class Trainer:
         if not ckpt.has_checksums(metadata):
             log0(f"{iter_dir} was written before checkpoints carried checksums: loading it unverified")
         targets = [dataclasses.replace(p, write=True) for p in
-                   sharded_state.model_pieces(chunks, self.tp_rank, self.tp_size, self.dp_rank)]
+                   sharded.model_pieces(chunks, self.tp_rank, self.tp_size, self.dp_rank)]
         ckpt.load_pieces(iter_dir, metadata, targets)
         log0(f"loaded model weights of iteration {iteration} from {iter_dir}")
 
@@ -299,10 +335,10 @@ class Trainer:
         common = metadata["common"]
         self.iteration, self.consumed_samples = iteration, common["consumed_samples"]
         if not self.config.checkpoint.no_load_optim:
-            pieces, buffers = sharded_state.optimizer_pieces(self.optimizer, self.tp_rank, self.tp_size,
-                                                             self.dp_rank, destination=True)
+            pieces, buffers = sharded.optimizer_pieces(self.optimizer, self.tp_rank, self.tp_size,
+                                                       self.dp_rank, destination=True)
             missing = set(ckpt.load_pieces(iter_dir, metadata, pieces, strict=False))
-            sharded_state.install_optimizer_state(self.optimizer, buffers, common["optimizer_step"], missing)
+            sharded.install_optimizer_state(self.optimizer, buffers, common["optimizer_step"], missing)
         same_layout = common["layout"] == self._layout()
         if not self.config.checkpoint.no_load_rng:
             if same_layout:
@@ -318,11 +354,12 @@ class Trainer:
                 "pipeline": p.pipeline_model_parallel_size, "virtual": virtual_size(self.config)}
 
     def save(self) -> None:
+        self.optimizer.finish_param_sync()  # the saved weights are the all-gathered ones
         root = self.config.checkpoint.save
-        pieces = sharded_state.model_pieces(self.chunks, self.tp_rank, self.tp_size, self.dp_rank)
-        pieces += sharded_state.optimizer_pieces(self.optimizer, self.tp_rank, self.tp_size, self.dp_rank)[0]
+        pieces = sharded.model_pieces(self.chunks, self.tp_rank, self.tp_size, self.dp_rank)
+        pieces += sharded.optimizer_pieces(self.optimizer, self.tp_rank, self.tp_size, self.dp_rank)[0]
         common = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
-                  "optimizer_step": sharded_state.optimizer_step_count(self.optimizer),
+                  "optimizer_step": sharded.optimizer_step_count(self.optimizer),
                   "layout": self._layout(), "lr_schedule": self.schedule.state_dict(),
                   "config": self.config.to_dict()}
         rank_state = ckpt.capture_rng_state(extra={"tracker": get_rng_tracker().get_states()})
@@ -333,22 +370,28 @@ class Trainer:
 
     # --- steps ------------------------------------------------------------------------------------
 
-    def _run_schedule(self, dataset, batch_start: int, forward_only: bool):
-        batches = micro_batches(dataset, batch_start, self.config, self.device)
+    def _run_schedule(self, batches: list, forward_only: bool):
         v = virtual_size(self.config)
         data = [iter(batches) for _ in range(v)] if v else iter(batches)
         c = self.config
-        return self.forward_backward(
-            forward_step, data, self.chunks, c.num_micro_batches, c.model.seq_length, c.training.micro_batch_size,
-            c.model.hidden_size, self.dtype, forward_only=forward_only,
-            sequence_parallel=llama_config(c).sequence_parallel)
+        shape = ActivationShape(c.training.seq_length, c.training.micro_batch_size, c.model.hidden_size, self.dtype,
+                                c.model.sequence_parallel)
+        return self.forward_backward(llama_forward_step, data, self.chunks, c.num_micro_batches, shape,
+                                     forward_only=forward_only)
 
     def train_step(self) -> tuple[Optional[float], float]:
         """One optimizer step on global batch ``iteration``; returns (loss on the last stage, grad norm)."""
+        start = time.perf_counter()
         self.optimizer.zero_grad()
-        losses = self._run_schedule(self.train_data, self.consumed_samples, forward_only=False)
+        batches = to_device(self.batches.get(self.consumed_samples), self.device)
+        fetched = time.perf_counter()
+        losses = self._run_schedule(batches, forward_only=False)
         finalize_model_grads(self.chunks, losses)
+        reduced = time.perf_counter()
         _, norm = self.optimizer.step()
+        # Host-side times (the device may still be busy): what --log-timers-to-tensorboard writes.
+        self.phase_seconds = {"batch-generator": fetched - start, "forward-backward": reduced - fetched,
+                              "optimizer": time.perf_counter() - reduced}
         mean = global_mean_loss(losses) if self.is_last_stage else None
         loss = float(mean) if mean is not None else None
         # Only the last stage sees the loss: agree on finiteness everywhere so all ranks stop together.
@@ -362,12 +405,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
+        self.optimizer.finish_param_sync()  # validation reads every parameter, not only through forward hooks
         for chunk in self.chunks:
             chunk.eval()
         # The same first eval_iters global batches every time, so validation points are comparable.
         total, n = 0.0, self.config.training.eval_iters
         for b in range(n):
-            losses = self._run_schedule(self.valid_data, b * self.config.training.global_batch_size, True)
+            batches = host_micro_batches(self.valid_data, b * self.config.training.global_batch_size, self.config)
+            losses = self._run_schedule(to_device(batches, self.device), True)
             if self.is_last_stage:
                 total += float(global_mean_loss(losses))  # every batch counts the same number of tokens
         for chunk in self.chunks:
@@ -386,29 +431,48 @@ class Trainer:
         t = c.training
         exits = ExitWatch(ExitSettings(t.exit_signal_handler, t.exit_duration_in_mins, t.exit_interval), self.device,
                           self.started)
-        with exits.watching_signals():  # a signal during the last save must not cut it short
-            saved_at = self._train_until_done_or_told(history, exits, saved_at)
-            if c.checkpoint.save and saved_at != self.iteration:
-                self.save()
+        if t.profile and self.device.type != "cuda":
+            log0("--profile: no CUDA device, so no profiler range to mark")
+        self.batches = BatchPrefetcher(self.train_data, c)
+        try:
+            # A signal during the last save must not cut it short.
+            with exits.watching_signals(), attention_kernels(t.attention_backend), \
+                    manual_garbage_collection(t.manual_gc):
+                saved_at = self._train_until_done_or_told(history, exits, saved_at)
+                if c.checkpoint.save and saved_at != self.iteration:
+                    self.save()
+        finally:
+            self.batches.close()
         self.logger.close()
         return history
 
     def _train_until_done_or_told(self, history: list, exits: ExitWatch, saved_at: int) -> int:
         """Iterations up to ``--train-iters`` or an exit condition; returns the last saved iteration."""
-        c = self.config
-        while self.iteration < c.training.train_iters:
+        c, t = self.config, self.config.training
+        profiling = t.profile and self.device.type == "cuda"
+        while self.iteration < t.train_iters:
+            if profiling and self.iteration == t.profile_step_start:  # iterations counted from 0, as Megatron
+                torch.cuda.profiler.start()
             start = time.perf_counter()
             lr = self.schedule.apply(self.optimizer, self.iteration + 1)
             loss, norm = self.train_step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.iteration += 1
-            self.consumed_samples += c.training.global_batch_size
+            self.consumed_samples += t.global_batch_size
             history.append(loss)
             self.logger.training_iteration(self.iteration, self.consumed_samples, loss if loss is not None else 0.0,
-                                           lr, norm, time.perf_counter() - start)
-            if self.valid_data is not None and c.training.eval_iters and self.iteration % c.training.eval_interval == 0:
+                                           lr, norm, time.perf_counter() - start, self.phase_seconds)
+            if profiling and self.iteration == t.profile_step_end:
+                torch.cuda.profiler.stop()
+            if t.manual_gc and t.manual_gc_interval and self.iteration % t.manual_gc_interval == 0:
+                gc.collect()
+            if self.valid_data is not None and t.eval_iters and self.iteration % t.eval_interval == 0:
+                if t.manual_gc:
+                    gc.collect()  # validation's garbage and training's apart, as Megatron's manual_gc_eval
                 val = self.evaluate()
+                if t.manual_gc:
+                    gc.collect()
                 if val is not None:
                     self.logger.validation(self.iteration, val)
             if c.checkpoint.save and c.checkpoint.save_interval and self.iteration % c.checkpoint.save_interval == 0:

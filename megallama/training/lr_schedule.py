@@ -14,26 +14,38 @@ from megallama.training.config import LRScheduleArgs
 
 
 class LRSchedule:
-    def __init__(self, args: LRScheduleArgs):
+    """``args`` shape the schedule; ``peak_lr`` is the optimizer's ``lr`` (``--lr``).
+
+    As Megatron, the schedule runs on consumed samples (``global_batch_size`` per iteration), so a
+    run trained by samples (``--lr-warmup-samples``, ``--lr-decay-samples``, ``--lr-warmup-fraction``)
+    gets Megatron's lr at every iteration; for lengths in iterations the ratios are the same
+    integers' and so the same floats as counting in iterations.
+    """
+
+    def __init__(self, args: LRScheduleArgs, peak_lr: float, global_batch_size: int = 1):
         if args.lr_decay_style not in ("cosine", "linear", "constant"):
             raise ValueError(f"unknown --lr-decay-style {args.lr_decay_style!r}")
         self.args = args
+        self.peak_lr = peak_lr
+        self.global_batch_size = global_batch_size
+        self.warmup_samples, self.decay_samples = args.warmup_and_decay_samples(global_batch_size)
 
     def lr(self, iteration: int) -> float:
         """Learning rate of the optimizer step that ends ``iteration`` (1-based)."""
-        a = self.args
-        if a.lr_warmup_iters > 0 and iteration <= a.lr_warmup_iters:
-            return a.lr * iteration / a.lr_warmup_iters
+        a, peak = self.args, self.peak_lr
+        samples, warmup, decay = iteration * self.global_batch_size, self.warmup_samples, self.decay_samples
+        if warmup > 0 and samples <= warmup:
+            return peak * samples / warmup
         if a.lr_decay_style == "constant":
-            return a.lr
-        if iteration > a.lr_decay_iters:
+            return peak
+        if samples > decay:
             return a.min_lr
-        progress = (iteration - a.lr_warmup_iters) / (a.lr_decay_iters - a.lr_warmup_iters)
+        progress = (samples - warmup) / (decay - warmup)
         if a.lr_decay_style == "cosine":
             coefficient = 0.5 * (math.cos(math.pi * progress) + 1.0)
         else:
             coefficient = 1.0 - progress
-        return a.min_lr + coefficient * (a.lr - a.min_lr)
+        return a.min_lr + coefficient * (peak - a.min_lr)
 
     def apply(self, optimizer, iteration: int) -> float:
         """Set every param group's lr for ``iteration``; returns it."""
@@ -43,4 +55,5 @@ class LRSchedule:
         return lr
 
     def state_dict(self) -> dict:
-        return dict(vars(self.args))
+        """The settings, as checkpoints have always stored them (the peak as ``lr``)."""
+        return {"lr": self.peak_lr, **vars(self.args)}

@@ -123,10 +123,11 @@ def test_read_ahead_is_bounded():
     assert consumed == 50
 
 
-def test_missing_input_is_a_clear_error(tmp_path, tiny_tokenizer):
-    with pytest.raises(FileNotFoundError, match="matches no file"):
-        preprocess_data.main(["--input", str(tmp_path / "nothing*.jsonl"), "--output-prefix", str(tmp_path / "x"),
-                              "--tokenizer-model", tiny_tokenizer])
+def test_missing_input_is_a_clear_error(tmp_path, tiny_tokenizer, capsys):
+    assert preprocess_data.main(["--input", str(tmp_path / "nothing*.jsonl"), "--output-prefix", str(tmp_path / "x"),
+                                 "--tokenizer-model", tiny_tokenizer]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "matches no file" in err
 
 
 @pytest.mark.faults

@@ -4,6 +4,7 @@ import torch
 
 from megallama.distributed import clip_grads_, counts_for_norm, global_grad_norm
 from megallama.distributed.clip_grads import is_finite
+from megallama.parallel import TensorSplit
 
 
 def _grads():
@@ -26,7 +27,7 @@ def test_single_rank_norm_and_clipping_equal_torch(max_norm):
 
 def test_which_copy_counts():
     split, replicated, shared = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
-    split.tensor_model_parallel = True
+    split.tp_split = TensorSplit(0, (2,))
     shared.shared = True
     assert counts_for_norm(split, tp_rank=1, pp_rank=0)           # shards are disjoint
     assert counts_for_norm(replicated, tp_rank=0, pp_rank=3)      # TP rank 0 owns replicas

@@ -11,9 +11,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megallama.checkpoint.sharded import OPTIMIZER_MOMENTS, install_optimizer_state, optimizer_step_count
 from megallama.distributed import DistributedDataParallel, OptimizerConfig, build_optimizer, finalize_model_grads
 from megallama.parallel import state
-from megallama.pipeline import get_forward_backward_func
+from megallama.pipeline import ActivationShape, get_forward_backward_func
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -37,18 +38,32 @@ def _forward_step(data_iterator, chunk, input_tensor):
     return out, lambda o: (((o.float() - y.to(o.device)) ** 2).sum(), y.numel())
 
 
-def _train(device, dtype, distributed_opt, steps=3, optimizer_state=None, first_step=0):
+def _saved(chunk, opt):
+    """What a checkpoint keeps of a run: (model state, optimizer buffers as the sharded checkpoint
+    loads them, optimizer step)."""
+    buffers = {}
+    for index, e in enumerate(opt.entries):
+        buffers[(index, "main_param")] = e.main.detach().reshape(-1).cpu().clone()
+        for what in OPTIMIZER_MOMENTS:
+            buffers[(index, what)] = opt.optimizer.state[e.main][what].reshape(-1).cpu().clone()
+    return ({k: v.clone() for k, v in chunk.module.state_dict().items()}, buffers,
+            optimizer_step_count(opt))
+
+
+def _train(device, dtype, distributed_opt, steps=3, resume=None, first_step=0):
     chunk = DistributedDataParallel(_toy(device, dtype), use_distributed_optimizer=distributed_opt,
                                     bucket_size=1000)
     opt = build_optimizer(OptimizerConfig(use_distributed_optimizer=distributed_opt, **OPT), [chunk])
-    if optimizer_state is not None:
-        opt.load_state_dict(optimizer_state)
+    if resume is not None:
+        module_state, buffers, step = resume
+        chunk.module.load_state_dict(module_state)
+        install_optimizer_state(opt, buffers, step, missing=set())
     norms = []
     for step in range(first_step, first_step + steps):
         x, y = _data(step)
         opt.zero_grad()
         losses = get_forward_backward_func(1, None)(_forward_step, iter([(x[:4], y[:4]), (x[4:], y[4:])]),
-                                                    [chunk], 2, 1, 4, 16, dtype)
+                                                    [chunk], 2, ActivationShape(1, 4, 16, dtype))
         finalize_model_grads([chunk], losses)
         applied, norm = opt.step()
         assert applied
@@ -90,13 +105,12 @@ def test_cuda_matches_cpu_and_bf16_keeps_fp32_main_params(nccl_rank):
 
     for distributed_opt in (False, True):
         chunk, opt, _ = _train("cuda", torch.bfloat16, distributed_opt)
-        saved = opt.state_dict()
-        for name, p in chunk.module.named_parameters():
-            main = saved["params"][name]["main_param"]
-            assert main.dtype == torch.float32 and p.dtype == torch.bfloat16
-            assert torch.equal(main.to(torch.bfloat16), p.detach()), name
-        # Resuming from the layout-free state (into a fresh model) continues the run exactly.
-        resumed, _, _ = _train("cuda", torch.bfloat16, distributed_opt, steps=1, optimizer_state=saved,
+        for e in opt.entries:
+            assert e.main.dtype == torch.float32 and e.param.dtype == torch.bfloat16
+            assert torch.equal(e.main.detach().reshape(-1).to(torch.bfloat16),
+                               e.param.detach().reshape(-1)[e.lo:e.hi]), e.name
+        # Resuming from what a checkpoint keeps (into a fresh model) continues the run exactly.
+        resumed, _, _ = _train("cuda", torch.bfloat16, distributed_opt, steps=1, resume=_saved(chunk, opt),
                                first_step=3)
         straight, _, _ = _train("cuda", torch.bfloat16, distributed_opt, steps=4)
         for p, q in zip(resumed.module.parameters(), straight.module.parameters()):

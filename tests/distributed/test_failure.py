@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megallama.training.forward_step import llama_forward_step
 from tests.pipeline import harness as H
 
 PG_TIMEOUT_S = 4
@@ -31,7 +32,7 @@ class _FailingForwardStep:
             if self.hang:
                 time.sleep(2 * HANG_AFTER_S)  # alive but silent, as a wedged process would be
             raise RuntimeError("injected failure in stage 1")
-        return H._forward_step(data_iterator, chunk, input_tensor)
+        return llama_forward_step(data_iterator, chunk, input_tensor)
 
 
 def _rank_main(rank, world_size, workdir, hang, fail_rank):

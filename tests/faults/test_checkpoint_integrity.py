@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megallama.pretrain import main
-from megallama.training import checkpointing as ckpt
+from megallama.checkpoint import storage as ckpt
 from tests.training.test_pretrain_cli import TINY, losses_of
 
 pytestmark = pytest.mark.faults
@@ -162,7 +162,7 @@ def test_temporaries_of_a_killed_save_are_removed_when_a_run_starts(saved, tmp_p
 
 
 def test_converters_and_generation_read_through_the_same_checks(saved, tmp_path):
-    from megallama.inference.megallama_format import MegallamaReader
+    from megallama.checkpoint.native import MegallamaReader
 
     root = copy_of(saved, tmp_path)
     reader = MegallamaReader(root)

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from megallama.inference.megallama_format import MegallamaReader, save_megallama
+from megallama.checkpoint.native import MegallamaReader, save_megallama
 from megallama.pretrain import main
-from megallama.training import checkpointing as ckpt
+from megallama.checkpoint import storage as ckpt
 from tests.training.test_pretrain_cli import TINY, free_port
 
 pytestmark = pytest.mark.faults

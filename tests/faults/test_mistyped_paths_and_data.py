@@ -6,7 +6,7 @@ import pytest
 
 from megallama.data.indexed import IndexedDatasetWriter
 from megallama.pretrain import main
-from megallama.training import checkpointing as ckpt
+from megallama.checkpoint import storage as ckpt
 from megallama.training import loop
 from tests.training.test_pretrain_cli import TINY, losses_of
 

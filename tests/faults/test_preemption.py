@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from megallama.pretrain import main
-from megallama.training import checkpointing as ckpt
+from megallama.checkpoint import storage as ckpt
 from tests.training.test_pretrain_cli import LOSS_LINE, TINY, assert_curve, free_port, losses_of
 
 pytestmark = pytest.mark.faults

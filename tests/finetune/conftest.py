@@ -52,7 +52,7 @@ def exported(tmp_path_factory, sp_model):
     import transformers
 
     from megallama.config import LlamaConfig
-    from megallama.inference.checkpoint_io import convert_checkpoint
+    from megallama.checkpoint import convert_checkpoint
 
     root = tmp_path_factory.mktemp("exported")
     config = LlamaConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=176,

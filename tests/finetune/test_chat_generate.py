@@ -5,8 +5,8 @@ import io
 import torch
 
 from megallama.data.instructions import encode_chat_prompt
-from megallama.inference.checkpoint_io import load_model
-from megallama.inference.generation import SamplingParams, generate
+from megallama.checkpoint import load_model
+from megallama.inference.generation import SamplingParams, generate, prepare_for_inference
 from megallama.tokenizer import SentencePieceTokenizer
 from tests.inference.conftest import load_tool
 
@@ -26,7 +26,7 @@ def test_chat_greedy_answer_equals_hf_generate_with_chat_template(exported, sp_m
         hf_new = hf.generate(torch.tensor([hf_prompt]), max_new_tokens=12, do_sample=False,
                              eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)[0, len(hf_prompt):].tolist()
     hf_new = hf_new[:hf_new.index(tok.eos_id)] if tok.eos_id in hf_new else hf_new
-    model, _ = load_model(exported["megallama"])
+    model = prepare_for_inference(load_model(exported["megallama"])[0])  # as tools/generate.py does
     ours = generate(model, [hf_prompt], 12, SamplingParams(greedy=True), eos_id=tok.eos_id)[0]
     assert ours == hf_new and ours
 

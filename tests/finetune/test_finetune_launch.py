@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megallama.data.instructions import preprocess_instructions
-from megallama.inference.checkpoint_io import convert_checkpoint
+from megallama.checkpoint import convert_checkpoint
 from megallama.pretrain import main
 from megallama.training.arguments import ConfigError, parse_args
 from tests.finetune.conftest import alpaca_records, write_jsonl
@@ -15,6 +15,7 @@ from tests.training.test_pretrain_cli import assert_curve, losses_of, torchrun
 
 ITERS = 4
 SHAPE = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "64",
+         "--untie-embeddings-and-output-weights",
          "--seq-length", "64", "--log-interval", "1", "--eval-iters", "0"]
 
 

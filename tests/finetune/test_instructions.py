@@ -103,7 +103,7 @@ def test_hf_export_chat_template_gives_our_ids(tmp_path, sp_model):
     import transformers
 
     from megallama.config import LlamaConfig
-    from megallama.inference.checkpoint_io import convert_checkpoint
+    from megallama.checkpoint import convert_checkpoint
 
     config = LlamaConfig(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64, vocab_size=320,
                          max_position_embeddings=64)

@@ -7,9 +7,9 @@ import pytest
 import torch
 import transformers
 
-from megallama.inference import generate
-from megallama.inference.checkpoint_io import convert_checkpoint, detect_format, load_model
-from megallama.inference.meta_format import meta_ffn_params
+from megallama.checkpoint import convert_checkpoint, detect_format, load_model
+from megallama.checkpoint.meta import meta_ffn_params
+from megallama.inference import generate, prepare_for_inference
 from megallama.ops import rope_cos_sin, rope_ref
 from tests.inference.conftest import random_hf_model, tiny_config
 
@@ -33,7 +33,7 @@ def _logits(model, ids):
 def test_hf_export_loads_in_transformers_and_generates_the_same(hf_folder, sp_model, tmp_path):
     source, hf = hf_folder
     assert detect_format(source) == "hf"
-    ours, _ = load_model(source)
+    ours = prepare_for_inference(load_model(source)[0])
     out = str(tmp_path / "hf")
     convert_checkpoint(source, out, "hf", tokenizer_model=sp_model, progress=False)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -56,8 +56,8 @@ def test_hf_export_loads_in_transformers_and_generates_the_same(hf_folder, sp_mo
 
 
 def test_hf_export_in_several_safetensors_files(hf_folder, tmp_path):
-    from megallama.inference.checkpoint_io import open_checkpoint
-    from megallama.inference.hf_format import INDEX_FILENAME, save_hf
+    from megallama.checkpoint import open_checkpoint
+    from megallama.checkpoint.hf import INDEX_FILENAME, save_hf
 
     source, hf = hf_folder
     out = str(tmp_path / "hf_sharded")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megallama.inference import SamplingParams, generate, prepare_for_inference, sample_next_token
-from megallama.inference.generation import KVCache, cached_forward
+from megallama.kv_cache import KVCache
 from tests.distributed_utils import run_distributed
 from tests.inference.conftest import seeded_model, tiny_config
 
@@ -31,11 +31,38 @@ def test_cached_logits_equal_the_full_forward(model):
     ids = torch.tensor([PROMPTS[0] + [7, 7, 3, 120]])
     reference = model(ids)[0]
     cache = KVCache(model, 1, ids.shape[1])
-    prefill = cached_forward(model, ids[:, :5], cache)
-    torch.testing.assert_close(prefill[0], reference[4], rtol=1e-5, atol=1e-5)
-    for position in range(5, ids.shape[1]):
-        step = cached_forward(model, ids[:, position:position + 1], cache)
-        torch.testing.assert_close(step[0], reference[position], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        prefill = model(ids[:, :5], cache=cache)
+        torch.testing.assert_close(prefill[0], reference[:5], rtol=1e-5, atol=1e-5)
+        chunk = model(ids[:, 5:7], cache=cache, logits_to_keep=1)  # several new positions after cached ones
+        assert chunk.shape == (1, 1, model.config.vocab_size) and cache.length == 7
+        torch.testing.assert_close(chunk[0, -1], reference[6], rtol=1e-5, atol=1e-5)
+        for position in range(7, ids.shape[1]):
+            step = model(ids[:, position:position + 1], cache=cache)
+            torch.testing.assert_close(step[0, -1], reference[position], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no_grad"):
+        model(ids[:, :1], cache=KVCache(model, 1, 4))
+    with torch.no_grad(), pytest.raises(ValueError, match="cache holds"):
+        model(ids[:, :1], cache=cache)
+
+
+def test_cached_forward_of_a_left_padded_batch_equals_each_row_alone(model):
+    rows = [[1, 17, 93, 4, 250], [1, 5], [1, 300, 22]]
+    steps = [[8, 61], [44, 2], [9, 9]]
+    longest, total = max(map(len, rows)), max(map(len, rows)) + 2
+    padded = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+    key_padding = torch.ones(len(rows), total, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        key_padding[i, :longest - len(r)] = False
+    cache = KVCache(model, len(rows), total, key_padding)
+    with torch.no_grad():
+        logits = [model(padded, cache=cache, logits_to_keep=1)[:, -1]]
+        for step in range(2):
+            logits.append(model(torch.tensor([[s[step]] for s in steps]), cache=cache)[:, -1])
+    for i, r in enumerate(rows):
+        alone = model(torch.tensor([r + steps[i]]))[0]
+        for k, row_logits in enumerate(logits):
+            torch.testing.assert_close(row_logits[i], alone[len(r) - 1 + k], rtol=1e-5, atol=1e-5)
 
 
 def test_a_padded_batch_equals_each_prompt_alone(model):
@@ -112,5 +139,6 @@ def test_inference_layout_keeps_values_and_tokens(model):
     # a weight changed after preparing is used as it is now, not as it was packed
     with torch.no_grad():
         prepared.output.weight.mul_(-1.0)
-    cache = KVCache(prepared, 1, 8)
-    torch.testing.assert_close(cached_forward(prepared, ids, cache)[0], prepared(ids)[0, -1], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        cached = prepared(ids, cache=KVCache(prepared, 1, 8), logits_to_keep=1)
+    torch.testing.assert_close(cached[0, -1], prepared(ids)[0, -1], rtol=1e-5, atol=1e-5)

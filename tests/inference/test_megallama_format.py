@@ -13,12 +13,13 @@ import pytest
 import torch
 import transformers
 
-from megallama.inference.checkpoint_io import convert_checkpoint, load_model
+from megallama.checkpoint import convert_checkpoint, load_model
 from megallama.pretrain import main as pretrain
-from megallama.training import checkpointing as ckpt
+from megallama.checkpoint import storage as ckpt
 from tests.inference.conftest import load_tool
 
 TINY = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "64",
+        "--untie-embeddings-and-output-weights",
         "--seq-length", "16", "--vocab-size", "63", "--mock-data", "--global-batch-size", "4", "--micro-batch-size",
         "2", "--lr", "1e-3", "--lr-warmup-iters", "1", "--lr-decay-iters", "6", "--log-interval", "1",
         "--eval-iters", "0"]

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from megallama.inference import SamplingParams
-from megallama.inference.checkpoint_io import convert_checkpoint, load_model
+from megallama.checkpoint import convert_checkpoint, load_model
+from megallama.inference import SamplingParams, prepare_for_inference
 from megallama.inference.text import generate_text
 from megallama.tokenizer import SentencePieceTokenizer
 from tests.inference.conftest import load_tool, random_hf_model, tiny_config
@@ -26,7 +26,7 @@ def checkpoint(tmp_path_factory, sp_model):
 
 
 def test_generate_cli_prints_prompt_and_continuation(checkpoint, sp_model, capsys, tmp_path):
-    model, _ = load_model(checkpoint)
+    model = prepare_for_inference(load_model(checkpoint)[0])  # as tools/generate.py does
     tokenizer = SentencePieceTokenizer(sp_model)
     greedy = generate_text(model, tokenizer, PROMPTS[:1], 12)[0]
     assert len(greedy) > 0

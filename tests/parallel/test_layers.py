@@ -72,22 +72,23 @@ def _check_linear_layers(tp, r):
     x, w_col, w_row = torch.randn(b, s, h, generator=gen), torch.randn(out, h, generator=gen), torch.randn(h, out, generator=gen)
     g_col, g_row = torch.randn(b, s, out, generator=gen), torch.randn(b, s, h, generator=gen)
     ref_y, ref_gx, ref_gw = _serial_linear(x, w_col, g_col)
-    for stacked in (1, 3):
+    # one part; three equal fused parts (q/k/v); unequal parts (grouped-query q, k, v)
+    for parts in ((out,), (8, 8, 8), (16, 4, 4)):
         for gather_output in (True, False):
             for sp in (False, True):
-                what = f"column stacked={stacked} gather={gather_output} sp={sp}"
+                what = f"column parts={parts} gather={gather_output} sp={sp}"
                 layer = mp.ColumnParallelLinear(h, out, gather_output=gather_output, sequence_parallel=sp,
-                                                stacked=stacked)
+                                                split=mp.TensorSplit(0, parts))
                 layer.load_full_weight(w_col)
                 close(layer.full_weight(), w_col, what + " weight round trip")
                 xin = (x.chunk(tp, 1)[r] if sp else x).clone().requires_grad_()
                 y = layer(xin)
-                # This rank's output columns: its slice of each of the stacked blocks.
-                cols = torch.arange(out).view(stacked, tp, -1)[:, r].flatten()
+                # This rank's output columns: its slice of each of the fused parts.
+                cols = torch.cat([part.chunk(tp)[r] for part in torch.arange(out).split(parts)])
                 close(y, ref_y if gather_output else ref_y[..., cols], what + " output")
                 y.backward(g_col if gather_output else g_col[..., cols])
                 close(xin.grad, ref_gx.chunk(tp, 1)[r] if sp else ref_gx, what + " input grad")
-                close(mp.gather_tensor(layer.weight.grad, 0, stacked=stacked), ref_gw, what + " weight grad")
+                close(mp.gather_like(layer.weight, layer.weight.grad), ref_gw, what + " weight grad")
     ref_y, ref_gx, ref_gw = _serial_linear(x.repeat(1, 1, 2), w_row, g_row)
     x2 = x.repeat(1, 1, 2)
     for input_is_parallel, sp in ((True, False), (False, False), (True, True)):
@@ -100,11 +101,11 @@ def _check_linear_layers(tp, r):
         close(y, ref_y.chunk(tp, 1)[r] if sp else ref_y, what + " output")
         y.backward(g_row.chunk(tp, 1)[r] if sp else g_row)
         close(xin.grad, ref_gx.chunk(tp, -1)[r] if input_is_parallel else ref_gx, what + " input grad")
-        close(mp.gather_tensor(layer.weight.grad, 1), ref_gw, what + " weight grad")
+        close(mp.gather_like(layer.weight, layer.weight.grad), ref_gw, what + " weight grad")
     bad = 10 if tp == 4 else 9
-    with pytest.raises(ValueError, match=rf"output size \({bad}\) is not divisible by the tensor-parallel size \({tp}\)"):
+    with pytest.raises(ValueError, match=rf"a part of {bad} along dim 0 .* is not divisible by the tensor-parallel size \({tp}\)"):
         mp.ColumnParallelLinear(h, bad)
-    with pytest.raises(ValueError, match=rf"input size \({bad}\) is not divisible"):
+    with pytest.raises(ValueError, match=rf"a part of {bad} along dim 1 .* is not divisible"):
         mp.RowParallelLinear(bad, h)
 
 
@@ -126,7 +127,7 @@ def _check_embedding(tp, r):
         y = layer(ids)
         close(y, ref.detach().chunk(tp, 1)[r] if sp else ref.detach(), f"embedding sp={sp} output")
         y.backward(g.chunk(tp, 1)[r] if sp else g)
-        full_grad = mp.gather_tensor(layer.weight.grad, 0, full_size=vocab)
+        full_grad = mp.gather_like(layer.weight, layer.weight.grad)
         close(full_grad, wref.grad, f"embedding sp={sp} weight grad")
     with pytest.raises(IndexError, match=r"\[0, 11\)"):
         layer(torch.tensor([[vocab]]))
@@ -136,7 +137,7 @@ def _check_cross_entropy(tp, r):
     b, s = 2, 5
     gen = torch.Generator().manual_seed(3)
     for vocab in (13, 16):  # 13: padded to a multiple of TP; 16: divisible
-        padded = mp.pad_to_multiple(vocab, tp)
+        padded = mp.TensorSplit(0, (vocab,), pad_to_tp=True).padded_parts(tp)[0]
         logits = torch.randn(b, s, vocab, generator=gen) * 3
         target = torch.randint(0, vocab, (b, s), generator=gen)
         target[0, 0], target[0, 1], target[1, 4] = vocab - 1, 0, -100
@@ -166,7 +167,7 @@ def _check_init_and_rng(tp, r):
     h, out = 12, 24
     init = mp.init_method_normal(0.5)
     torch.manual_seed(7)
-    column = mp.ColumnParallelLinear(h, out, stacked=3, init_method=init)
+    column = mp.ColumnParallelLinear(h, out, split=mp.TensorSplit(0, (8, 8, 8)), init_method=init)
     row = mp.RowParallelLinear(out, h, init_method=init)
     embedding = mp.VocabParallelEmbedding(11, h)
     torch.manual_seed(7)
@@ -219,7 +220,8 @@ def test_serial_process_layers_are_plain_linear_and_embedding():
     close(emb(ids), F.embedding(ids, emb.weight), "embedding")
     logits, target = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, -100])
     close(mp.vocab_parallel_cross_entropy(logits, target), F.cross_entropy(logits, target, reduction="none"), "loss")
-    assert mp.shard_tensor(torch.arange(12).view(6, 2), 0, stacked=3, rank=1, world_size=2).flatten().tolist() == [
+    assert mp.TensorSplit(0, (2, 2, 2)).shard(torch.arange(12).view(6, 2), rank=1, tp=2).flatten().tolist() == [
         2, 3, 6, 7, 10, 11]
-    with pytest.raises(ValueError, match=r"block size 3 of dimension 0 .* is not divisible by the tensor-parallel size \(2\)"):
-        mp.shard_tensor(torch.zeros(6, 2), 0, stacked=2, rank=0, world_size=2)
+    assert mp.TensorSplit(0, (4, 2)).shard(torch.arange(6).view(6, 1), rank=1, tp=2).flatten().tolist() == [2, 3, 5]
+    with pytest.raises(ValueError, match=r"a part of 3 along dim 0 .* is not divisible by the tensor-parallel size \(2\)"):
+        mp.TensorSplit(0, (3, 3)).shard(torch.zeros(6, 2), rank=0, tp=2)

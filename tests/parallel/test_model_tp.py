@@ -54,7 +54,7 @@ def _compare_with_serial():
             model = LlamaModel(config)
             if tp > 1:
                 assert model.layers["0"].attention.wqkv.weight.shape == (3 * 32 // tp, 32)
-                assert model.output.weight.shape == (mp.pad_to_multiple(37, tp) // tp, 32)
+                assert model.output.weight.shape == (-(-37 // tp), 32)
             weights = model.hf_state_dict()
             assert weights.keys() == serial_weights.keys()
             for name in weights:
@@ -75,7 +75,9 @@ def _compare_with_serial():
 
     mp.initialize_model_parallel(4)
     errors = []
-    for bad in (dict(num_attention_heads=6, hidden_size=48), dict(ffn_hidden_size=50)):
+    # None: the head size and key/value heads follow the new shape (replace keeps CONFIG's resolved ones)
+    for bad in (dict(num_attention_heads=6, hidden_size=48, num_query_groups=None, kv_channels=None),
+                dict(ffn_hidden_size=50)):
         try:
             LlamaModel(dataclasses.replace(CONFIG, **bad))
         except ValueError as exc:
@@ -88,8 +90,8 @@ def test_tensor_and_sequence_parallel_model_equals_serial():
     results = run_distributed(_compare_with_serial, 4, timeout=240)
     assert len(results[0]["checked"]) == 7
     assert results[0]["errors"] == [
-        "LlamaConfig.num_attention_heads (6) must be divisible by the tensor-parallel size (4)",
-        "LlamaConfig.ffn_hidden_size (50) must be divisible by the tensor-parallel size (4)",
+        "num_attention_heads (6) is not divisible by tensor_model_parallel_size (4)",
+        "ffn_hidden_size (50) is not divisible by tensor_model_parallel_size (4)",
     ]
 
 

@@ -31,7 +31,7 @@ inputs are split along the sequence, so the whole total is divided by t. (Before
 measured, the fused Functions kept the gathered xn twice: 2·e·h per token not divided by t.)
 
 Measured two ways on each rank, per layer (parameters and the shared rotary tables excluded):
-saved-tensor accounting (``megallama.profiling.saved_activation_bytes``: must equal the formula)
+saved-tensor accounting (``tests.profiling.saved_activation_bytes``: must equal the formula)
 and the allocator's bytes still allocated after the layer's forward with its output alive
 (glibc ``mallinfo2``, every thread; the output is the next layer's input, standing in for this
 layer's own input): within 10% of the formula.
@@ -44,7 +44,7 @@ import torch
 from megallama import parallel as mp
 from megallama.config import LlamaConfig
 from megallama.model import LlamaModel
-from megallama.profiling import saved_activation_bytes
+from tests.profiling import saved_activation_bytes
 from tests.distributed_utils import run_distributed
 
 BATCH, SEQ = 2, 256
@@ -201,12 +201,14 @@ def test_tensor_parallel_training_keeps_nothing_across_iterations():
 
 def test_shard_tensor_owns_only_its_shard():
     full = torch.randn(8, 6)
-    for dim, stacked, padded in ((0, 1, None), (1, 1, None), (0, 2, None), (0, 1, 10)):
+    splits = (mp.TensorSplit(0, (8,)), mp.TensorSplit(1, (6,)), mp.TensorSplit(0, (4, 4)),
+              mp.TensorSplit(0, (8,), pad_to_tp=True))
+    for split in splits:
         for rank in range(2):
-            shard = mp.shard_tensor(full, dim, stacked=stacked, padded_size=padded, rank=rank, world_size=2)
-            assert shard.untyped_storage().nbytes() == shard.numel() * shard.element_size(), (dim, stacked, padded)
+            shard = split.shard(full, rank, tp=2)
+            assert shard.untyped_storage().nbytes() == shard.numel() * shard.element_size(), split
             assert shard.untyped_storage().data_ptr() != full.untyped_storage().data_ptr()
-    whole = mp.shard_tensor(full, 0, rank=0, world_size=1)  # TP=1: a copy too, not ``full`` itself
+    whole = mp.TensorSplit(0, (8,)).shard(full, rank=0, tp=1)  # TP=1: a copy too, not ``full`` itself
     assert torch.equal(whole, full) and whole.untyped_storage().data_ptr() != full.untyped_storage().data_ptr()
 
 

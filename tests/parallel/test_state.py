@@ -1,5 +1,5 @@
 """Process groups: Megatron's rank order (checked against megatron-core's own rank generator),
-working groups, pipeline neighbours, virtual stages, and clear errors."""
+working groups, the last pipeline stage, the virtual stage count, and clear errors."""
 import warnings
 
 import pytest
@@ -27,26 +27,15 @@ def _layouts():
             "tp": _members(mp.get_tensor_model_parallel_group()),
             "pp": _members(mp.get_pipeline_model_parallel_group()),
             "dp": _members(mp.get_data_parallel_group()),
-            "model": _members(mp.get_model_parallel_group()),
             "tp_rank": mp.get_tensor_model_parallel_rank(),
             "pp_rank": mp.get_pipeline_model_parallel_rank(),
             "dp_rank": mp.get_data_parallel_rank(),
             "sizes": [mp.get_tensor_model_parallel_world_size(), mp.get_pipeline_model_parallel_world_size(),
                       mp.get_data_parallel_world_size()],
-            "next": mp.get_pipeline_model_parallel_next_rank(),
-            "prev": mp.get_pipeline_model_parallel_prev_rank(),
             "src": mp.get_tensor_model_parallel_src_rank(),
-            "first_last": [mp.is_pipeline_first_stage(), mp.is_pipeline_last_stage()],
+            "last_stage": mp.is_pipeline_last_stage(),
+            "virtual_size": mp.get_virtual_pipeline_model_parallel_world_size(),
         }
-        if pp > 1:
-            stages = []
-            for chunk in range(2):
-                mp.set_virtual_pipeline_model_parallel_rank(chunk)
-                stages.append([mp.get_virtual_pipeline_model_parallel_rank(), mp.is_pipeline_first_stage(),
-                               mp.is_pipeline_last_stage(), mp.is_pipeline_first_stage(ignore_virtual=True),
-                               mp.is_pipeline_last_stage(ignore_virtual=True)])
-            info["virtual"] = stages
-            info["virtual_size"] = mp.get_virtual_pipeline_model_parallel_world_size()
         mp.destroy_model_parallel()
         assert not mp.model_parallel_is_initialized()
         out[f"{tp},{pp}"] = info
@@ -82,22 +71,14 @@ def test_rank_order_groups_and_stages_match_megatron():
             info = result["layouts"][f"{tp},{pp}"]
             tp_group, pp_group, dp_group = group_of("tp", rank), group_of("pp", rank), group_of("dp", rank)
             assert info["tp"] == tp_group and info["pp"] == pp_group and info["dp"] == dp_group, (tp, pp, rank)
-            assert info["model"] == group_of("tp-pp", rank)
             assert info["sizes"] == [tp, pp, dp]
             assert info["tp_rank"] == tp_group.index(rank)
             assert info["dp_rank"] == dp_group.index(rank)
             stage = pp_group.index(rank)
             assert info["pp_rank"] == stage
-            assert info["next"] == pp_group[(stage + 1) % pp] and info["prev"] == pp_group[(stage - 1) % pp]
             assert info["src"] == tp_group[0]
-            if pp == 1:
-                assert info["first_last"] == [True, True]
-                continue
-            # Interleaved: the first stage is pipeline rank 0's chunk 0, the last the last rank's last chunk.
-            assert info["virtual_size"] == 2
-            first, last = stage == 0, stage == pp - 1
-            assert info["virtual"] == [[0, first, False, first, last], [1, False, last, first, last]]
-            assert info["first_last"] == [first, False]  # chunk 0 is current right after initialisation
+            assert info["last_stage"] == (stage == pp - 1)
+            assert info["virtual_size"] == (2 if pp > 1 else None)
     messages = results[0]["errors"]
     assert len(messages) == 4
     assert "world size 4" in messages[0] and "(3)" in messages[0] and "= 3" in messages[0]
@@ -113,9 +94,8 @@ def test_serial_process_sees_one_rank_everywhere():
     assert mp.get_tensor_model_parallel_rank() == mp.get_pipeline_model_parallel_rank() == 0
     assert mp.get_data_parallel_rank() == 0
     assert mp.get_tensor_model_parallel_group() is None and mp.get_pipeline_model_parallel_group() is None
-    assert mp.get_data_parallel_group() is None and mp.get_model_parallel_group() is None
-    assert mp.is_pipeline_first_stage() and mp.is_pipeline_last_stage()
-    assert mp.get_pipeline_model_parallel_next_rank() == mp.get_pipeline_model_parallel_prev_rank() == 0
+    assert mp.get_data_parallel_group() is None
+    assert mp.is_pipeline_last_stage()
     assert mp.get_virtual_pipeline_model_parallel_world_size() is None
     with pytest.raises(RuntimeError, match="init_process_group"):
         mp.initialize_model_parallel(1, 1)

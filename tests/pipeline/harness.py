@@ -15,7 +15,8 @@ from megallama.distributed.optimizer import default_adamw
 from megallama.model import LlamaModel
 from megallama import parallel
 from megallama.parallel import state
-from megallama.pipeline import build_model_chunks, get_forward_backward_func
+from megallama.pipeline import ActivationShape, build_model_chunks, get_forward_backward_func
+from megallama.training.forward_step import llama_forward_step
 
 SEQ = 16
 GLOBAL_BATCH = 8
@@ -77,48 +78,34 @@ def make_stage(cfg: LlamaConfig, spec, full: dict) -> LlamaModel:
     return m
 
 
-def _forward_step(data_iterator, chunk, input_tensor):
-    tokens, labels = next(data_iterator)
-    model = getattr(chunk, "module", chunk)  # DDP-wrapped or not
-    out = model(input_ids=tokens if model.pre_process else None,
-                labels=labels if model.post_process else None, hidden_states=input_tensor)
-    return out, lambda per_token: (per_token.sum(), per_token.numel())
-
-
 def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distributed_opt: bool,
-                 steps: int, bucket_size: int = 3000, inject_inf_at=None, forward_step=None,
-                 resume=None):
-    """Train on this rank's share; returns {"losses", "norms", "applied", "params", "optimizer"}.
+                 steps: int, bucket_size: int = 3000, inject_inf_at=None, forward_step=None):
+    """Train on this rank's share; returns {"losses", "norms", "applied", "params"}.
 
     ``inject_inf_at=(step, pp_rank)`` puts an inf into one gradient of that stage at that step.
-    ``resume={"params", "optimizer", "first_step"}`` starts from full model weights and a
-    layout-free optimizer state (merged over stages) at global batch ``first_step``.
     """
-    full = resume["params"] if resume else initial_state(cfg)
+    full = initial_state(cfg)
     state.initialize_model_parallel(tp, pp, vp)
     try:
         dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
 
         chunks = [DistributedDataParallel(m, use_distributed_optimizer=distributed_opt,
                                           bucket_size=bucket_size)
-                  for m in build_model_chunks(lambda spec: make_stage(cfg, spec, full), cfg.num_layers, vp)]
+                  for m in build_model_chunks(lambda spec: make_stage(cfg, spec, full), cfg, vp)]
         optimizer = build_optimizer(OptimizerConfig(use_distributed_optimizer=distributed_opt, **OPT),
                                     chunks)
-        if resume:
-            optimizer.load_state_dict(resume["optimizer"])
-        first_step = resume["first_step"] if resume else 0
         fwd_bwd = get_forward_backward_func(pp, vp)
         per_rank = GLOBAL_BATCH // dp
         num_micro = per_rank // micro_batch
         out = {"losses": [], "norms": [], "applied": []}
-        for step in range(first_step, first_step + steps):
+        for step in range(steps):
             tokens, labels = batch(step)
             mine = [(tokens[i:i + micro_batch], labels[i:i + micro_batch])
                     for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank, micro_batch)]
             data = [iter(mine) for _ in chunks] if vp else iter(mine)
             optimizer.zero_grad()
-            losses = fwd_bwd(forward_step or _forward_step, data, chunks, num_micro, SEQ, micro_batch,
-                             cfg.hidden_size, torch.float32, sequence_parallel=cfg.sequence_parallel)
+            shape = ActivationShape(SEQ, micro_batch, cfg.hidden_size, torch.float32, cfg.sequence_parallel)
+            losses = fwd_bwd(forward_step or llama_forward_step, data, chunks, num_micro, shape)
             finalize_model_grads(chunks, losses)
             if inject_inf_at is not None and inject_inf_at == (step, state.get_pipeline_model_parallel_rank()):
                 chunks[0].grad_buffer[0] = float("inf")
@@ -130,7 +117,6 @@ def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distr
         # Full tensors (gathered over TP), comparable with the serial model's.
         out["params"] = {k: parallel.gather_like(p, p.detach()).clone()
                          for c in chunks for k, p in c.module.named_parameters()}
-        out["optimizer"] = optimizer.state_dict()
         out["tp_rank"] = state.get_tensor_model_parallel_rank()
         out["dp_rank"] = dp_rank
         return out
@@ -163,13 +149,13 @@ def parallel_eval(cfg: LlamaConfig, pp: int, vp, micro_batch: int):
     state.initialize_model_parallel(1, pp, vp)
     try:
         chunks = [DistributedDataParallel(m)
-                  for m in build_model_chunks(lambda spec: make_stage(cfg, spec, full), cfg.num_layers, vp)]
+                  for m in build_model_chunks(lambda spec: make_stage(cfg, spec, full), cfg, vp)]
         tokens, labels = batch(0)
         mine = [(tokens[i:i + micro_batch], labels[i:i + micro_batch])
                 for i in range(0, GLOBAL_BATCH, micro_batch)]
         data = [iter(mine) for _ in chunks] if vp else iter(mine)
-        losses = get_forward_backward_func(pp, vp)(_forward_step, data, chunks, len(mine), SEQ,
-                                                   micro_batch, cfg.hidden_size, torch.float32,
+        losses = get_forward_backward_func(pp, vp)(llama_forward_step, data, chunks, len(mine),
+                                                   ActivationShape(SEQ, micro_batch, cfg.hidden_size),
                                                    forward_only=True)
         assert all(p.main_grad.abs().sum() == 0 for c in chunks for p in c.module.parameters())
         mean = global_mean_loss(losses)
@@ -184,12 +170,3 @@ def serial_eval(cfg: LlamaConfig) -> float:
     tokens, labels = batch(0)
     with torch.no_grad():
         return float(model(tokens, labels=labels).mean())
-
-
-def merged(results, key):
-    """Merge per-rank dicts (stages hold different names; DP replicas the same ones)."""
-    if key == "params":
-        return {k: v for r in results for k, v in r["params"].items()}
-    state_ = dict(results[0]["optimizer"])
-    state_["params"] = {k: v for r in results for k, v in r["optimizer"]["params"].items()}
-    return state_

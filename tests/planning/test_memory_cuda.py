@@ -13,6 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_peak_allocated_on_gpu_within_ten_percent():
     flags = ["--num-layers", "4", "--hidden-size", "1024", "--num-attention-heads", "8", "--seq-length", "1024",
+             "--untie-embeddings-and-output-weights",
              "--vocab-size", "32000", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
              "--train-iters", "2", "--bf16", "--eval-iters", "0", "--lr-warmup-iters", "0", "--log-interval", "1"]
     config = parse_args(flags, env={"WORLD_SIZE": "1"}, check_files=False)

@@ -30,6 +30,7 @@ GLOBAL_BATCH = 8
 
 def flags(layout: Layout, seq: int, bf16: bool) -> list:
     f = ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4", "--ffn-hidden-size", "352",
+         "--untie-embeddings-and-output-weights",
          "--vocab-size", "1000", "--seq-length", str(seq), "--mock-data", "--global-batch-size", str(GLOBAL_BATCH),
          "--micro-batch-size", str(layout.micro_batch_size), "--train-iters", "4", "--log-interval", "1",
          "--eval-iters", "0", "--lr-warmup-iters", "0",

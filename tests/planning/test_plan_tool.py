@@ -82,7 +82,7 @@ def test_inference_table(capsys):
 
 # (script, nodes of 8 GPUs): each script's own node count; the scripts run micro-batch 1.
 SCRIPTS = [("pretrain_llama_7b.sh", 8), ("pretrain_llama_13b.sh", 16), ("pretrain_llama_33b.sh", 32),
-           ("pretrain_llama_65b.sh", 256)]
+           ("pretrain_llama_65b.sh", 256), ("pretrain_llama2_7b.sh", 8), ("pretrain_llama3_8b.sh", 8)]
 
 
 @pytest.mark.parametrize("script, nodes", SCRIPTS)

@@ -8,10 +8,11 @@ from megallama.model import LlamaModel
 from megallama.planning.calibration import DEFAULT_RESULTS, load_calibration, read_gpu_measurement
 from megallama.planning.hardware import gpu_spec
 from megallama.planning.layout import Layout, Workload
-from megallama.planning.memory import inflight_chunks, layer_activation_bytes
+from megallama.planning.inference import kv_cache_bytes
+from megallama.planning.memory import inflight_chunks, layer_activation_bytes, layer_parameters, rank_parameters
 from megallama.planning.planner import PlanRequest, plan
 from megallama.planning.step_time import step_time
-from megallama.profiling import saved_activation_bytes
+from tests.profiling import saved_activation_bytes
 
 # The paper's Table 15 (A100-80GB GPU-hours) at its token counts (Table 2), on 2048 GPUs with
 # 4M-token batches; 65B trained at ~380 tokens/s/GPU (§2.4).
@@ -76,6 +77,20 @@ def test_layer_activation_formula_is_what_a_layer_saves():
                                    exclude=[*model.parameters(), cos, sin])
     workload = Workload(config, 64, 2, bf16=False)
     assert saved == layer_activation_bytes(workload, Layout(), tokens=2 * 64)
+
+
+@pytest.mark.parametrize("name", ["llama2-70b", "llama3-8b", "llama3.2-1b"])
+def test_grouped_query_attention_and_tied_embeddings_in_the_counts(name):
+    config = LlamaConfig.preset(name)
+    workload = Workload(config, 2048, 64)
+    assert rank_parameters(workload, Layout(), 0) == config.num_parameters()
+    h, d = config.hidden_size, config.head_dim
+    # 16 ranks: 8 key/value heads, each replicated on two of them
+    assert layer_parameters(workload, 16) == (2 * h * config.num_attention_heads * d // 16  # wq, wo
+                                              + 2 * h * d  # wk, wv: one key/value head
+                                              + 3 * h * config.ffn_hidden_size // 16 + 2 * h)
+    # per token: a key and a value per layer and key/value head, in bf16
+    assert kv_cache_bytes(config, 1, 1) == 2 * config.num_layers * 8 * d * 2
 
 
 def test_pipeline_inflight_counts():

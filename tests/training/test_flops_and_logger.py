@@ -25,6 +25,21 @@ def test_estimate_flops_equals_counted_matmul_flops_of_a_training_step(layers, h
                           vocab_size=vocab, num_sequences=batch) == counter.get_total_flops()
 
 
+def test_estimate_flops_counts_grouped_query_attention_and_the_head_size():
+    # 2 key/value heads for 4 query heads of 16 channels, wider than hidden / heads = 12
+    layers, hidden, ffn, heads, groups, head_size, seq, vocab, batch = 2, 48, 80, 4, 2, 16, 12, 60, 2
+    config = HFLlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=groups, head_dim=head_size,
+                           max_position_embeddings=seq, attn_implementation="eager")
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, vocab, (batch, seq))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert estimate_flops(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, seq_length=seq,
+                          vocab_size=vocab, num_sequences=batch, num_attention_heads=heads,
+                          num_query_groups=groups, kv_channels=head_size) == counter.get_total_flops()
+
+
 def test_mfu_and_peak_table():
     assert estimate_mfu(312e12 * 8 * 2, 2.0, 8, 312.0) == pytest.approx(1.0)
     assert estimate_mfu(1e12, 1.0, 1, None) is None
@@ -37,7 +52,8 @@ def test_mfu_and_peak_table():
 
 def test_console_line_and_tensorboard_tags(tmp_path):
     config = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-                         "--seq-length", "16", "--train-iters", "4", "--lr-warmup-iters", "1", "--mock-data",
+                         "--untie-embeddings-and-output-weights", "--seq-length", "16", "--train-iters", "4",
+                         "--lr-warmup-iters", "1", "--mock-data",
                          "--global-batch-size", "8", "--log-interval", "2", "--vocab-size", "100",
                          "--tensorboard-dir", str(tmp_path)], env={})
     lines = []

@@ -15,10 +15,10 @@ class _Optimizer:  # the only part of MegatronOptimizer the scheduler touches
 @pytest.mark.parametrize("style", ["cosine", "linear", "constant"])
 @pytest.mark.parametrize("warmup", [0, 7])
 def test_matches_megatron_core(style, warmup):
-    args = LRScheduleArgs(lr=3e-4, min_lr=3e-5, lr_decay_style=style, lr_warmup_iters=warmup, lr_decay_iters=40)
-    ours = LRSchedule(args)
+    args = LRScheduleArgs(min_lr=3e-5, lr_decay_style=style, lr_warmup_iters=warmup, lr_decay_iters=40)
+    ours = LRSchedule(args, peak_lr=3e-4)
     reference = OptimizerParamScheduler(
-        _Optimizer(), init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup,
+        _Optimizer(), init_lr=0.0, max_lr=3e-4, min_lr=args.min_lr, lr_warmup_steps=warmup,
         lr_decay_steps=args.lr_decay_iters, lr_decay_style=style, start_wd=0.1, end_wd=0.1,
         wd_incr_steps=40, wd_incr_style="constant",
     )
@@ -28,8 +28,34 @@ def test_matches_megatron_core(style, warmup):
 
 
 def test_paper_shape_and_apply():
-    s = LRSchedule(LRScheduleArgs(lr=1.0, min_lr=0.1, lr_warmup_iters=2000, lr_decay_iters=10000))
+    s = LRSchedule(LRScheduleArgs(min_lr=0.1, lr_warmup_iters=2000, lr_decay_iters=10000), peak_lr=1.0)
     assert s.lr(1) == 1 / 2000 and s.lr(2000) == 1.0 and s.lr(10000) == pytest.approx(0.1)
     assert s.lr(20000) == 0.1 and s.lr(6000) == pytest.approx(0.55)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))])
     assert s.apply(opt, 1000) == 0.5 and opt.param_groups[0]["lr"] == 0.5
+    assert s.state_dict() == {"lr": 1.0, "min_lr": 0.1, "lr_decay_style": "cosine", "lr_warmup_iters": 2000,
+                              "lr_decay_iters": 10000, "lr_warmup_samples": None, "lr_decay_samples": None,
+                              "lr_warmup_fraction": None}
+
+
+@pytest.mark.parametrize("style", ["cosine", "linear"])
+@pytest.mark.parametrize("lengths", [
+    dict(lr_warmup_samples=100, lr_decay_samples=1000),  # by samples, not multiples of the batch
+    dict(lr_warmup_samples=0, lr_decay_samples=1000, lr_warmup_fraction=0.05),
+    dict(lr_decay_iters=40, lr_warmup_iters=0, lr_warmup_fraction=0.001 * 43),  # GPT-3's style, by iterations
+])
+def test_samples_and_warmup_fraction_match_megatron_core(style, lengths):
+    # Megatron steps its scheduler by the global batch size every iteration and counts lengths in samples.
+    global_batch = 24
+    args = LRScheduleArgs(min_lr=3e-5, lr_decay_style=style, **lengths)
+    ours = LRSchedule(args, peak_lr=3e-4, global_batch_size=global_batch)
+    decay = args.lr_decay_samples if args.lr_decay_samples is not None else args.lr_decay_iters * global_batch
+    warmup = args.lr_warmup_fraction * decay if args.lr_warmup_fraction is not None else args.lr_warmup_samples
+    reference = OptimizerParamScheduler(
+        _Optimizer(), init_lr=0.0, max_lr=3e-4, min_lr=args.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=decay, lr_decay_style=style, start_wd=0.1, end_wd=0.1, wd_incr_steps=decay,
+        wd_incr_style="constant",
+    )
+    for iteration in range(1, 50):
+        reference.num_steps = iteration * global_batch
+        assert ours.lr(iteration) == pytest.approx(reference.get_lr(reference.optimizer.param_groups[0]), rel=1e-12)

@@ -15,11 +15,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megallama.pretrain import main
-from megallama.training import checkpointing as ckpt
+from megallama.checkpoint import storage as ckpt
 from megallama.training.logger import TAGS
 
 ITERS = 8
 TINY = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "64",
+        "--untie-embeddings-and-output-weights",
         "--seq-length", "16", "--vocab-size", "64", "--lr", "1e-3", "--lr-warmup-iters", "2",
         "--lr-decay-iters", str(ITERS), "--mock-data", "--global-batch-size", "8", "--micro-batch-size", "2",
         "--log-interval", "1", "--eval-iters", "0"]

@@ -5,16 +5,19 @@ import types
 import torch
 from torch import nn
 
-from megallama.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, state
-from megallama.training import checkpointing as ckpt
-from megallama.training import sharded_state
+from megallama.parallel import ColumnParallelLinear, RowParallelLinear, TensorSplit, VocabParallelEmbedding, state
+from megallama.checkpoint import sharded
+from megallama.checkpoint import storage as ckpt
 from tests.distributed_utils import run_distributed
 
 
 def _layers():
     torch.manual_seed(0)  # the same full weights on every rank; each keeps its shard
     return nn.ModuleDict({
-        "qkv": ColumnParallelLinear(8, 12, stacked=3),   # [wq; wk; wv] blocks of 4 rows
+        # [wq; wk; wv] of unequal parts (grouped-query attention): 8, 2 and 2 rows
+        "qkv": ColumnParallelLinear(8, 12, split=TensorSplit(0, (8, 2, 2))),
+        # one key/value head of 2 rows, fewer heads than TP ranks: held by both, saved once
+        "gqa": ColumnParallelLinear(8, 12, split=TensorSplit(0, (8, 2, 2), units=(4, 1, 1))),
         "wo": RowParallelLinear(12, 8),                  # split along its input columns
         "emb": VocabParallelEmbedding(7, 8),             # 7 rows padded to 8 for TP=2
         "norm": nn.Module(),
@@ -39,11 +42,10 @@ def _save_under_tp2_dp2(root):
         model = _layers()
         model["norm"].weight = nn.Parameter(torch.arange(8.0))
         tp_rank, dp_rank = state.get_tensor_model_parallel_rank(), state.get_data_parallel_rank()
-        pieces = sharded_state.model_pieces([model], tp_rank, 2, dp_rank)
-        pieces += sharded_state.optimizer_pieces(_zero_optimizer(model, dp_rank, 2), tp_rank, 2, dp_rank)[0]
+        pieces = sharded.model_pieces([model], tp_rank, 2, dp_rank)
+        pieces += sharded.optimizer_pieces(_zero_optimizer(model, dp_rank, 2), tp_rank, 2, dp_rank)[0]
         ckpt.save_checkpoint(root, 7, pieces, {}, {})
-        return {"qkv": model["qkv"].full_weight(), "wo": model["wo"].full_weight(),
-                "emb": model["emb"].full_weight()}
+        return {name: model[name].full_weight() for name in ("qkv", "gqa", "wo", "emb")}
     finally:
         state.destroy_model_parallel()
 
@@ -56,12 +58,14 @@ def test_tp_and_zero_pieces_load_into_the_serial_layout(tmp_path):
     for p in serial.parameters():
         p.data.zero_()
     _, iter_dir, metadata = ckpt.latest_checkpoint(str(tmp_path))
-    assert ckpt.load_pieces(iter_dir, metadata, sharded_state.model_pieces([serial], 0, 1, 0)) == []
-    for name in ("qkv", "wo", "emb"):
+    # q rows from each TP rank; the replicated key and value rows once each
+    assert len(metadata["pieces"]["model.gqa.weight"]) == 4
+    assert ckpt.load_pieces(iter_dir, metadata, sharded.model_pieces([serial], 0, 1, 0)) == []
+    for name in ("qkv", "gqa", "wo", "emb"):
         torch.testing.assert_close(serial[name].weight, full[name], rtol=0, atol=0)
     assert torch.equal(serial["norm"].weight, torch.arange(8.0))
     optimizer = _zero_optimizer(serial, 0, 1)
-    pieces, buffers = sharded_state.optimizer_pieces(optimizer, 0, 1, 0, destination=True)
+    pieces, buffers = sharded.optimizer_pieces(optimizer, 0, 1, 0, destination=True)
     assert ckpt.load_pieces(iter_dir, metadata, pieces) == []
     for index, e in enumerate(optimizer.entries):
         torch.testing.assert_close(buffers[(index, "exp_avg")], e.param.detach().reshape(-1) * 2, rtol=0, atol=0)

@@ -1,5 +1,6 @@
 """A small multi-source raw corpus from real text already on any machine with Python and this
-project's dependencies, shaped like the LLaMA mixture's raw downloads (for `examples/demo.py`):
+project's dependencies, shaped like the LLaMA mixture's raw downloads (for `examples/demo.py`; `bench/perplexity.py` scores
+its pages):
 
 * github — source files of installed packages and of the standard library as BigQuery
   `github_repos` rows (`repo_name`, `path`, `license`, `content`). The licence is the one each

@@ -13,29 +13,19 @@ import tempfile
 
 import torch
 
+from megallama.checkpoint.base import (
+    CheckpointFormat,
+    CheckpointReader,
+    atomic_write,
+    copy_tokenizer,
+    is_hf_tokenizer,
+    progress_bar,
+    stored_tokenizer,
+)
 from megallama.config import LlamaConfig
-from megallama.inference.checkpoint_io import (CheckpointReader, atomic_write, copy_tokenizer, parameter_layout,
-                                               progress_bar)
-from megallama.model import megallama_to_hf_state_dict
 
 INDEX_FILENAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3  # HF's default shard size
-
-
-def hf_names(name: str, config: LlamaConfig) -> list[str]:
-    """HF tensors making up megallama parameter ``name``, in the order they are stacked (dim 0)."""
-    shape = parameter_layout_cached(config)[name].shape
-    return list(megallama_to_hf_state_dict({name: torch.empty(shape, device="meta")}, config))
-
-
-_LAYOUTS: dict = {}
-
-
-def parameter_layout_cached(config: LlamaConfig):
-    key = repr(config)
-    if key not in _LAYOUTS:
-        _LAYOUTS[key] = parameter_layout(config)
-    return _LAYOUTS[key]
 
 
 class HFReader(CheckpointReader):
@@ -62,12 +52,12 @@ class HFReader(CheckpointReader):
             self._handles.append(handle)
             for key in handle.keys():
                 self._where[key] = handle
-        missing = [n for name in self.names() for n in hf_names(name, self.config) if n not in self._where]
+        missing = [n for spec in self.table.values() for n in spec.hf if n not in self._where]
         if missing:
             raise KeyError(f"{folder} lacks HF tensors {missing[:5]}{' …' if len(missing) > 5 else ''}")
 
     def load(self, name: str) -> torch.Tensor:
-        parts = [self._where[n].get_tensor(n) for n in hf_names(name, self.config)]
+        parts = [self._where[n].get_tensor(n) for n in self.table[name].hf]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @property
@@ -75,8 +65,7 @@ class HFReader(CheckpointReader):
         return self.load("norm.weight").dtype
 
     def tokenizer_model(self) -> str | None:
-        path = os.path.join(self.source, "tokenizer.model")
-        return path if os.path.isfile(path) else None
+        return stored_tokenizer(self.source)
 
 
 def _plan_shards(reader: CheckpointReader, max_shard_bytes: int) -> list[list[str]]:
@@ -84,9 +73,9 @@ def _plan_shards(reader: CheckpointReader, max_shard_bytes: int) -> list[list[st
     larger gets a file of its own); a fused parameter's HF parts stay in one file."""
     element = torch.empty((), dtype=reader.dtype).element_size()
     shards, size = [[]], 0
-    for name, info in parameter_layout_cached(reader.config).items():
+    for name, spec in reader.table.items():
         nbytes = element
-        for s in info.shape:
+        for s in spec.shape:
             nbytes *= s
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
@@ -98,7 +87,9 @@ def _plan_shards(reader: CheckpointReader, max_shard_bytes: int) -> list[list[st
 
 def save_hf(reader: CheckpointReader, folder: str, tokenizer_model: str | None = None, progress: bool = True,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Write ``reader``'s checkpoint as an HF folder, one safetensors file at a time."""
+    """Write ``reader``'s checkpoint as an HF folder, one safetensors file at a time. The tokenizer
+    goes along: a Hugging Face tokenizer folder's files as they are, a SentencePiece model also
+    converted to HF tokenizer files."""
     from safetensors.torch import save_file
 
     config = reader.config
@@ -111,8 +102,7 @@ def save_hf(reader: CheckpointReader, folder: str, tokenizer_model: str | None =
     for filename, shard in zip(names, shards):
         tensors = {}
         for name in shard:
-            split = megallama_to_hf_state_dict({name: reader.load(name)}, config)
-            for hf_name, t in split.items():
+            for hf_name, t in zip(reader.table[name].hf, reader.load(name).split(reader.table[name].parts)):
                 tensors[hf_name] = t.contiguous().clone()  # safetensors refuses views of one storage
                 weight_map[hf_name] = filename
                 total += t.numel() * t.element_size()
@@ -125,9 +115,23 @@ def save_hf(reader: CheckpointReader, folder: str, tokenizer_model: str | None =
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _write_text(os.path.join(folder, INDEX_FILENAME), json.dumps(index, indent=2))
     _write_config(config, reader.dtype, folder, tokenizer_model)
-    if tokenizer_model is not None:
-        copy_tokenizer(tokenizer_model, folder)
+    copy_tokenizer(tokenizer_model, folder)
+    if tokenizer_model is not None and not is_hf_tokenizer(tokenizer_model):
         _write_hf_tokenizer(tokenizer_model, folder)
+
+
+def _write(reader: CheckpointReader, folder: str, tensor_parallel_size: int | None,
+           pipeline_parallel_size: int | None, tokenizer_model: str | None, progress: bool) -> None:
+    if tensor_parallel_size not in (None, 1) or pipeline_parallel_size not in (None, 1):
+        raise ValueError("an HF checkpoint is not split: --target-tensor-parallel-size applies to megallama and "
+                         "meta, --target-pipeline-parallel-size to megallama")
+    save_hf(reader, folder, tokenizer_model=tokenizer_model, progress=progress)
+
+
+FORMAT = CheckpointFormat(
+    name="hf", looks_for="config.json + *.safetensors",
+    detect=lambda files: "config.json" in files and any(f.endswith(".safetensors") for f in files),
+    reader=HFReader, writer=_write)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -141,7 +145,12 @@ def _write_config(config: LlamaConfig, dtype: torch.dtype, folder: str, tokenize
     hf_config = config.to_hf()
     hf_config.architectures = ["LlamaForCausalLM"]
     hf_config.dtype = dtype
-    if tokenizer_model is not None:
+    if tokenizer_model is not None and is_hf_tokenizer(tokenizer_model):
+        from megallama.tokenizer import HuggingFaceTokenizer
+
+        tokenizer = HuggingFaceTokenizer(tokenizer_model)
+        hf_config.bos_token_id, hf_config.eos_token_id = tokenizer.bos_id, tokenizer.eos_id
+    elif tokenizer_model is not None:
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_file=tokenizer_model)

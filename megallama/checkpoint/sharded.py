@@ -1,10 +1,10 @@
-"""This rank's model and optimizer state as pieces of full tensors (see ``checkpointing``).
+"""This rank's model and optimizer state as pieces of full tensors (see ``storage``).
 
 Keys are layout-free: ``model.NAME`` for a parameter (names carry global layer ids, so a layer
 keeps its key whatever stage holds it) and ``optimizer.NAME.{main_param,exp_avg,exp_avg_sq}`` for
-the AdamW state. Where a piece lies in the full tensor comes from the tensor-parallel attributes
-the parallel layers set (``tensor_model_parallel``, ``partition_dim``, ``partition_stack``); a
-vocabulary padded for TP keeps its unpadded size in the checkpoint. Optimizer state is taken from
+the AdamW state. Where a piece lies in the full tensor comes from the parameter's ``TensorSplit``
+(from the model's parameter table, attached by the parallel layers); a vocabulary padded for TP
+keeps its unpadded size in the checkpoint. Optimizer state is taken from
 the optimizer's entries as they are, flat slices under ZeRO, so saving gathers nothing.
 
 A piece is written by one rank only: model weights by DP rank 0, optimizer state by every DP rank
@@ -17,46 +17,46 @@ from typing import Iterable
 
 import torch
 
-from megallama.training.checkpointing import ShardedTensor
+from megallama.checkpoint.storage import ShardedTensor
+from megallama.parallel.split import TensorSplit, is_tensor_parallel, tp_split_of
 
 OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 @dataclass
 class RowBlock:
-    """Local rows [start, stop) of a parameter are the rectangle at ``offsets`` of the full tensor."""
+    """Local rows [start, stop) of a parameter are the rectangle at ``offsets`` of the full tensor;
+    ``replica``: another TP rank holds (and saves) the same rows."""
 
     start: int
     stop: int
     offsets: tuple
     global_shape: tuple
+    replica: bool = False
 
 
-def row_blocks(param: torch.Tensor, tp_rank: int, tp_size: int) -> list[RowBlock]:
-    """How this rank's ``param`` maps onto the full tensor, as blocks of consecutive local rows.
-
-    A split parameter (``tensor_model_parallel``) holds, along ``partition_dim``, its share of each
-    of ``partition_stack`` equal blocks (fused [wq; wk; wv]); ``full_shape`` is the unpadded whole,
-    so the zero rows padding a vocabulary for TP are left out of the checkpoint.
-    """
-    shape = tuple(param.shape)
-    if param.dim() == 0:
+def row_blocks(split: TensorSplit | None, full_shape: tuple, tp_rank: int, tp_size: int) -> list[RowBlock]:
+    """How a rank's shard of a parameter (full shape ``full_shape``, split by ``split``) maps onto
+    the full tensor, as blocks of consecutive local rows; the zero rows padding a vocabulary for TP
+    are left out of the checkpoint."""
+    if not full_shape:
         return [RowBlock(0, 1, (), ())]
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return [RowBlock(0, shape[0], (0,) * len(shape), shape)]
-    dim = param.partition_dim % param.dim()
-    stack = getattr(param, "partition_stack", 1)
-    full_shape = tuple(getattr(param, "full_shape", None) or
-                       (s * tp_size if d == dim else s for d, s in enumerate(shape)))
-    if dim == 0:
-        block, full_block = shape[0] // stack, full_shape[0] // stack
-        rows = max(0, min(block, full_block - tp_rank * block))  # fewer on the rank holding padding
-        return [RowBlock(j * block, j * block + rows, (j * full_block + tp_rank * block,) + (0,) * (len(shape) - 1),
-                         full_shape) for j in range(stack) if rows]
-    if stack != 1:
-        raise NotImplementedError(f"stacked partitions along dim {dim} are not supported in checkpoints")
-    offsets = tuple(tp_rank * shape[d] if d == dim else 0 for d in range(len(shape)))
-    return [RowBlock(0, shape[0], offsets, full_shape)]
+    zeros = (0,) * len(full_shape)
+    if split is None or tp_size == 1:
+        return [RowBlock(0, full_shape[0], zeros, full_shape)]
+    blocks = split.local_blocks(tp_rank, tp_size)
+    if split.dim == 0:
+        return [RowBlock(b.local_start, b.local_start + b.length, (b.full_start,) + zeros[1:], full_shape, b.replica)
+                for b in blocks]
+    if len(blocks) != 1:
+        raise NotImplementedError(f"fused parts split along dim {split.dim} are not supported in checkpoints")
+    offsets = tuple(blocks[0].full_start if d == split.dim else 0 for d in range(len(full_shape)))
+    return [RowBlock(0, full_shape[0], offsets, full_shape)]
+
+
+def _param_blocks(param: torch.Tensor, tp_rank: int, tp_size: int) -> list[RowBlock]:
+    split = tp_split_of(param)
+    return row_blocks(split, tuple(param.full_shape) if split else tuple(param.shape), tp_rank, tp_size)
 
 
 def _row_numel(shape: tuple) -> int:
@@ -75,14 +75,15 @@ def _block_pieces(key: str, data: torch.Tensor, blocks: Iterable[RowBlock], para
         shape = (b.stop - b.start,) + tuple(param_shape[1:]) if param_shape else ()
         if flat_range is None:
             piece = data if not param_shape else data[b.start:b.stop]
-            pieces.append(ShardedTensor(key, piece, b.global_shape, b.offsets, shape=shape, write=write))
+            pieces.append(ShardedTensor(key, piece, b.global_shape, b.offsets, shape=shape,
+                                        write=write and not b.replica))
             continue
         lo, hi = flat_range
         a, z = max(lo, b.start * row), min(hi, b.stop * row)
         if a >= z:
             continue
         pieces.append(ShardedTensor(key, data.reshape(-1)[a - lo:z - lo], b.global_shape, b.offsets, shape=shape,
-                                    flat_range=(a - b.start * row, z - b.start * row), write=write))
+                                    flat_range=(a - b.start * row, z - b.start * row), write=write and not b.replica))
     return pieces
 
 
@@ -95,9 +96,9 @@ def model_pieces(chunks, tp_rank: int, tp_size: int, dp_rank: int) -> list[Shard
     """Pieces of this rank's model parameters (``chunks``: modules or DDP-wrapped modules)."""
     pieces = []
     for name, p in _named_params(chunks):
-        sharded = getattr(p, "tensor_model_parallel", False) and tp_size > 1
+        sharded = is_tensor_parallel(p) and tp_size > 1
         write = dp_rank == 0 and (sharded or tp_rank == 0)
-        pieces += _block_pieces(f"model.{name}", p.data, row_blocks(p, tp_rank, tp_size),
+        pieces += _block_pieces(f"model.{name}", p.data, _param_blocks(p, tp_rank, tp_size),
                                 tuple(p.shape), None, write)
     return pieces
 
@@ -115,9 +116,9 @@ def optimizer_pieces(optimizer, tp_rank: int, tp_size: int, dp_rank: int,
     """
     pieces, buffers = [], {}
     for index, e in enumerate(optimizer.entries):
-        sharded = getattr(e.param, "tensor_model_parallel", False) and tp_size > 1
+        sharded = is_tensor_parallel(e.param) and tp_size > 1
         write = (optimizer.sharded or dp_rank == 0) and (sharded or tp_rank == 0)
-        blocks = row_blocks(e.param, tp_rank, tp_size)
+        blocks = _param_blocks(e.param, tp_rank, tp_size)
         whats = (() if e.main is e.param else ("main_param",)) + OPTIMIZER_MOMENTS
         for what in whats:
             if destination:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megallama.fileio import atomic_open
-from megallama.training import checkpointing as ck
+from megallama.checkpoint import storage as ck
 
 
 def _pieces(full: dict, tp: int, tp_rank: int, dp: int, dp_rank: int, shard_dims: dict, zero: bool):

@@ -1,6 +1,6 @@
-"""megallama's own checkpoints (``SAVE/iter_NNNNNNN/``, see ``megallama.training.checkpointing``).
+"""megallama's own checkpoints (``SAVE/iter_NNNNNNN/``, see ``megallama.checkpoint.storage``).
 
-Reading asks the training code's piece loader for each full tensor, whatever TP/PP/DP layout
+Reading asks the storage layer's piece loader for each full tensor, whatever TP/PP/DP layout
 saved it. Writing lays the tensors out as a run with the target TP × PP (DP 1, no ZeRO) would save
 them: one rank file per model-parallel rank holding its pieces, then ``metadata.json``, then the
 tracker. ``--load`` of that folder by ``megallama.pretrain`` starts training from these weights.
@@ -9,19 +9,26 @@ from HF or Meta the run starts at iteration 0 with a fresh optimizer.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
 
 import torch
 
+from megallama.checkpoint import storage as ckpt
+from megallama.checkpoint.base import (
+    CheckpointFormat,
+    CheckpointReader,
+    copy_tokenizer,
+    is_hf_tokenizer,
+    progress_bar,
+    stored_tokenizer,
+)
+from megallama.checkpoint.sharded import row_blocks
 from megallama.config import LlamaConfig
-from megallama.inference.checkpoint_io import CheckpointReader, copy_tokenizer, parameter_layout, progress_bar
-from megallama.parallel.layers import pad_to_multiple, shard_tensor
+from megallama.parameter_table import ParameterSpec, parameter_table
 from megallama.pipeline.stages import stage_spec
-from megallama.training import checkpointing as ckpt
-from megallama.training.config import DataArgs, ModelArgs, ParallelArgs, PretrainConfig, TrainingArgs
-from megallama.training.sharded_state import row_blocks
 
 _OPTIMIZER_KEY = re.compile(r"^optimizer\.(.+)\.(main_param|exp_avg|exp_avg_sq)$")
 
@@ -47,12 +54,9 @@ class MegallamaReader(CheckpointReader):
         else:  # one iter_NNNNNNN folder
             self.iter_dir, self.metadata = path, ckpt.read_metadata(path)
             self.iteration = self.metadata["iteration"]
-        from megallama.training.loop import llama_config
-
         self.common = self.metadata["common"]
-        self.pretrain_config = PretrainConfig.from_dict(self.common["config"])
-        self.config = dataclasses.replace(llama_config(self.pretrain_config), sequence_parallel=False,
-                                          recompute_granularity=None)
+        self.config = dataclasses.replace(LlamaConfig.from_run_config(self.common["config"]),
+                                          sequence_parallel=False, recompute_granularity=None)
         pieces = self.metadata["pieces"]
         missing = [n for n in self.names() if f"model.{n}" not in pieces]
         if missing:
@@ -78,28 +82,42 @@ class MegallamaReader(CheckpointReader):
         return getattr(torch, self.metadata["pieces"]["model.norm.weight"][0]["dtype"])
 
     def tokenizer_model(self) -> str | None:
-        path = os.path.join(self.source, "tokenizer.model")
-        if os.path.isfile(path):
-            return path
-        path = self.pretrain_config.data.tokenizer_model
-        return path if path and os.path.isfile(path) else None
+        stored = stored_tokenizer(self.source)
+        if stored is not None:
+            return stored
+        path = self.common["config"]["data"]["tokenizer_model"]  # the one the run trained with
+        return path if path and (os.path.isfile(path) or is_hf_tokenizer(path)) else None
 
 
-def _pretrain_config(config: LlamaConfig, dtype: torch.dtype, tp: int, pp: int,
-                     tokenizer_model: str | None) -> PretrainConfig:
-    """The run configuration stored with weights that came from elsewhere (HF, Meta)."""
-    return PretrainConfig(
-        model=ModelArgs(num_layers=config.num_layers, hidden_size=config.hidden_size,
-                        num_attention_heads=config.num_attention_heads, ffn_hidden_size=config.ffn_hidden_size,
-                        seq_length=config.max_position_embeddings,
-                        max_position_embeddings=config.max_position_embeddings, norm_epsilon=config.norm_epsilon,
-                        vocab_size=config.vocab_size, init_method_std=config.init_method_std,
-                        rope_theta=config.rope_theta),
-        parallel=ParallelArgs(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, world_size=tp * pp),
-        training=TrainingArgs(bf16=dtype == torch.bfloat16),
-        data=DataArgs(tokenizer_type="SentencePieceTokenizer" if tokenizer_model else "NullTokenizer",
-                      tokenizer_model=os.path.abspath(tokenizer_model) if tokenizer_model else None),
-    )
+def _imported_run_config(config: LlamaConfig, dtype: torch.dtype, tp: int, pp: int,
+                         tokenizer_model: str | None) -> dict:
+    """The run configuration stored with weights that came from elsewhere (HF, Meta), in the
+    layout of ``PretrainConfig.to_dict`` version 2 (groups and fields left out take their defaults)."""
+    # training keeps fp32 weights unless it runs in bf16
+    model = dataclasses.replace(config, params_dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    return {"version": 2, "model": model.to_dict(),
+            "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "world_size": tp * pp},
+            "data": {"tokenizer_type": _tokenizer_type(tokenizer_model),
+                     "tokenizer_model": os.path.abspath(tokenizer_model) if tokenizer_model else None},
+            "training": {"seq_length": config.max_position_embeddings}}
+
+
+def _tokenizer_type(tokenizer_model: str | None) -> str:
+    if tokenizer_model is None:
+        return "NullTokenizer"
+    return "HuggingFaceTokenizer" if is_hf_tokenizer(tokenizer_model) else "SentencePieceTokenizer"
+
+
+def _resharded_run_config(run: dict, tp: int, pp: int) -> dict:
+    """A megallama checkpoint's stored run configuration, for the layout it is rewritten in: TP × PP
+    ranks, no virtual stages, optimizer state whole (no ZeRO: DP is 1)."""
+    run = copy.deepcopy(run)
+    run["parallel"].update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, world_size=tp * pp,
+                           num_layers_per_virtual_pipeline_stage=None)
+    # version 2 moved the flag into the optimizer group
+    holder = run.setdefault("optimizer", {}) if run.get("version", 1) >= 2 else run["parallel"]
+    holder["use_distributed_optimizer"] = False
+    return run
 
 
 def _piece(key: str, data: torch.Tensor, global_shape: tuple, offsets: tuple) -> ckpt.ShardedTensor:
@@ -109,19 +127,16 @@ def _piece(key: str, data: torch.Tensor, global_shape: tuple, offsets: tuple) ->
     return ckpt.ShardedTensor(key, data, global_shape, offsets)
 
 
-def _rank_pieces(full: torch.Tensor, key: str, info, tp_rank: int, tp: int) -> list[ckpt.ShardedTensor]:
+def _rank_pieces(full: torch.Tensor, key: str, spec: ParameterSpec, tp_rank: int, tp: int) -> list[ckpt.ShardedTensor]:
     """The pieces of ``full`` that TP rank ``tp_rank`` saves (as the training code lays them out)."""
-    if info.dim is None:
+    if spec.split is None:
         return [_piece(key, full, tuple(full.shape), (0,) * full.dim())] if tp_rank == 0 else []
-    size = full.shape[info.dim]
-    # only a vocabulary may be indivisible (the config check rules out the rest): padded as the layers do
-    padded = pad_to_multiple(size, tp) if info.stack == 1 and info.dim == 0 and size % tp else None
-    local = shard_tensor(full, info.dim, stacked=info.stack, padded_size=padded, rank=tp_rank, world_size=tp)
-    local.tensor_model_parallel, local.partition_dim, local.partition_stack = True, info.dim, info.stack
-    local.full_shape = tuple(full.shape)
+    local = spec.split.shard(full, tp_rank, tp)
     pieces = []
-    for block in row_blocks(local, tp_rank, tp):
-        data = local if info.dim != 0 else local[block.start:block.stop]
+    for block in row_blocks(spec.split, spec.shape, tp_rank, tp):
+        if block.replica:  # the first rank holding these rows saves them
+            continue
+        data = local if spec.split.dim != 0 else local[block.start:block.stop]
         pieces.append(_piece(key, data, block.global_shape, block.offsets))
     return pieces
 
@@ -130,27 +145,20 @@ def save_megallama(reader: CheckpointReader, folder: str, tp: int, pp: int, toke
                    progress: bool = True) -> None:
     """Write ``reader``'s checkpoint for TP × PP ranks, one rank file at a time."""
     config = reader.config
-    for what, value in (("num_attention_heads", config.num_attention_heads),
-                        ("ffn_hidden_size", config.ffn_hidden_size)):
-        if value % tp:
-            raise ValueError(f"--target-tensor-parallel-size {tp} does not divide {what} ({value})")
-    if config.num_layers % pp:
-        raise ValueError(f"--target-pipeline-parallel-size {pp} does not divide num_layers ({config.num_layers})")
-    layout = parameter_layout(config)
+    try:
+        config.check_parallel_layout(tp, pp)
+    except ValueError as error:
+        raise ValueError(f"cannot write for --target-tensor-parallel-size {tp} × --target-pipeline-parallel-size "
+                         f"{pp}: {error}") from None
+    table = parameter_table(config)
     from_megallama = isinstance(reader, MegallamaReader)
-    keys = reader.keys() if from_megallama else [f"model.{n}" for n in layout]
+    keys = reader.keys() if from_megallama else [f"model.{n}" for n in table]
     if from_megallama:
-        pretrain = reader.pretrain_config
-        pretrain.parallel = dataclasses.replace(pretrain.parallel, tensor_model_parallel_size=tp,
-                                                pipeline_model_parallel_size=pp, world_size=tp * pp,
-                                                num_layers_per_virtual_pipeline_stage=None,
-                                                use_distributed_optimizer=False)
-        common = {**reader.common, "config": pretrain.to_dict()}
+        common = {**reader.common, "config": _resharded_run_config(reader.common["config"], tp, pp)}
         iteration = reader.iteration
-    else:
-        pretrain = _pretrain_config(config, reader.dtype, tp, pp, tokenizer_model)
+    else:  # no schedule to record: the run that trains from these weights sets its own
         common = {"iteration": 0, "consumed_samples": 0, "optimizer_step": 0,
-                  "lr_schedule": dataclasses.asdict(pretrain.lr_schedule), "config": pretrain.to_dict()}
+                  "config": _imported_run_config(config, reader.dtype, tp, pp, tokenizer_model)}
         iteration = 0
     common["layout"] = {"world_size": tp * pp, "tensor": tp, "pipeline": pp, "virtual": None}
     same_layout = from_megallama and reader.common.get("layout") == common["layout"]
@@ -164,15 +172,15 @@ def save_megallama(reader: CheckpointReader, folder: str, tp: int, pp: int, toke
     bar = progress_bar(tp * len(keys), progress, "writing megallama rank files")
     rank_files = []
     for pp_rank in range(pp):
-        spec = stage_spec(config.num_layers, pp, pp_rank)
-        held = {f"layers.{i}." for i in spec.layer_ids}
-        stage_keys = [k for k in keys if _held(_parameter_of(k), spec, held)]
+        stage = stage_spec(config, pp, pp_rank)
+        held = parameter_table(config, stage.layer_ids, stage.pre_process, stage.post_process)
+        stage_keys = [k for k in keys if _parameter_of(k) in held]
         for tp_rank in range(tp):
             rank = tp_rank + tp * pp_rank  # Megatron's order: TP fastest, then DP (1 here), then PP
             pieces = []
             for key in stage_keys:
                 full = reader.load_key(key) if from_megallama else reader.load(key[len("model."):])
-                pieces += _rank_pieces(full, key, layout[_parameter_of(key)], tp_rank, tp)
+                pieces += _rank_pieces(full, key, table[_parameter_of(key)], tp_rank, tp)
                 bar.update()
             # RNG states belong to a rank of a layout: kept only when the layout is unchanged.
             rank_state = ckpt.read_rank_state(reader.iter_dir, rank, reader.metadata) if same_layout else {}
@@ -185,9 +193,13 @@ def save_megallama(reader: CheckpointReader, folder: str, tp: int, pp: int, toke
     ckpt.write_tracker(folder, iteration)
 
 
-def _held(name: str, spec, layer_prefixes: set) -> bool:
-    if name.startswith("layers."):
-        return name[:name.index(".", len("layers.")) + 1] in layer_prefixes
-    if name == "tok_embeddings.weight":
-        return spec.pre_process
-    return spec.post_process  # norm, output
+def _write(reader: CheckpointReader, folder: str, tensor_parallel_size: int | None,
+           pipeline_parallel_size: int | None, tokenizer_model: str | None, progress: bool) -> None:
+    save_megallama(reader, folder, tensor_parallel_size or 1, pipeline_parallel_size or 1,
+                   tokenizer_model=tokenizer_model, progress=progress)
+
+
+FORMAT = CheckpointFormat(
+    name="megallama", looks_for=f"{ckpt.TRACKER_FILENAME} or an iter_NNNNNNN folder's {ckpt.METADATA_FILENAME}",
+    detect=lambda files: ckpt.TRACKER_FILENAME in files or ckpt.METADATA_FILENAME in files,
+    reader=MegallamaReader, writer=_write)

@@ -1,0 +1,136 @@
+"""Megatron's run-time flags in a real (one-process) run: --manual-gc, --num-workers, separate
+train/valid data paths, the TensorBoard logging flags and Weights & Biases."""
+import gc
+import importlib.util
+import re
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from megallama.pretrain import main
+from megallama.training.arguments import parse_args
+from megallama.training.logger import TrainingLogger
+
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "64",
+        "--untie-embeddings-and-output-weights", "--seq-length", "16", "--vocab-size", "64", "--lr", "1e-3",
+        "--lr-warmup-iters", "1", "--global-batch-size", "4", "--micro-batch-size", "2", "--log-interval", "1"]
+LOSS_LINE = re.compile(r"iteration\s+(\d+)/\d+ \|.*? lm loss (\S+) ")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads on a busy 2-core machine spin against each other
+    yield
+    torch.set_num_threads(before)
+
+
+def losses(capsys, *flags) -> dict:
+    assert main([*TINY, *flags]) == 0
+    return {int(i): float(v) for i, v in LOSS_LINE.findall(capsys.readouterr().out)}
+
+
+def test_manual_gc_and_worker_threads_leave_the_losses_unchanged(capsys, monkeypatch):
+    reference = losses(capsys, "--mock-data", "--train-iters", "4", "--eval-iters", "0")
+    collections = []
+    collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *args: collections.append(gc.isenabled()) or collect(*args))
+    got = losses(capsys, "--mock-data", "--train-iters", "4", "--eval-iters", "0", "--num-workers", "2",
+                 "--manual-gc", "--manual-gc-interval", "2")
+    assert got == reference and sorted(got) == [1, 2, 3, 4]  # bit for bit
+    assert collections == [False, False, False]  # at the start, after iterations 2 and 4; collector off meanwhile
+    assert gc.isenabled()
+
+
+def write_dataset(prefix: str, low: int, high: int, rng) -> None:
+    from megallama.data.indexed import IndexedDatasetWriter
+
+    with IndexedDatasetWriter(prefix, dtype=np.uint16) as writer:
+        for _ in range(40):
+            writer.add_document(rng.integers(low, high, int(rng.integers(5, 40))))
+
+
+def test_train_and_valid_data_paths_read_their_own_datasets(tmp_path, capsys):
+    from megallama.training.loop import build_datasets
+
+    rng = np.random.default_rng(0)
+    train, valid = str(tmp_path / "train_text_document"), str(tmp_path / "valid_text_document")
+    write_dataset(train, 0, 32, rng)  # the two sets have disjoint token ranges
+    write_dataset(valid, 32, 64, rng)
+    flags = ["--train-iters", "2", "--train-data-path", train, "--valid-data-path", valid, "--eval-interval", "2",
+             "--eval-iters", "1", "--data-cache-path", str(tmp_path / "cache")]
+    train_set, valid_set = build_datasets(parse_args([*TINY, *flags], env={}))
+    assert len(train_set) >= 8 and len(valid_set) >= 4
+    assert all(int(train_set[i]["tokens"].max()) < 32 for i in range(len(train_set)))
+    assert all(int(valid_set[i]["tokens"].min()) >= 32 for i in range(len(valid_set)))
+    assert main([*TINY, *flags]) == 0
+    assert re.search(r"validation at iteration 2 \| lm loss validation \d\.\d+E\+00", capsys.readouterr().out)
+
+
+def logged_run(tmp_path, *flags) -> TrainingLogger:
+    config = parse_args([*TINY, "--mock-data", "--train-iters", "2", "--tensorboard-dir", str(tmp_path / "tb"),
+                         *flags], env={})
+    logger = TrainingLogger(config, enabled=True, num_devices=1, peak_tflops=None, print_fn=lambda line: None)
+    if logger.wandb_run is not None:  # record what reaches the (real, offline) run
+        logger.wandb_logged = []
+        log = logger.wandb_run.log
+        logger.wandb_run.log = lambda data, step: logger.wandb_logged.append((step, data)) or log(data, step=step)
+    for iteration in (1, 2):
+        logger.training_iteration(iteration, 4 * iteration, loss=3.0, lr=1e-3, grad_norm=0.5, seconds=0.5,
+                                  phase_seconds={"batch-generator": 0.1, "forward-backward": 0.3, "optimizer": 0.1})
+    logger.validation(2, 2.5)
+    logger.close()
+    return logger
+
+
+def test_logging_flags_add_megatrons_tensorboard_scalars(tmp_path):
+    logged_run(tmp_path, "--log-throughput", "--log-timers-to-tensorboard", "--log-memory-to-tensorboard",
+               "--log-validation-ppl-to-tensorboard")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"throughput", "batch-generator-time", "forward-backward-time", "optimizer-time", "mem-allocated-bytes",
+            "lm loss validation ppl"} <= tags
+    assert events.Scalars("lm loss validation ppl")[0].value == pytest.approx(np.exp(2.5), rel=1e-6)
+    assert events.Scalars("forward-backward-time")[-1].value == pytest.approx(0.3)
+    assert events.Scalars("mem-allocated-bytes")[0].value > 0
+
+
+def test_without_the_flags_only_the_usual_scalars(tmp_path):
+    logged_run(tmp_path)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert not tags & {"throughput", "forward-backward-time", "mem-allocated-bytes", "lm loss validation ppl"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
+                    reason="wandb is not installed (pip install -e .[wandb])")
+def test_wandb_offline_run_gets_the_scalars(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = logged_run(tmp_path, "--wandb-project", "megallama-test", "--wandb-exp-name", "tiny",
+                        "--wandb-save-dir", str(tmp_path / "wandb"))
+    assert (logger.wandb_run.project, logger.wandb_run.name) == ("megallama-test", "tiny")
+    assert [step for step, _ in logger.wandb_logged] == [1, 2, 2]
+    assert logger.wandb_logged[0][1]["lm loss"] == 3.0 and logger.wandb_logged[2][1] == {"lm loss validation": 2.5}
+    assert list((tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_attention_backend_limits_the_sdpa_kernels():
+    from megallama.training.loop import attention_kernels
+
+    with attention_kernels("unfused"):
+        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    with attention_kernels("flash"):
+        assert torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.math_sdp_enabled()
+    with attention_kernels("auto"):
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+
+
+def test_unfused_attention_trains_as_the_default_up_to_rounding(capsys):
+    reference = losses(capsys, "--mock-data", "--train-iters", "2", "--eval-iters", "0")
+    unfused = losses(capsys, "--mock-data", "--train-iters", "2", "--eval-iters", "0", "--attention-backend", "local")
+    assert unfused == pytest.approx(reference, rel=1e-4)
