@@ -5,8 +5,9 @@
         --tokenizer-model tok/llama.model --output-prefix sft/alpaca --workers 2
 
 writes ``sft/alpaca_text_document.{bin,idx}`` (one document per conversation) and
-``sft/alpaca_loss_mask_document.{bin,idx}`` (1 on answer tokens and the EOS ending each answer);
-``--sft-data-path sft/alpaca`` trains on them. The template is documented in
+``sft/alpaca_loss_mask_document.{bin,idx}`` (1 on answer tokens and the EOS, or ``<|eot_id|>``,
+ending each answer); ``--sft-data-path sft/alpaca`` trains on them. The templates (``llama2``, and
+``llama3`` for a LLaMA-3 Hugging Face tokenizer folder) are documented in
 megallama/data/instructions.py; unusable records are counted by reason (``--strict`` fails on them).
 """
 import argparse
@@ -24,11 +25,15 @@ def parse_args(argv=None):
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="alpaca: instruction/input/output; messages: a list of role/content turns; "
                    "flan: inputs/targets")
-    p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
+    p.add_argument("--tokenizer-model", required=True,
+                   help="SentencePiece .model file or Hugging Face tokenizer folder (tokenizer.json)")
+    p.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"),
+                   help="default: HuggingFaceTokenizer for a folder, SentencePieceTokenizer for a file")
     p.add_argument("--output-prefix", required=True,
                    help="outputs are PREFIX_text_document and PREFIX_loss_mask_document (.bin/.idx)")
     p.add_argument("--template", default="llama2", choices=sorted(CHAT_TEMPLATES),
-                   help="prompt template the conversations are rendered with")
+                   help="prompt template the conversations are rendered with: llama2 ([INST] … [/INST]) or "
+                   "llama3 (LLaMA-3-instruct's headers and <|eot_id|>; needs those special tokens)")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     p.add_argument("--strict", action="store_true",
                    help="fail on the first unusable record (naming file and line) instead of skipping it")
@@ -41,7 +46,7 @@ def main(argv=None) -> int:
     try:
         summary = preprocess_instructions(args.input, args.output_prefix, args.format, args.tokenizer_model,
                                           args.template, args.workers, args.strict,
-                                          progress=not args.no_progress)
+                                          progress=not args.no_progress, tokenizer_type=args.tokenizer_type)
     except (BadLineError, FileNotFoundError, TruncatedInput, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Instruction data → token ids and a per-token loss mask, through one chat template.
+"""Instruction data → token ids and a per-token loss mask, through a chat template (llama2 or llama3).
 
 Formats people download, each read as a conversation (an optional system prompt, then
 user/assistant exchanges):
@@ -20,6 +20,18 @@ SentencePiece (split by whitespace) never merges across the space before the ans
 space after ``<s>`` in the Jinja form stands for the encoder's dummy prefix, so HF's
 ``apply_chat_template`` with :data:`CHAT_TEMPLATES` gives exactly these ids. The loss mask is 1 on
 every assistant token and the ``</s>`` ending it, 0 on ``<s>``, prompt and system tokens.
+
+The ``llama3`` template (LLaMA-3-instruct's layout, for a tokenizer with its special tokens, e.g. a
+LLaMA-3 Hugging Face folder) renders the whole conversation as::
+
+    <|begin_of_text|>{header(system) system<|eot_id|>, if any}
+    header(user) {user}<|eot_id|>header(assistant) {assistant}<|eot_id|> …
+
+with ``header(role)`` = ``<|start_header_id|>{role}<|end_header_id|>\n\n`` and contents stripped. As in
+Meta's reference code, ids are the special tokens' ids, ``encode(role)``, ``encode("\n\n")`` and
+``encode(content)``: LLaMA-3's pre-tokenizer splits newlines from the stripped content after them,
+so HF's ``apply_chat_template`` with :data:`CHAT_TEMPLATES` gives exactly these ids. The loss mask is
+1 on each assistant content and its ``<|eot_id|>``, 0 on headers, BOS, system and user turns.
 """
 from __future__ import annotations
 
@@ -34,6 +46,7 @@ from tqdm import tqdm
 
 from megallama.data.indexed import IndexedDatasetWriter, optimal_dtype
 from megallama.data.jsonl import BadLineError, expand_inputs, iter_line_batches
+from megallama.tokenizer import SentencePieceTokenizer
 
 FORMATS = ("alpaca", "messages", "flan")
 ROLES = ("system", "user", "assistant")
@@ -54,7 +67,22 @@ LLAMA2_JINJA = (
     "{%- endif -%}"
     "{%- endfor -%}"
 )
-CHAT_TEMPLATES = {"llama2": LLAMA2_JINJA}
+# Meta's LLaMA-3-instruct chat_template, with the roles checked as in LLAMA2_JINJA.
+LLAMA3_JINJA = (
+    "{%- set offset = 1 if messages and messages[0]['role'] == 'system' else 0 -%}"
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- set expected = 'system' if loop.index0 < offset else ['user', 'assistant'][(loop.index0 - offset) % 2] -%}"
+    "{%- if message['role'] != expected -%}"
+    "{{- raise_exception('roles must be system (first), then user and assistant alternating') -}}"
+    "{%- endif -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + (message['content'] | trim)"
+    " + '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+CHAT_TEMPLATES = {"llama2": LLAMA2_JINJA, "llama3": LLAMA3_JINJA}
+LLAMA3_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
 class InstructionError(ValueError):
@@ -122,12 +150,29 @@ def _prompt_text(conversation: Conversation, i: int, user: str) -> str:
     return f"[INST] {block}{user} [/INST]"
 
 
-def encode_conversation(tokenizer, conversation: Conversation, template: str = "llama2"
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 ids, uint8 loss mask) of ``conversation`` under ``template``. An exchange whose
-    answer is None (the last) ends with the prompt: what generation continues from."""
-    if template not in CHAT_TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; choose one of {', '.join(CHAT_TEMPLATES)}")
+def special_token_id(tokenizer, token: str) -> int:
+    """The id of special token ``token`` in a SentencePiece or Hugging Face tokenizer; a one-line
+    ``ValueError`` naming it when the vocabulary lacks it."""
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        token_id = tokenizer.sp.piece_to_id(token)  # the unknown id when absent
+        found = tokenizer.sp.id_to_piece(token_id) == token
+    else:
+        token_id = tokenizer.tokenizer.token_to_id(token)
+        found = token_id is not None
+    if not found:
+        raise ValueError(f"the llama3 template needs the special token {token}, which the tokenizer lacks")
+    return token_id
+
+
+def check_template_tokens(tokenizer, template: str) -> None:
+    """Raise the ``ValueError`` of :func:`special_token_id` for a special token ``template`` needs
+    and the tokenizer lacks (before any record is read)."""
+    if template == "llama3":
+        for token in LLAMA3_TOKENS:
+            special_token_id(tokenizer, token)
+
+
+def _encode_llama2(tokenizer, conversation: Conversation) -> tuple[list, list]:
     ids, mask = [], []
     for i, (user, answer) in enumerate(conversation.exchanges):
         prompt = [tokenizer.bos_id] + tokenizer.encode(_prompt_text(conversation, i, user))
@@ -137,6 +182,40 @@ def encode_conversation(tokenizer, conversation: Conversation, template: str = "
             reply = tokenizer.encode(answer) + [tokenizer.eos_id]
             ids += reply
             mask += [1] * len(reply)
+    return ids, mask
+
+
+def _encode_llama3(tokenizer, conversation: Conversation) -> tuple[list, list]:
+    start_header, end_header, eot = (special_token_id(tokenizer, t) for t in LLAMA3_TOKENS)
+    blank_line = tokenizer.encode("\n\n")
+
+    def header(role: str) -> list[int]:
+        return [start_header] + tokenizer.encode(role) + [end_header] + blank_line
+
+    def untrained_turn(role: str, content: str) -> list[int]:
+        return header(role) + tokenizer.encode(content) + [eot]
+
+    ids = [tokenizer.bos_id] + (untrained_turn("system", conversation.system) if conversation.system else [])
+    mask = [0] * len(ids)
+    for user, answer in conversation.exchanges:
+        prompt = untrained_turn("user", user) + header("assistant")
+        ids += prompt
+        mask += [0] * len(prompt)
+        if answer is not None:
+            reply = tokenizer.encode(answer) + [eot]
+            ids += reply
+            mask += [1] * len(reply)
+    return ids, mask
+
+
+def encode_conversation(tokenizer, conversation: Conversation, template: str = "llama2"
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 ids, uint8 loss mask) of ``conversation`` under ``template``. An exchange whose
+    answer is None (the last) ends with the prompt: what generation continues from."""
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {', '.join(CHAT_TEMPLATES)}")
+    encode = _encode_llama3 if template == "llama3" else _encode_llama2
+    ids, mask = encode(tokenizer, conversation)
     return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)
 
 
@@ -204,12 +283,15 @@ def _encode_lines(task):
 
 def preprocess_instructions(inputs, output_prefix: str, fmt: str, tokenizer_model: str,
                             template: str = "llama2", workers: int = 1, strict: bool = False,
-                            progress: bool = True, batch_lines: int = 256) -> InstructionSummary:
+                            progress: bool = True, batch_lines: int = 256,
+                            tokenizer_type: str | None = None) -> InstructionSummary:
     """Tokenize every usable record of ``inputs`` (JSONL, .gz/.zst too) into two indexed datasets
     with the same document boundaries: the ids (one document per conversation) and the loss mask
-    (uint8). Bad records are counted by reason (``strict``: the first one raises ``BadLineError``)."""
+    (uint8). Bad records are counted by reason (``strict``: the first one raises ``BadLineError``).
+    ``tokenizer_model`` is a SentencePiece .model or a Hugging Face tokenizer folder, told apart by
+    the path unless ``tokenizer_type`` says."""
     from megallama.data.preprocess import _bounded_imap
-    from megallama.tokenizer import SentencePieceTokenizer
+    from megallama.tokenizer import load_tokenizer
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -218,7 +300,8 @@ def preprocess_instructions(inputs, output_prefix: str, fmt: str, tokenizer_mode
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     paths = expand_inputs(inputs)
-    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    tokenizer = load_tokenizer(tokenizer_model, tokenizer_type)
+    check_template_tokens(tokenizer, template)
     summary = InstructionSummary(outputs=output_prefixes(output_prefix))
     tokens_out = IndexedDatasetWriter(summary.outputs[0], optimal_dtype(tokenizer.vocab_size))
     mask_out = IndexedDatasetWriter(summary.outputs[1], np.uint8)

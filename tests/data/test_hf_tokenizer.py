@@ -17,6 +17,8 @@ preprocess_data = load_tool("preprocess_data")
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+# LLaMA-3-instruct's chat template tokens (the llama3 finetuning template)
+CHAT_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 EDGE_CASES = [
     "", " ", "café naïve Ærø", "日本語の文章と中文混合", "emoji 🦙🚀👩‍👩‍👧 flags 🇫🇷", "12345678901234567890",
     "3.14159 and 1,000,000", "    four spaces\tand\ttabs\t\t", "lines\n\n\nand\r\nwindows\n", "trailing   ",
@@ -34,7 +36,7 @@ def write_llama3_style_folder(folder, corpus, tokenizer_config=None, special_tok
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok.add_special_tokens([BOS, EOS, "<|reserved_special_token_0|>"])
+    tok.add_special_tokens([BOS, EOS, "<|reserved_special_token_0|>", *CHAT_TOKENS])
     # LLaMA-3's post-processor: AutoTokenizer's default encode prepends BOS
     tok.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
@@ -68,7 +70,7 @@ def test_ids_are_autotokenizers(hf_folder, texts):
     tok = build_tokenizer("HuggingFaceTokenizer", hf_folder)
     assert isinstance(tok, HuggingFaceTokenizer)
     assert (tok.bos_id, tok.eos_id) == (reference.bos_token_id, reference.eos_token_id)
-    assert tok.eod == tok.pad_id == tok.eos_id and tok.vocab_size == len(reference) == 603
+    assert tok.eod == tok.pad_id == tok.eos_id and tok.vocab_size == len(reference) == 606
     flat, counts = tok.encode_batch(texts, append_eod=True)
     assert flat.dtype == np.int32 and counts.dtype == np.int64 and counts.sum() == flat.size
     for text, ids in zip(texts, np.split(flat, np.cumsum(counts)[:-1])):
@@ -143,8 +145,8 @@ def test_pretraining_flags_take_the_folder_and_its_vocabulary(tmp_path, hf_folde
              "--untie-embeddings-and-output-weights",
              "--train-iters", "10", "--lr-warmup-iters", "2", "--mock-data", "--tokenizer-type", "HuggingFaceTokenizer"]
     config = parse_args([*flags, "--tokenizer-model", hf_folder], env={})
-    assert config.model.vocab_size == 603 and config.data.tokenizer_type == "HuggingFaceTokenizer"
-    with pytest.raises(ConfigError, match="has 603 tokens, more than --vocab-size 600"):
+    assert config.model.vocab_size == 606 and config.data.tokenizer_type == "HuggingFaceTokenizer"
+    with pytest.raises(ConfigError, match="has 606 tokens, more than --vocab-size 600"):
         parse_args([*flags, "--tokenizer-model", hf_folder, "--vocab-size", "600"], env={})
     with pytest.raises(ConfigError, match=f"tokenizer folder {tmp_path} has no tokenizer.json"):
         parse_args([*flags, "--tokenizer-model", str(tmp_path)], env={})

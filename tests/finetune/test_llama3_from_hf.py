@@ -18,7 +18,7 @@ from tests.inference.conftest import load_tool
 from tests.training.test_pretrain_cli import losses_of, torchrun
 
 convert_tool = load_tool("convert_checkpoint")
-VOCAB = 608  # the tokenizer's 603 tokens, padded so that TP=2 splits the embedding evenly
+VOCAB = 608  # the tokenizer's 606 tokens, padded so that TP=2 splits the embedding evenly
 TEXT = "naïve café 日本語 🦙 it's 12345 tokens\n\tend"
 # The model shape as flags (Megatron's names), equal to the HF directory's config.json.
 SHAPE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "128",
