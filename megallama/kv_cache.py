@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from megallama import parallel
-
 
 class LayerKVCache:
     """One layer's keys and values in a ``KVCache``: what its attention reads and writes."""
@@ -51,12 +49,11 @@ class KVCache:
                              f"max_position_embeddings={config.max_position_embeddings}")
         if key_padding is not None and key_padding.shape != (batch_size, max_len):
             raise ValueError(f"key_padding {tuple(key_padding.shape)} must be {(batch_size, max_len)}")
-        # this rank's key/value heads: one (replicated) where there are fewer than ranks
-        heads = max(config.num_query_groups // parallel.get_tensor_model_parallel_world_size(), 1)
-        shape = (batch_size, heads, max_len, config.head_dim)
         like = next(model.parameters())
-        self.layers = {int(layer_id): LayerKVCache(self, like.new_empty(shape), like.new_empty(shape))
-                       for layer_id in model.layers}
+        self.layers = {}
+        for layer_id, block in model.layers.items():
+            shape = (batch_size, block.attention.kv_heads, max_len, config.head_dim)  # this rank's key/value heads
+            self.layers[int(layer_id)] = LayerKVCache(self, like.new_empty(shape), like.new_empty(shape))
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
         self.key_padding = key_padding
         self.attention_mask: torch.Tensor | None = None  # of the forward in progress

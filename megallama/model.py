@@ -59,7 +59,7 @@ class _QKVRotary(torch.autograd.Function):
     def forward(ctx, xn, wqkv, cos, sin, head_dim, column):
         full = column.gather_input(xn)
         b, s, _ = full.shape
-        rows = column.split.local_parts(parallel.get_tensor_model_parallel_world_size())
+        rows = column.local_parts
         q, k, v = (part.view(b, s, -1, head_dim) for part in F.linear(full, wqkv).split(rows, dim=-1))
         del full
         q = ops.rope_forward(q, cos, sin, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
@@ -87,10 +87,10 @@ class _QKVRotary(torch.autograd.Function):
         grad_w = None
         if gather is not None:
             grad_w = grad_qkv.t() @ gather.wait().reshape(b * s, -1)
-            tp = parallel.get_tensor_model_parallel_world_size()
-            if ctx.column.split.has_replicas(tp):
+            if ctx.column.has_replicas:
                 grad_w = ctx.column.split.sum_over_replicas(
-                    grad_w, parallel.get_tensor_model_parallel_rank(), tp, parallel.get_tensor_model_parallel_group())
+                    grad_w, parallel.get_tensor_model_parallel_rank(), parallel.get_tensor_model_parallel_world_size(),
+                    parallel.get_tensor_model_parallel_group())
         grad_xn = reduction.wait() if reduction is not None else None
         return grad_xn, grad_w, None, None, None, None
 
@@ -236,6 +236,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.wqkv = _linear(parallel.ColumnParallelLinear, table[prefix + "wqkv.weight"], config)
         self.wo = _linear(parallel.RowParallelLinear, table[prefix + "wo.weight"], config)
+        self.kv_heads = self.wqkv.local_parts[1] // self.head_dim  # this rank's (a replica where TP exceeds them)
 
     def forward(self, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 documents: DocumentLayout | None = None, cache: LayerKVCache | None = None) -> torch.Tensor:
@@ -256,7 +257,7 @@ class Attention(nn.Module):
     def _attend_with_cache(self, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            cache: LayerKVCache) -> torch.Tensor:
         b, s, _ = xn.shape
-        kv_heads = cache.keys.shape[1]  # this rank's; each serves q_heads / kv_heads query heads
+        kv_heads = self.kv_heads  # each serves q_heads / kv_heads query heads
         qkv = F.linear(xn, self.wqkv.weight).view(b, s, -1, self.head_dim)  # q heads, k heads, v heads
         q_heads = qkv.shape[2] - 2 * kv_heads
         q, k, v = qkv.split([q_heads, kv_heads, kv_heads], dim=2)

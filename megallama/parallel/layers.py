@@ -129,7 +129,10 @@ class ColumnParallelLinear(nn.Module):
         world_size = get_tensor_model_parallel_world_size()
         self.input_size, self.output_size = input_size, output_size
         self.split = _split_of(split, 0, output_size)
-        self.output_size_per_partition = self.split.local_size(world_size)
+        # this rank's rows of each fused part, and whether some are another rank's too (KV heads)
+        self.local_parts = self.split.local_parts(world_size)
+        self.has_replicas = self.split.has_replicas(world_size)
+        self.output_size_per_partition = sum(self.local_parts)
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
         self.sequence_dim = sequence_dim

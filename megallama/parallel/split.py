@@ -8,6 +8,7 @@ part with zero rows up to a multiple of TP first; padding never reaches a checkp
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -55,9 +56,10 @@ class TensorSplit:
                                        or any(size % unit for size, unit in zip(self.parts, self.units))):
             raise ValueError(f"units {self.units} do not divide the parts {list(self.parts)}")
 
-    def _layout(self, tp: int) -> list[_PartLayout]:
+    @functools.lru_cache(maxsize=None)  # asked every step (gradient norm, qkv backward): a split has few TP sizes
+    def _layout(self, tp: int) -> tuple[_PartLayout, ...]:
         if self.pad_to_tp:
-            return [_PartLayout(math.ceil(self.parts[0] / tp) * tp, math.ceil(self.parts[0] / tp), 1)]
+            return (_PartLayout(math.ceil(self.parts[0] / tp) * tp, math.ceil(self.parts[0] / tp), 1),)
         layout = []
         for index, size in enumerate(self.parts):
             units = size if self.units is None else self.units[index]
@@ -72,7 +74,7 @@ class TensorSplit:
                                  f"evenly over the tensor-parallel size ({tp}): {units} must divide it")
             else:
                 layout.append(_PartLayout(size, size // units, tp // units))
-        return layout
+        return tuple(layout)
 
     def padded_parts(self, tp: int) -> tuple[int, ...]:
         """Part sizes once padded for ``tp`` ranks; a ValueError when a part does not split."""

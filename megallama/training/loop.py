@@ -273,6 +273,8 @@ class Trainer:
         self.schedule = LRSchedule(config.lr_schedule, config.optimizer.lr, config.training.global_batch_size)
         self.forward_backward = get_forward_backward_func(config.parallel.pipeline_model_parallel_size,
                                                           virtual_size(config))
+        self.activation_shape = ActivationShape(config.training.seq_length, config.training.micro_batch_size,
+                                                config.model.hidden_size, self.dtype, config.model.sequence_parallel)
         self.is_last_stage = state.is_pipeline_last_stage()
         peak = config.logging.peak_tflops or detect_peak_tflops(self.dtype, self.device)
         self.logger = TrainingLogger(config, enabled=dist.get_rank() == dist.get_world_size() - 1,
@@ -373,11 +375,8 @@ class Trainer:
     def _run_schedule(self, batches: list, forward_only: bool):
         v = virtual_size(self.config)
         data = [iter(batches) for _ in range(v)] if v else iter(batches)
-        c = self.config
-        shape = ActivationShape(c.training.seq_length, c.training.micro_batch_size, c.model.hidden_size, self.dtype,
-                                c.model.sequence_parallel)
-        return self.forward_backward(llama_forward_step, data, self.chunks, c.num_micro_batches, shape,
-                                     forward_only=forward_only)
+        return self.forward_backward(llama_forward_step, data, self.chunks, self.config.num_micro_batches,
+                                     self.activation_shape, forward_only=forward_only)
 
     def train_step(self) -> tuple[Optional[float], float]:
         """One optimizer step on global batch ``iteration``; returns (loss on the last stage, grad norm)."""

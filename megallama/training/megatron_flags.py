@@ -107,11 +107,11 @@ MEGATRON_FLAGS: tuple[MegatronFlag, ...] = (
                  ignored="emptying the CUDA cache only fights fragmentation; it does not change training"),
     # --- data -----------------------------------------------------------------------------------
     MegatronFlag("--vocab-file", {"type": str, "default": None},
-                 refused="--vocab-file: megallama has no GPT-2 BPE tokenizer; give a SentencePiece model with "
-                 "--tokenizer-model (or --tokenizer-type NullTokenizer)"),
+                 refused="--vocab-file: megallama has no GPT-2 BPE tokenizer; give a SentencePiece model or a "
+                 "Hugging Face tokenizer folder with --tokenizer-model (or --tokenizer-type NullTokenizer)"),
     MegatronFlag("--merge-file", {"type": str, "default": None},
-                 refused="--merge-file: megallama has no GPT-2 BPE tokenizer; give a SentencePiece model with "
-                 "--tokenizer-model (or --tokenizer-type NullTokenizer)"),
+                 refused="--merge-file: megallama has no GPT-2 BPE tokenizer; give a SentencePiece model or a "
+                 "Hugging Face tokenizer folder with --tokenizer-model (or --tokenizer-type NullTokenizer)"),
     MegatronFlag("--tiktoken-pattern", {"type": str, "default": None},
                  ignored="read only by Megatron's TikTokenizer, which megallama does not offer"),
     MegatronFlag("--no-create-attention-mask-in-dataloader", GIVEN,
