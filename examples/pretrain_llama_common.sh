@@ -47,8 +47,8 @@ DATA_PATH=(
 # AdamW β=(0.9, 0.95), weight decay 0.1, clipping 1.0, 2000 warmup steps, cosine decay to 10% of
 # the peak lr (--min-lr defaults to it); the paper gives no Adam epsilon, Llama 2 reports 1e-5. bf16 weights and activations with fp32 main weights and
 # gradient accumulation; the distributed optimizer shards the 12 bytes/param of fp32 main weights
-# and Adam moments over DP (so a GPU holds ≈ 2 + 4 + 12/DP bytes per parameter of its shard, plus a
-# 4-byte staging copy of the gradients at the end of backward: `python tools/plan.py` has the full count).
+# and Adam moments over DP (so a GPU holds ≈ 2 + 4 + 12/DP bytes per parameter of its shard, plus
+# activations; NCCL reduce-scatters the gradients in place: `python tools/plan.py` has the full count).
 exec torchrun \
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \

@@ -47,6 +47,18 @@ _PRESETS = {
 }
 
 
+class _Derived(int):
+    """An int ``LlamaConfig.__post_init__`` derived from the shape rather than one it was given.
+
+    ``dataclasses.replace`` passes every field back to ``__init__``; a value so marked is derived
+    again from the new shape instead of being kept stale. Copies and pickles are plain ints (stored
+    configs stay ``torch.load(weights_only=True)``-safe), so they count as given.
+    """
+
+    def __reduce__(self):
+        return int, (int(self),)
+
+
 @dataclass
 class LlamaConfig:
     """Shape and numerics of a LLaMA model; defaults are LLaMA-7B's."""
@@ -56,8 +68,8 @@ class LlamaConfig:
     num_attention_heads: int = 32
     # Grouped-query attention: key/value heads (HF num_key_value_heads, Meta n_kv_heads), each
     # shared by num_attention_heads / num_query_groups query heads. None: one per query head.
-    # __post_init__ turns both None defaults into ints: dataclasses.replace of hidden_size or
-    # num_attention_heads keeps the old ones unless given None again.
+    # __post_init__ turns the None defaults of these two and ffn_hidden_size into ints marked as
+    # derived, so dataclasses.replace of hidden_size or num_attention_heads derives them again.
     num_query_groups: int | None = None
     kv_channels: int | None = None  # size of each head (HF head_dim); None: hidden_size / num_attention_heads
     ffn_hidden_size: int | None = None  # None: 8/3·hidden rounded up to a multiple of 256
@@ -75,10 +87,13 @@ class LlamaConfig:
     params_dtype: torch.dtype = torch.float32
 
     def __post_init__(self):
+        for name in ("ffn_hidden_size", "num_query_groups", "kv_channels"):
+            if isinstance(getattr(self, name), _Derived):  # a copy's stale derivation (dataclasses.replace)
+                setattr(self, name, None)
         if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = llama_ffn_hidden_size(self.hidden_size)
+            self.ffn_hidden_size = _Derived(llama_ffn_hidden_size(self.hidden_size))
         if self.num_query_groups is None:
-            self.num_query_groups = self.num_attention_heads
+            self.num_query_groups = _Derived(self.num_attention_heads)
         given_kv_channels = () if self.kv_channels is None else ("kv_channels",)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", *given_kv_channels,
                      "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
@@ -93,7 +108,7 @@ class LlamaConfig:
                 raise ValueError(
                     f"LlamaConfig: num_attention_heads ({self.num_attention_heads}) must divide "
                     f"hidden_size ({self.hidden_size}) unless kv_channels is given")
-            self.kv_channels = self.hidden_size // self.num_attention_heads
+            self.kv_channels = _Derived(self.hidden_size // self.num_attention_heads)
         if self.kv_channels % 2:
             raise ValueError(f"LlamaConfig: the head size kv_channels = {self.kv_channels} must be even "
                              "for rotary embeddings")
@@ -135,10 +150,6 @@ class LlamaConfig:
         if groups % tp and tp % groups:  # fewer key/value heads than ranks: each one on tp / groups ranks
             raise ValueError(f"num_query_groups ({groups}) and tensor_model_parallel_size ({tp}) "
                              "must divide one another")
-        if self.tie_word_embeddings and pp > 1:
-            # The first and last stage would each hold the embedding and have to sum its gradients.
-            raise ValueError(f"tie_word_embeddings needs pipeline_model_parallel_size 1, got {pp} (untie the "
-                             "output head, or train this model without pipeline parallelism)")
         chunks = pp * (v or 1)
         if self.num_layers % chunks:
             what = f" × virtual_pipeline_model_parallel_size ({v}) = {chunks}" if v else ""

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megallama import ops, parallel
+from megallama import host_checks, ops, parallel
 from megallama.attention import DocumentLayout, causal_attention
 from megallama.config import LlamaConfig
 from megallama.kv_cache import KVCache, LayerKVCache
@@ -191,10 +191,11 @@ def linear_cross_entropy(hn: torch.Tensor, weight: torch.Tensor, target: torch.T
     if hn.dim() != 2 or target.shape != hn.shape[:1]:
         raise ValueError(f"linear_cross_entropy wants hn [tokens, hidden] and target [tokens], "
                          f"got {tuple(hn.shape)} and {tuple(target.shape)}")
-    valid = target[target != ignore_index]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= weight.shape[0]):
-        raise ValueError(f"target ids must lie in [0, {weight.shape[0]}) (or be {ignore_index}); "
-                         f"got range [{int(valid.min())}, {int(valid.max())}]")
+    if host_checks.readable_without_sync(target):  # on a device: the trainer checked the host copy
+        valid = target[target != ignore_index]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= weight.shape[0]):
+            raise ValueError(f"target ids must lie in [0, {weight.shape[0]}) (or be {ignore_index}); "
+                             f"got range [{int(valid.min())}, {int(valid.max())}]")
     return _LinearCrossEntropy.apply(hn, weight, target, ignore_index, chunk_tokens)
 
 
@@ -349,7 +350,9 @@ class LlamaModel(nn.Module):
     ``model(input_ids)`` → logits ``[batch, seq, vocab]``; ``model(input_ids, labels=targets)`` →
     per-token cross-entropy ``[batch, seq]`` (float32), targets already aligned with positions.
     A stage without ``pre_process`` takes ``hidden_states``; one without ``post_process`` returns
-    hidden states. ``layer_ids`` are the global ids of the layers held (default: all).
+    hidden states. ``layer_ids`` are the global ids of the layers held (default: all). With
+    ``tie_word_embeddings`` a last stage without the embedding holds a copy of it as
+    ``output.weight`` (Megatron's): the two stages sum their gradients, so the copies stay equal.
     Under tensor parallelism every rank returns the full logits or loss; with sequence parallelism
     the hidden states a stage takes or returns are this rank's part of the sequence.
     ``position_ids`` ``[batch, seq]`` (full sequence, every stage) pack several examples in a row:
@@ -376,18 +379,26 @@ class LlamaModel(nn.Module):
         if post_process:
             self.norm = _norm(table["norm.weight"], config)
             # A vocabulary not divisible by TP is padded; the padding rows never reach the logits.
-            if config.tie_word_embeddings:
-                if not pre_process:
-                    raise ValueError("tied embeddings need the embedding and the head in one model chunk")
+            if config.tie_word_embeddings and pre_process:
                 # The head multiplies by the embedding: one parameter (made on the meta device here, then
                 # replaced, so no second vocabulary-sized matrix is ever drawn).
                 self.output = _linear(parallel.ColumnParallelLinear, table["tok_embeddings.weight"], config,
                                       gather_output=True, device="meta")
                 self.output.weight = self.tok_embeddings.weight
-            else:
+            else:  # untied, or the tied head's copy on a last pipeline stage
                 self.output = _linear(parallel.ColumnParallelLinear, table["output.weight"], config, gather_output=True)
+        if config.tie_word_embeddings and pre_process != post_process:
+            self._mark_shared_embedding()
         self._rope_cache: dict = {}
         self.reset_parameters()
+
+    def _mark_shared_embedding(self) -> None:
+        """The embedding on a first stage, or its copy as the head on a last one: the two stages sum
+        their gradients (``DistributedDataParallel``), the gradient norm counts the first stage's."""
+        param = self.tok_embeddings.weight if self.pre_process else self.output.weight
+        param.shared = True
+        if not self.pre_process:  # checkpoints read and write it as the embedding
+            param.stored_as = self.parameter_table["output.weight"].stored_as
 
     def reset_parameters(self) -> None:
         """Normal(0, std) weights; the projections into the residual stream (``wo``, ``w2``) use
@@ -407,11 +418,12 @@ class LlamaModel(nn.Module):
         """Re-draw this chunk's weights so they do not depend on the parallel layout: the embedding
         (with a tied head), each layer ``i`` and the head each come from a one-part model built on
         the CPU under a seed of their own, as ``reset_parameters`` draws them (so a GPU run starts
-        from the same weights as a CPU run, and any pipeline split from the serial model's)."""
+        from the same weights as a CPU run, and any pipeline split from the serial model's). A tied
+        head's copy on a last stage is drawn as the embedding it copies."""
         fp32 = dataclasses.replace(self.config, params_dtype=torch.float32)
         tied, num_layers = self.config.tie_word_embeddings, self.config.num_layers
         parts = [(dict(layer_ids=[i], pre_process=False, post_process=False), i + 1) for i in map(int, self.layers)]
-        if self.pre_process:
+        if self.pre_process or (self.post_process and tied):
             parts.append((dict(layer_ids=[], pre_process=True, post_process=tied), 0))
         if self.post_process and not tied:
             parts.append((dict(layer_ids=[], pre_process=False, post_process=True), num_layers + 1))
@@ -419,9 +431,11 @@ class LlamaModel(nn.Module):
         for kwargs, offset in parts:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed * 1_000_003 + offset)
-                source = LlamaModel(fp32, **kwargs)
-            for name, value in source.named_parameters():
-                params[name].copy_(value)
+                values = dict(LlamaModel(fp32, **kwargs).named_parameters())
+            for name, param in params.items():
+                source = self.parameter_table[name].stored_as or name
+                if source in values:
+                    param.copy_(values[source])
 
     def rotary(self, seq_len: int, device: torch.device, offset: int = 0):
         """(cos, sin) float32 ``[seq_len, head_dim/2]`` for positions offset … offset+seq_len-1."""
@@ -541,7 +555,8 @@ class LlamaModel(nn.Module):
         """Load a ``transformers`` ``LlamaForCausalLM`` state dict (the parts this stage holds;
         under tensor parallelism, this rank's shard of each full tensor)."""
         ours = hf_to_ours(parameter_table(self.config), hf_state_dict)
-        own = dict(self.named_parameters())
+        # a tied head's copy on a last stage reads the embedding
+        own = {self.parameter_table[name].stored_as or name: p for name, p in self.named_parameters()}
         if strict:
             missing = sorted(set(own) - set(ours))
             if missing:

@@ -12,6 +12,7 @@ other and ``feed_forward.w13`` those of ``w1`` then ``w3``, so each is one matri
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,9 @@ class ParameterSpec:
     meta_split_dim: int | None  # None: repeated in every consolidated.NN.pth
     meta_rotary: tuple[bool, ...]  # per part: rows of each head in Meta's interleaved rotary order
     hf_copies: tuple[str, ...] = ()  # HF tensors that, where present, repeat this one (a tied head)
+    # A copy of another parameter, stored (checkpoints, converters) only under that one's name: the
+    # tied head of a last pipeline stage that does not hold the embedding.
+    stored_as: str | None = None
 
     @property
     def parts(self) -> tuple[int, ...]:
@@ -83,20 +87,24 @@ def parameter_table(config: LlamaConfig, layer_ids=None, pre_process: bool = Tru
                     post_process: bool = True) -> dict[str, ParameterSpec]:
     """The parameters of the model (or of one pipeline stage: its layers, and the embedding and
     head where it holds them), in model order: embedding, layer by layer, final norm, head. With
-    ``tie_word_embeddings`` the head multiplies by the embedding: there is no ``output.weight``."""
+    ``tie_word_embeddings`` the head multiplies by the embedding: there is no ``output.weight``,
+    unless the head's stage lacks the embedding (pipeline parallelism), where ``output.weight`` is
+    a copy of it, ``stored_as`` the embedding (Megatron's shared embedding on the last stage)."""
     h, v, tied = config.hidden_size, config.vocab_size, config.tie_word_embeddings
     layer_ids = range(config.num_layers) if layer_ids is None else layer_ids
+    embedding = ParameterSpec("tok_embeddings.weight", (v, h), split=TensorSplit(0, (v,), pad_to_tp=True),
+                              init=INIT_NORMAL, hf=("model.embed_tokens.weight",), meta=("tok_embeddings.weight",),
+                              meta_split_dim=1, meta_rotary=(False,), hf_copies=("lm_head.weight",) if tied else ())
     specs = []
     if pre_process:
-        specs.append(ParameterSpec("tok_embeddings.weight", (v, h), split=TensorSplit(0, (v,), pad_to_tp=True),
-                                   init=INIT_NORMAL, hf=("model.embed_tokens.weight",),
-                                   meta=("tok_embeddings.weight",), meta_split_dim=1, meta_rotary=(False,),
-                                   hf_copies=("lm_head.weight",) if tied else ()))
+        specs.append(embedding)
     for i in layer_ids:
         specs += _layer_specs(config, i)
     if post_process:
         specs.append(ParameterSpec("norm.weight", (h,), split=None, init=INIT_ONES, hf=("model.norm.weight",),
                                    meta=("norm.weight",), meta_split_dim=None, meta_rotary=(False,)))
+    if post_process and tied and not pre_process:
+        specs.append(dataclasses.replace(embedding, name="output.weight", stored_as=embedding.name))
     if post_process and not tied:
         specs.append(ParameterSpec("output.weight", (v, h), split=TensorSplit(0, (v,), pad_to_tp=True),
                                    init=INIT_NORMAL, hf=("lm_head.weight",), meta=("output.weight",),

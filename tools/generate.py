@@ -14,9 +14,11 @@ the batch is done, with a progress bar meanwhile. Generation stops at the tokeni
   python tools/generate.py --load SAVE --chat --prompt "What is a generator?" --greedy
   python tools/generate.py --load SAVE --chat        # an interactive chat on stdin
 
-``--chat`` renders each prompt as a user turn through the finetuning template (the
-``chat_template`` of the HF export: ``[INST] … [/INST]``); without a prompt it keeps a conversation,
-one line a turn, until an empty line or end of input.
+``--chat`` renders each prompt as a user turn through the finetuning template of
+tools/preprocess_instructions.py (the same ids): ``--template llama2`` (``[INST] … [/INST]``,
+answers end at EOS) or ``llama3`` (LLaMA-3-instruct's headers, answers end at ``<|eot_id|>``).
+Without ``--template`` it is llama3 for a tokenizer that has LLaMA-3's chat tokens, else llama2.
+Without a prompt it keeps a conversation, one line a turn, until an empty line or end of input.
 """
 from __future__ import annotations
 
@@ -52,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="apply the chat template (each prompt a user turn); with no prompt, chat interactively")
     p.add_argument("--system", metavar="TEXT", help="with --chat: a system prompt opening the conversation")
+    p.add_argument("--template", choices=["llama2", "llama3"],
+                   help="with --chat: the finetuning chat template, as given to tools/preprocess_instructions.py: "
+                        "llama2 ([INST] ... [/INST], answers end at EOS) or llama3 (LLaMA-3-instruct's headers, "
+                        "answers end at <|eot_id|>); default: llama3 when the tokenizer has the special tokens "
+                        "<|start_header_id|>, <|end_header_id|> and <|eot_id|>, else llama2")
     return p
 
 
@@ -70,19 +77,18 @@ def _read_turn(rank0: bool) -> str:
     return line[0]
 
 
-def chat(model, tokenizer, sampling, max_new_tokens: int, system: str | None, prompts, rank0: bool) -> None:
+def chat(model, tokenizer, sampling, max_new_tokens: int, system: str | None, prompts, rank0: bool,
+         template: str) -> None:
     """Answer ``prompts`` (each its own conversation), or an interactive conversation when None."""
-    from megallama.data.instructions import encode_chat_prompt
-    from megallama.inference.text import generate_text_from_ids
+    from megallama.inference.chat import chat_reply
 
     opening = [{"role": "system", "content": system}] if system else []
 
     def answer(messages) -> str:
-        def on_text(row, text):
+        def on_text(text):
             if rank0:
                 print(text, end="", flush=True)
-        ids = encode_chat_prompt(tokenizer, messages)
-        reply = generate_text_from_ids(model, tokenizer, [ids], max_new_tokens, sampling, on_text)[0]
+        reply = chat_reply(model, tokenizer, messages, template, max_new_tokens, sampling, on_text)
         if rank0:
             print(flush=True)
         return reply
@@ -117,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.prompt or args.prompt_file or args.chat):
         print("error: give --prompt or --prompt-file (or --chat for an interactive chat)", file=sys.stderr)
         return 2
-    if args.system and not args.chat:
-        print("error: --system goes with --chat", file=sys.stderr)
-        return 2
+    for flag in ("system", "template"):
+        if getattr(args, flag) and not args.chat:
+            print(f"error: --{flag} goes with --chat", file=sys.stderr)
+            return 2
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as f:
             prompts = [line.rstrip("\n") for line in f if line.strip()]
@@ -130,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = args.prompt  # None with --chat alone: an interactive chat
 
     from megallama.checkpoint import load_model
+    from megallama.data.instructions import check_template_tokens
+    from megallama.inference.chat import default_chat_template
     from megallama.inference.generation import SamplingParams, prepare_for_inference
     from megallama.inference.runtime import init_tensor_parallel_from_env, is_rank0, shutdown
     from megallama.inference.text import generate_text
@@ -148,13 +157,17 @@ def main(argv: list[str] | None = None) -> int:
         if tokenizer_model is None:
             raise ValueError(f"{args.load} holds no tokenizer (tokenizer.model or tokenizer.json): give --tokenizer-model")
         tokenizer = load_tokenizer(tokenizer_model, args.tokenizer_type)
+        template = None
+        if args.chat:
+            template = args.template or default_chat_template(tokenizer)
+            check_template_tokens(tokenizer, template)
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         shutdown()
         return 1
 
     if args.chat:
-        chat(model, tokenizer, sampling, args.max_new_tokens, args.system, prompts, rank0)
+        chat(model, tokenizer, sampling, args.max_new_tokens, args.system, prompts, rank0, template)
     elif len(prompts) == 1:
         if rank0:
             print(prompts[0], end="", flush=True)

@@ -8,7 +8,9 @@ keeps its unpadded size in the checkpoint. Optimizer state is taken from
 the optimizer's entries as they are, flat slices under ZeRO, so saving gathers nothing.
 
 A piece is written by one rank only: model weights by DP rank 0, optimizer state by every DP rank
-under ZeRO (each its slice) else by DP rank 0, and TP-replicated parameters by TP rank 0.
+under ZeRO (each its slice) else by DP rank 0, and TP-replicated parameters by TP rank 0. A copy of
+another parameter (``stored_as``: a tied head on a last pipeline stage) is read under that one's
+keys and never written, so a tied checkpoint holds the embedding only, whatever the layout.
 """
 from __future__ import annotations
 
@@ -92,13 +94,23 @@ def _named_params(chunks):
         yield from getattr(chunk, "module", chunk).named_parameters()
 
 
+def stored_name(name: str, param: torch.Tensor) -> str:
+    """The name ``param`` is stored under: its own, or the one it copies (``stored_as``)."""
+    return getattr(param, "stored_as", None) or name
+
+
+def _writes(param: torch.Tensor, tp_rank: int, tp_size: int) -> bool:
+    """Whether this rank's piece is the one saved, as far as TP and copies decide."""
+    sharded = is_tensor_parallel(param) and tp_size > 1
+    return (sharded or tp_rank == 0) and getattr(param, "stored_as", None) is None
+
+
 def model_pieces(chunks, tp_rank: int, tp_size: int, dp_rank: int) -> list[ShardedTensor]:
     """Pieces of this rank's model parameters (``chunks``: modules or DDP-wrapped modules)."""
     pieces = []
     for name, p in _named_params(chunks):
-        sharded = is_tensor_parallel(p) and tp_size > 1
-        write = dp_rank == 0 and (sharded or tp_rank == 0)
-        pieces += _block_pieces(f"model.{name}", p.data, _param_blocks(p, tp_rank, tp_size),
+        write = dp_rank == 0 and _writes(p, tp_rank, tp_size)
+        pieces += _block_pieces(f"model.{stored_name(name, p)}", p.data, _param_blocks(p, tp_rank, tp_size),
                                 tuple(p.shape), None, write)
     return pieces
 
@@ -116,9 +128,9 @@ def optimizer_pieces(optimizer, tp_rank: int, tp_size: int, dp_rank: int,
     """
     pieces, buffers = [], {}
     for index, e in enumerate(optimizer.entries):
-        sharded = is_tensor_parallel(e.param) and tp_size > 1
-        write = (optimizer.sharded or dp_rank == 0) and (sharded or tp_rank == 0)
+        write = (optimizer.sharded or dp_rank == 0) and _writes(e.param, tp_rank, tp_size)
         blocks = _param_blocks(e.param, tp_rank, tp_size)
+        name = stored_name(e.name, e.param)
         whats = (() if e.main is e.param else ("main_param",)) + OPTIMIZER_MOMENTS
         for what in whats:
             if destination:
@@ -130,7 +142,7 @@ def optimizer_pieces(optimizer, tp_rank: int, tp_size: int, dp_rank: int,
                 if what not in state:
                     continue  # no step taken yet: nothing to save
                 data = state[what]
-            pieces += _block_pieces(f"optimizer.{e.name}.{what}", data, blocks, tuple(e.param.shape),
+            pieces += _block_pieces(f"optimizer.{name}.{what}", data, blocks, tuple(e.param.shape),
                                     (e.lo, e.hi), write)
     return pieces, buffers
 
@@ -148,8 +160,9 @@ def install_optimizer_state(optimizer, buffers: dict, step: int, missing: set) -
     """Put loaded buffers into the optimizer: main weights (from the model parameter when the
     checkpoint had none) and, after at least one step, AdamW's moments and step count."""
     for index, e in enumerate(optimizer.entries):
+        name = stored_name(e.name, e.param)
         if e.main is not e.param:
-            key = f"optimizer.{e.name}.main_param"
+            key = f"optimizer.{name}.main_param"
             source = e.param.detach().reshape(-1)[e.lo:e.hi] if key in missing else buffers[(index, "main_param")]
             e.main.data.copy_(source.view_as(e.main))
         if step == 0:
@@ -159,8 +172,8 @@ def install_optimizer_state(optimizer, buffers: dict, step: int, missing: set) -
         on_device = group.get("fused") or group.get("capturable")
         state = {"step": torch.tensor(float(step), dtype=torch.float32, device=e.main.device if on_device else "cpu")}
         for what in OPTIMIZER_MOMENTS:
-            if f"optimizer.{e.name}.{what}" in missing:
-                raise KeyError(f"the checkpoint has no AdamW {what} for {e.name} (use --no-load-optim to start "
+            if f"optimizer.{name}.{what}" in missing:
+                raise KeyError(f"the checkpoint has no AdamW {what} for {name} (use --no-load-optim to start "
                                "the optimizer afresh)")
             state[what] = buffers[(index, what)].to(e.main.device).view_as(e.main)
         optimizer.optimizer.state[e.main] = state

@@ -36,7 +36,6 @@ so HF's ``apply_chat_template`` with :data:`CHAT_TEMPLATES` gives exactly these 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from tqdm import tqdm
 
 from megallama.data.indexed import IndexedDatasetWriter, optimal_dtype
 from megallama.data.jsonl import BadLineError, expand_inputs, iter_line_batches
+from megallama.data.workers import all_or_nothing, worker_results
 from megallama.tokenizer import SentencePieceTokenizer
 
 FORMATS = ("alpaca", "messages", "flan")
@@ -290,7 +290,6 @@ def preprocess_instructions(inputs, output_prefix: str, fmt: str, tokenizer_mode
     (uint8). Bad records are counted by reason (``strict``: the first one raises ``BadLineError``).
     ``tokenizer_model`` is a SentencePiece .model or a Hugging Face tokenizer folder, told apart by
     the path unless ``tokenizer_type`` says."""
-    from megallama.data.preprocess import _bounded_imap
     from megallama.tokenizer import load_tokenizer
 
     if fmt not in FORMATS:
@@ -307,15 +306,9 @@ def preprocess_instructions(inputs, output_prefix: str, fmt: str, tokenizer_mode
     mask_out = IndexedDatasetWriter(summary.outputs[1], np.uint8)
     tasks = iter_line_batches(paths, batch_lines)
     bar = tqdm(desc="preprocess instructions", unit=" conversations", disable=not progress, mininterval=1.0)
-    start, pool = time.perf_counter(), None
-    try:
-        if workers == 1:
-            _init_worker(tokenizer, fmt, template, strict)
-            results = map(_encode_lines, tasks)
-        else:
-            pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
-                workers, initializer=_init_worker, initargs=(tokenizer, fmt, template, strict))
-            results = _bounded_imap(pool, tasks, 2 * workers, _encode_lines)
+    start = time.perf_counter()
+    with bar, all_or_nothing([tokens_out, mask_out]), \
+            worker_results(_encode_lines, tasks, workers, _init_worker, (tokenizer, fmt, template, strict)) as results:
         for encoded, skipped in results:
             for ids, mask in encoded:
                 tokens_out.add_document(ids)
@@ -328,17 +321,6 @@ def preprocess_instructions(inputs, output_prefix: str, fmt: str, tokenizer_mode
         if summary.conversations == 0:
             raise ValueError(f"no usable {fmt!r} record in {', '.join(paths)} "
                              f"(skipped: {', '.join(f'{n} {r}' for r, n in summary.skipped.most_common())})")
-        tokens_out.finalize()
-        mask_out.finalize()
-    except BaseException:
-        tokens_out.abort()
-        mask_out.abort()
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -11,11 +11,10 @@ into the same outputs, byte for byte, as the local run's.
 """
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -23,8 +22,8 @@ from tqdm import tqdm
 
 from megallama.data.indexed import IndexedDatasetWriter, merge_indexed_datasets, optimal_dtype
 from megallama.data.jsonl import expand_inputs, iter_line_batches, parse_lines
+from megallama.data.workers import all_or_nothing, worker_results
 from megallama.executors import Executor
-from megallama.executors.local import exit_with_parent, fork_context
 from megallama.tokenizer import build_tokenizer
 
 
@@ -53,11 +52,9 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 _worker_tokenizer = None
 
 
-def _init_worker(tokenizer, parent_pid: int | None = None) -> None:
+def _init_worker(tokenizer) -> None:
     global _worker_tokenizer
     _worker_tokenizer = tokenizer
-    if parent_pid is not None:
-        exit_with_parent(parent_pid)
 
 
 def _encode_batch(task):
@@ -92,19 +89,8 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str = 
              for path, first, lines in iter_line_batches(paths, batch_lines))
     start = time.perf_counter()
     last_logged = 0
-    pool = None
-    try:
-        if workers == 1:
-            _init_worker(tokenizer)
-            results = map(_encode_batch, tasks)
-        else:
-            ctx = fork_context()
-            # Frozen objects are not scanned by the workers' garbage collector, so forked workers
-            # do not copy the parent's memory page by page (copy-on-write) when they collect.
-            gc.freeze()
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, os.getpid()))
-            gc.unfreeze()
-            results = _bounded_imap(pool, tasks, 2 * workers)
+    with bar, all_or_nothing(writers.values()), \
+            worker_results(_encode_batch, tasks, workers, _init_worker, (tokenizer,)) as results:
         for encoded, skipped, nbytes in results:
             for key, (flat, counts) in encoded.items():
                 writers[key].add_documents(flat, counts)
@@ -118,17 +104,6 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str = 
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(docs=summary.documents, docs_s=f"{summary.documents / elapsed:.0f}",
                                 skipped=sum(summary.skipped.values()), refresh=False)
-        for writer in writers.values():
-            writer.finalize()
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        bar.close()
     summary.seconds = time.perf_counter() - start
     summary.outputs = [output_prefix_for(output_prefix, k) for k in json_keys]
     return summary
@@ -164,19 +139,6 @@ def _preprocess_on(executor: Executor, paths: list[str], output_prefix: str, tok
     summary.seconds = time.perf_counter() - start
     summary.outputs = [output_prefix_for(output_prefix, k) for k in json_keys]
     return summary
-
-
-def _bounded_imap(pool, tasks, max_in_flight: int, fn=None):
-    """Ordered results of ``fn`` (default ``_encode_batch``) over ``tasks`` with at most
-    ``max_in_flight`` submitted and unfinished (``Pool.imap`` would read the whole input ahead into
-    memory). Also used by the instruction preprocessing."""
-    pending: deque = deque()
-    for task in tasks:
-        pending.append(pool.apply_async(fn or _encode_batch, (task,)))
-        if len(pending) >= max_in_flight:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
 
 
 def format_summary(summary: PreprocessSummary) -> str:

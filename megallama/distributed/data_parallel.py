@@ -82,6 +82,7 @@ class DistributedDataParallel(torch.nn.Module):
         self.overlap_param_gather = overlap_param_gather
         self._sync_enabled = True
         self._timeout = default_group_timeout()
+        self._reduces_scatter_in_place = dist.get_backend(data_parallel_group) == "nccl"
 
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
@@ -90,8 +91,11 @@ class DistributedDataParallel(torch.nn.Module):
         self.buckets: List[_Bucket] = []
         self.param_range: Dict[torch.nn.Parameter, Tuple[int, int]] = {}  # buffer [start, end)
         self._bucket_of: Dict[torch.nn.Parameter, _Bucket] = {}
+        shared = [p for p in params if getattr(p, "shared", False)]
         offset, current, current_numel = 0, [], 0
         for p in reversed(params):
+            if getattr(p, "shared", False):
+                continue
             current.append(p)
             current_numel += p.numel()
             if current_numel >= bucket_size:
@@ -99,6 +103,12 @@ class DistributedDataParallel(torch.nn.Module):
                 current, current_numel = [], 0
         if current:
             offset = self._close_bucket(current, offset, current_numel)
+        # Shared parameters (a tied embedding on the first and last pipeline stage) get a bucket of
+        # their own, reduced over DP only in finish_grad_sync, once the two stages have summed them.
+        self._shared_bucket: Optional[_Bucket] = None
+        if shared:
+            offset = self._close_bucket(shared, offset, sum(p.numel() for p in shared))
+            self._shared_bucket = self.buckets[-1]
         self.grad_buffer = torch.zeros(offset, dtype=torch.float32, device=device)
         for bucket in self.buckets:
             pos = bucket.start
@@ -197,7 +207,7 @@ class DistributedDataParallel(torch.nn.Module):
             return
         bucket = self._bucket_of[param]
         bucket.pending -= 1
-        if bucket.pending == 0 and self.overlap_grad_reduce:
+        if bucket.pending == 0 and self.overlap_grad_reduce and bucket is not self._shared_bucket:
             self._start_reduce(bucket)
 
     def bucket_view(self, bucket: _Bucket) -> torch.Tensor:
@@ -218,11 +228,14 @@ class DistributedDataParallel(torch.nn.Module):
             bucket.work = _DoneWork()
         elif self.use_distributed_optimizer:
             start, end = self.shard_range(bucket)
-            # The input is copied: the output slice lies inside it, and not every backend
-            # reduces in place. The copy lives on the bucket until the collective is waited on.
-            bucket.send_buffer = view.clone()
-            bucket.work = reduce_scatter_single(self.grad_buffer[start:end], bucket.send_buffer,
-                                                     group=self.data_parallel_group, async_op=True)
+            # The output slice lies inside the input. NCCL reduces in place when the output is the
+            # rank's offset of the input (its documented in-place form); gloo gives wrong sums then
+            # (measured), so elsewhere the input is copied and the copy lives on the bucket until
+            # the collective is waited on.
+            send = view if self._reduces_scatter_in_place else view.clone()
+            bucket.send_buffer = send
+            bucket.work = reduce_scatter_single(self.grad_buffer[start:end], send,
+                                                group=self.data_parallel_group, async_op=True)
         else:
             bucket.work = dist.all_reduce(view, group=self.data_parallel_group, async_op=True)
 
@@ -236,7 +249,10 @@ class DistributedDataParallel(torch.nn.Module):
             self._sync_enabled = previous
 
     def finish_grad_sync(self) -> None:
-        """Start the buckets not started yet (parameters without a gradient) and wait for all."""
+        """Sum the shared parameters' gradients over the embedding group, start the buckets not
+        started yet (the shared one, parameters without a gradient) and wait for all."""
+        if self._shared_bucket is not None:
+            self._sum_shared_grads(self._shared_bucket)
         for bucket in self.buckets:
             if bucket.work is None:
                 self._start_reduce(bucket)
@@ -246,6 +262,18 @@ class DistributedDataParallel(torch.nn.Module):
             bucket.send_buffer = None
             bucket.pending = len(bucket.params)
 
+    def _sum_shared_grads(self, bucket: _Bucket) -> None:
+        """Add the other stage's gradient of each shared parameter to this one's (first and last
+        pipeline stage, same TP and DP rank), before any DP reduction: after it both copies hold
+        the same gradient, whether DP then all-reduces or reduce-scatters it."""
+        from megallama.parallel import state
+
+        group = state.get_embedding_group()
+        if group is None:  # no pipeline: the one copy has the whole gradient
+            return
+        grads = self.grad_buffer[bucket.start:bucket.start + bucket.numel]
+        wait(dist.all_reduce(grads, group=group, async_op=True), self._timeout)
+
     def zero_grad_buffer(self) -> None:
         self.grad_buffer.zero_()
         for bucket in self.buckets:
@@ -254,7 +282,8 @@ class DistributedDataParallel(torch.nn.Module):
                                    "call finish_grad_sync() first")
             bucket.pending = len(bucket.params)
 
-    def scale_gradients(self, factor: float) -> None:
+    def scale_gradients(self, factor) -> None:
+        """Multiply every gradient by ``factor`` (a number or a 0-d device tensor: no host read)."""
         self.grad_buffer.mul_(factor)
 
 
@@ -268,7 +297,9 @@ def finalize_model_grads(model_chunks: List[DistributedDataParallel], losses: Li
 
     ``losses`` is what the schedule returned on this rank (non-empty on the last pipeline stage).
     The token count of the whole global batch is summed over the pipeline group (only the last
-    stage has it) and the DP group; every gradient is divided by it. Returns that count.
+    stage has it) and the DP group; every gradient is divided by it. Returns that count (float64,
+    on the device), never read here: a count of 0 makes every gradient non-finite, so the
+    optimizer skips the step, and the caller reports it when it reads its checks.
     """
     from megallama.parallel import state
 
@@ -280,11 +311,15 @@ def finalize_model_grads(model_chunks: List[DistributedDataParallel], losses: Li
     if state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(num_tokens, group=state.get_pipeline_model_parallel_group())
     dist.all_reduce(num_tokens, group=model_chunks[0].data_parallel_group)
-    if num_tokens.item() <= 0:
-        raise RuntimeError("the global batch counted no tokens for the loss (all masked?)")
+    # 1/count in float64 then float32: what multiplying by the Python float 1.0 / count.item() did.
+    factor = (1.0 / num_tokens).float()
     for chunk in model_chunks:
-        chunk.scale_gradients(1.0 / num_tokens.item())
+        chunk.scale_gradients(factor)
     return num_tokens
+
+
+# What the caller of finalize_model_grads reports when the count it returned is 0.
+NO_TOKENS = "the global batch counted no tokens for the loss (all masked?)"
 
 
 def global_mean_loss(losses: List[dict]) -> Optional[torch.Tensor]:
@@ -296,8 +331,10 @@ def global_mean_loss(losses: List[dict]) -> Optional[torch.Tensor]:
         return None
     from megallama.parallel import state
 
-    sums = torch.stack([sum(item["loss_sum"].double() for item in losses),
-                        torch.tensor(float(sum(float(item["num_tokens"]) for item in losses)),
-                                     dtype=torch.float64, device=losses[0]["loss_sum"].device)])
+    device = losses[0]["loss_sum"].device
+    # Token counts are Python ints or device tensors; both summed on the device, never read.
+    counts = [n.double() if torch.is_tensor(n) else torch.full((), n, dtype=torch.float64, device=device)
+              for n in (item["num_tokens"] for item in losses)]
+    sums = torch.stack([sum(item["loss_sum"].double() for item in losses), sum(counts)])
     dist.all_reduce(sums, group=state.get_data_parallel_group())
     return (sums[0] / sums[1]).float()

@@ -4,7 +4,9 @@ Both optimizers work on model chunks wrapped in
 :class:`~megallama.distributed.data_parallel.DistributedDataParallel`, whose fp32 ``main_grad``
 buffers hold the reduced gradients. ``step()`` computes the global gradient norm (each parameter
 counted once over TP/PP/DP), skips the update when it is NaN/inf, clips, runs AdamW on the fp32
-main parameters and writes them back to the model parameters (bf16 or fp32).
+main parameters and writes them back to the model parameters (bf16 or fp32). With torch's fused
+AdamW (the default) all of that stays on the device, the skip included (AdamW's ``found_inf``), so
+a step never waits for the device; another inner optimizer reads the norm on the host to decide.
 
 * :class:`MixedPrecisionOptimizer`: every DP rank holds all main parameters and AdamW state.
 * :class:`DistributedOptimizer`: DP rank ``i`` holds the main parameters and AdamW state of the
@@ -16,11 +18,12 @@ main parameters and writes them back to the model parameters (bf16 or fp32).
 Checkpoints read and write the optimizer state through ``entries`` (see :class:`_Entry`).
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from megallama.distributed.clip_grads import clip_grads_, global_grad_norm, grads_for_norm, is_finite
+from megallama.distributed.clip_grads import (clip_grads_, clip_grads_on_device, global_grad_norm, grads_for_norm,
+                                              is_finite)
 from megallama.distributed.data_parallel import DistributedDataParallel
 
 
@@ -36,6 +39,10 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # 0 disables clipping (the norm is still computed and checked)
+    # Megatron's --decoupled-lr/--decoupled-min-lr: the embedding's and output layer's own peak lr
+    # and floor (None: --lr's schedule; a None floor with a decoupled lr is the schedule's --min-lr).
+    decoupled_lr: Optional[float] = None
+    decoupled_min_lr: Optional[float] = None
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = False
@@ -49,6 +56,12 @@ class OptimizerConfig:
 def decays(name: str, param: torch.Tensor) -> bool:
     """Weight decay applies to matrices, not to 1-D parameters (norm weights), as in Megatron."""
     return param.dim() >= 2
+
+
+def is_embedding_or_output(name: str) -> bool:
+    """Megatron's ``is_embedding_or_output_parameter``: the input embedding and the output layer's
+    weight, the latter also as a tied head or a last pipeline stage's copy of the embedding."""
+    return name in ("tok_embeddings.weight", "output.weight")
 
 
 def default_adamw(param_groups: List[dict], config: OptimizerConfig) -> torch.optim.Optimizer:
@@ -100,12 +113,32 @@ class _OptimizerBase:
                                      "chunks must name layers by their global index")
                 self.names[p] = name
         self.entries: List[_Entry] = self._make_entries()
-        # Always both groups, even empty (a stage or a ZeRO-1 slice may hold only one kind), so
-        # that a saved state's groups line up with any layout's.
-        groups = [{"params": [e.main for e in self.entries if decays(e.name, e.param)]},
-                  {"params": [e.main for e in self.entries if not decays(e.name, e.param)],
+        self.optimizer = optimizer_factory(self._param_groups(), config)
+
+    def _param_groups(self) -> List[dict]:
+        """Decayed matrices, undecayed 1-D parameters and, with a decoupled lr, the embedding and
+        output weights (matrices: decayed) with their own ``max_lr``/``min_lr``, which
+        ``LRSchedule.apply`` reads as Megatron's scheduler does (a missing ``min_lr``: the schedule's).
+
+        The groups follow the config alone: every rank has them all, some maybe empty (a stage or a
+        ZeRO-1 slice may hold only some kinds). Checkpoints store the AdamW state per parameter, not
+        per group, so a run resumes with or without a decoupled lr whichever way it was saved.
+        """
+        c = self.config
+        decoupled = c.decoupled_lr is not None
+
+        def own(e: _Entry) -> bool:
+            return decoupled and is_embedding_or_output(e.name)
+
+        groups = [{"params": [e.main for e in self.entries if decays(e.name, e.param) and not own(e)]},
+                  {"params": [e.main for e in self.entries if not decays(e.name, e.param) and not own(e)],
                    "weight_decay": 0.0}]
-        self.optimizer = optimizer_factory(groups, config)
+        if decoupled:
+            group = {"params": [e.main for e in self.entries if own(e)], "max_lr": c.decoupled_lr}
+            if c.decoupled_min_lr is not None:
+                group["min_lr"] = c.decoupled_min_lr
+            groups.append(group)
+        return groups
 
     @property
     def param_groups(self):
@@ -123,19 +156,41 @@ class _OptimizerBase:
         for e in self.entries:
             e.main.grad = None
 
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether the inner optimizer can skip a step on a device flag: torch's fused Adam/AdamW
+        read ``found_inf`` (as GradScaler sets it) and undo their step count when it is 1."""
+        return isinstance(self.optimizer, torch.optim.Adam) and all(g.get("fused") for g in self.param_groups)
+
     @torch.no_grad()
-    def step(self) -> Tuple[bool, torch.Tensor]:
-        """One update; returns (applied, grad_norm). Not applied when the norm is NaN/inf."""
+    def step(self, found_inf: Optional[torch.Tensor] = None) -> Tuple[Union[bool, torch.Tensor], torch.Tensor]:
+        """One update; returns (applied, grad_norm). Not applied when the norm is NaN/inf, nor when
+        ``found_inf`` (a 0-dim device tensor from the caller, e.g. a non-finite loss) is nonzero.
+
+        With :attr:`skips_on_device`, ``applied`` is a 0-dim bool device tensor and nothing here
+        reads the device; otherwise it is a bool read on the host.
+        """
         for e in self.entries:
             e.main.grad = e.grad
         dp_group = self.model_chunks[0].data_parallel_group if self.sharded else None
         norm = global_grad_norm(grads_for_norm((e.param, e.grad, e.lo) for e in self.entries), dp_group)
-        applied = is_finite(norm)
-        if applied:
+        if self.skips_on_device:
+            applied = torch.isfinite(norm) if found_inf is None else torch.isfinite(norm) & (found_inf == 0)
             if self.config.clip_grad > 0:
-                clip_grads_([e.grad for e in self.entries], self.config.clip_grad, norm)
-            self.optimizer.step()
-            self._write_back()
+                clip_grads_on_device([e.grad for e in self.entries], self.config.clip_grad, norm)
+            self.optimizer.found_inf = (~applied).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            self._write_back()  # a skipped step writes back the unchanged main parameters
+        else:
+            applied = is_finite(norm) and (found_inf is None or not bool(found_inf))
+            if applied:
+                if self.config.clip_grad > 0:
+                    clip_grads_([e.grad for e in self.entries], self.config.clip_grad, norm)
+                self.optimizer.step()
+                self._write_back()
         # Unlink the buffer views: a later backward must not accumulate into them through .grad.
         for e in self.entries:
             e.main.grad = None

@@ -109,9 +109,11 @@ def _uncached_last_logits(model, sequences: list[list[int]], device) -> torch.Te
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: SamplingParams | None = None, eos_id: int | None = None, pad_id: int = 0,
              use_cache: bool = True,
-             on_tokens: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> list[list[int]]:
+             on_tokens: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+             stop_ids: Sequence[int] = ()) -> list[list[int]]:
     """Continue each prompt (token ids) by up to ``max_new_tokens`` tokens; returns the new tokens
-    of each row, stopping after ``eos_id`` (which is not returned).
+    of each row, stopping after ``eos_id`` or any of ``stop_ids`` (e.g. a chat template's end of
+    turn), which is not returned.
 
     ``on_tokens(step, tokens, finished)`` is called after every step with the tokens just chosen
     ([batch]) and which rows had already finished before them (for streaming output).
@@ -152,6 +154,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
         sequences = [list(p) for p in prompts]
         logits = _uncached_last_logits(model, sequences, device)
 
+    stops = set(stop_ids) | ({eos_id} if eos_id is not None else set())
     finished = [False] * batch  # Python bools: a step's bookkeeping costs no tensor ops
     outputs: list[list[int]] = [[] for _ in range(batch)]
     for step in range(max_new_tokens):
@@ -161,7 +164,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
         for row, token in enumerate(tokens.tolist()):
             if finished[row]:
                 continue
-            if token == eos_id:
+            if token in stops:
                 finished[row] = True
             else:
                 outputs[row].append(token)

@@ -60,22 +60,25 @@ def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
 def generate_text_from_ids(model, tokenizer, ids: Sequence[Sequence[int]], max_new_tokens: int,
                            sampling: SamplingParams | None = None,
                            on_text: Callable[[int, str], None] | None = None,
-                           on_step: Callable[[int], None] | None = None) -> list[str]:
-    """:func:`generate_text` for prompts already tokenized (e.g. a chat through its template)."""
+                           on_step: Callable[[int], None] | None = None,
+                           stop_ids: Sequence[int] = ()) -> list[str]:
+    """:func:`generate_text` for prompts already tokenized (e.g. a chat through its template);
+    a row also stops at any of ``stop_ids`` (not part of its text)."""
+    stops = {tokenizer.eos_id, *stop_ids}
     decoders = [IncrementalDecoder(tokenizer, p) for p in ids]
 
     def on_tokens(step: int, tokens: torch.Tensor, finished: torch.Tensor) -> None:
         if on_step is not None:
             on_step(step)
         for row, (token, done) in enumerate(zip(tokens.tolist(), finished.tolist())):
-            if done or token == tokenizer.eos_id:
+            if done or token in stops:
                 continue
             delta = decoders[row].add(token)
             if delta and on_text is not None:
                 on_text(row, delta)
 
     generate(model, ids, max_new_tokens, sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-             on_tokens=on_tokens)
+             on_tokens=on_tokens, stop_ids=stop_ids)
     for row, decoder in enumerate(decoders):
         rest = decoder.flush()
         if rest and on_text is not None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megallama import host_checks
 from megallama.parallel.mappings import (
     PendingCollective,
     gather_from_tensor_model_parallel_region,
@@ -258,7 +259,9 @@ class VocabParallelEmbedding(nn.Module):
             (num_embeddings, embedding_dim), init_method or nn.init.normal_, self.split, dtype, device)
 
     def forward(self, input_ids):
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.num_embeddings):
+        # On a device the trainer checked the host copy: reading the ids here would stall the step.
+        if host_checks.readable_without_sync(input_ids) and input_ids.numel() and \
+                (input_ids.min() < 0 or input_ids.max() >= self.num_embeddings):
             raise IndexError(
                 f"token ids must lie in [0, {self.num_embeddings}), got min {int(input_ids.min())} "
                 f"and max {int(input_ids.max())}"

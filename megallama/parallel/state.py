@@ -23,6 +23,7 @@ import torch.distributed as dist
 _TENSOR_GROUP = None
 _PIPELINE_GROUP = None
 _DATA_GROUP = None
+_EMBEDDING_GROUP = None
 _TENSOR_RANKS = None
 _PIPELINE_RANKS = None
 _DATA_RANKS = None
@@ -42,7 +43,7 @@ def initialize_model_parallel(
     collective of the new groups; pass the one given to ``init_process_group``, since groups
     otherwise get torch's default (30 minutes) and a failed peer would hang them that long.
     """
-    global _TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP
+    global _TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP, _EMBEDDING_GROUP
     global _TENSOR_RANKS, _PIPELINE_RANKS, _DATA_RANKS
     global _VIRTUAL_PIPELINE_WORLD_SIZE
     if not dist.is_initialized():
@@ -93,6 +94,13 @@ def initialize_model_parallel(
             group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 _PIPELINE_GROUP, _PIPELINE_RANKS = group, ranks
+    if pp > 1:  # the first and last stage, which hold the two copies of a tied embedding
+        for d in range(dp):
+            for t in range(tp):
+                ranks = [global_rank(t, d, 0), global_rank(t, d, pp - 1)]
+                group = dist.new_group(ranks, timeout=timeout)
+                if rank in ranks:
+                    _EMBEDDING_GROUP = group
     if virtual_pipeline_model_parallel_size is not None:
         _VIRTUAL_PIPELINE_WORLD_SIZE = int(virtual_pipeline_model_parallel_size)
     atexit.unregister(destroy_model_parallel)  # once, however often the groups are rebuilt
@@ -101,16 +109,16 @@ def initialize_model_parallel(
 
 def destroy_model_parallel():
     """Forget the groups (the process group itself stays; destroy it with torch.distributed)."""
-    global _TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP
+    global _TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP, _EMBEDDING_GROUP
     global _TENSOR_RANKS, _PIPELINE_RANKS, _DATA_RANKS
     global _VIRTUAL_PIPELINE_WORLD_SIZE
-    for group in {_TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP} - {None}:
+    for group in {_TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP, _EMBEDDING_GROUP} - {None}:
         if dist.is_initialized():
             try:
                 dist.destroy_process_group(group)
             except ValueError:  # destroyed already, with a world group since replaced
                 pass
-    _TENSOR_GROUP = _PIPELINE_GROUP = _DATA_GROUP = None
+    _TENSOR_GROUP = _PIPELINE_GROUP = _DATA_GROUP = _EMBEDDING_GROUP = None
     _TENSOR_RANKS = _PIPELINE_RANKS = _DATA_RANKS = None
     _VIRTUAL_PIPELINE_WORLD_SIZE = None
 
@@ -166,6 +174,13 @@ def get_virtual_pipeline_model_parallel_world_size():
 def is_pipeline_last_stage():
     """True on the stage that holds the final norm, head and loss (in its last chunk when interleaved)."""
     return get_pipeline_model_parallel_rank() == get_pipeline_model_parallel_world_size() - 1
+
+
+def get_embedding_group():
+    """The first and last pipeline stage of this rank's (TP rank, DP rank), which sum the gradients
+    of a tied embedding's two copies (Megatron's); None without pipeline parallelism or on a
+    middle stage."""
+    return _EMBEDDING_GROUP
 
 
 # Data parallel.

@@ -23,9 +23,10 @@ under the interleaved schedule it runs ``2(p − r − 1) + (v − 1)p`` warm-up
 ``L/(pv)`` layers before its first backward (all ``m·v`` of them when ``m = p``).
 
 The peak is the largest of three moments: the turn from forward to backward (activations in
-flight plus the head's or a layer's working buffers); with the distributed optimizer, the end of
-backward, where the reduce-scatter keeps a staging copy of every gradient bucket (4 B per
-parameter) until the step finishes the sync; and the weight write-back, which all-gathers a bucket.
+flight plus the head's or a layer's working buffers); with the distributed optimizer over gloo
+(``staged_reduce_scatter``), the end of backward, where the reduce-scatter keeps a staging copy of
+every gradient bucket (4 B per parameter) until the step finishes the sync (NCCL reduces in place:
+no copy); and the weight write-back, which all-gathers a bucket.
 """
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def rank_parameters(workload: Workload, layout: Layout, rank: int) -> int:
         n += vocab_rows
     if rank == layout.pp - 1:
         n += m.hidden_size
-        # A tied head is the embedding; a last stage without it keeps a copy, as Megatron's does.
+        # A tied head is the embedding; a last stage without it holds a copy (weights, gradients and
+        # optimizer state), as Megatron's does.
         if not (m.tie_word_embeddings and rank == 0):
             n += vocab_rows
     return n
@@ -165,7 +167,7 @@ def inflight_chunks(layout: Layout, micro_batches: int, rank: int) -> list[int]:
     return [(k % (p * v)) // p for k in range(held)]
 
 
-def rank_memory(workload: Workload, layout: Layout, rank: int) -> RankMemory:
+def rank_memory(workload: Workload, layout: Layout, rank: int, staged_reduce_scatter: bool = False) -> RankMemory:
     m, a, t, p, v = workload.model, workload.act_bytes, layout.tp, layout.pp, layout.virtual
     params = rank_parameters(workload, layout, rank)
     shard = layout.dp if layout.distributed_optimizer else 1
@@ -201,11 +203,12 @@ def rank_memory(workload: Workload, layout: Layout, rank: int) -> RankMemory:
     static = weights + gradients + main_weights + optimizer_states + data
     # (moment, activations alive, working buffers) — the peak is the largest sum
     moments = [("forward/backward turn", activations, working)]
-    if layout.distributed_optimizer and layout.dp > 1:
+    if layout.distributed_optimizer and layout.dp > 1 and staged_reduce_scatter:
         # Reduce-scatter staging copies of all buckets, alive until the sync finishes; by then
         # one micro-batch's activations are freed.
         moments.append(("end of backward (reduce-scatter staging buffers)",
                         activations * (len(chunks) - 1) / len(chunks), 4.0 * params))
+    if layout.distributed_optimizer and layout.dp > 1:
         # The step all-gathers the new weights a bucket at a time: this rank's slice and the whole.
         bucket = min(params, DDP_BUCKET_ELEMENTS + largest_parameter(workload, layout))
         moments.append(("optimizer write-back (all-gather of a bucket)", 0.0, bucket * a * (1 + 1 / layout.dp)))
@@ -215,9 +218,10 @@ def rank_memory(workload: Workload, layout: Layout, rank: int) -> RankMemory:
                       len(chunks), working, data, total, moment)
 
 
-def training_memory(workload: Workload, layout: Layout) -> list[RankMemory]:
-    """Peak bytes of every pipeline rank (all tensor- and data-parallel ranks of a stage alike)."""
-    return [rank_memory(workload, layout, r) for r in range(layout.pp)]
+def training_memory(workload: Workload, layout: Layout, staged_reduce_scatter: bool = False) -> list[RankMemory]:
+    """Peak bytes of every pipeline rank (all tensor- and data-parallel ranks of a stage alike);
+    ``staged_reduce_scatter``: the gradient reduce-scatter copies its input (gloo; NCCL does not)."""
+    return [rank_memory(workload, layout, r, staged_reduce_scatter) for r in range(layout.pp)]
 
 
 def peak_rank(workload: Workload, layout: Layout) -> RankMemory:

@@ -72,11 +72,13 @@ def pretrain_workload_and_layout(config) -> tuple[Workload, Layout]:
     return Workload(m, t.seq_length, t.global_batch_size, m.params_dtype == torch.bfloat16), layout
 
 
-def pretrain_memory_estimate(config, device_bytes: float | None) -> tuple[str, bool]:
+def pretrain_memory_estimate(config, device_bytes: float | None,
+                             staged_reduce_scatter: bool = False) -> tuple[str, bool]:
     """(one line per pipeline rank: the planner's peak estimate; whether it fits a device of
-    ``device_bytes`` less the planner's reserve — None: no limit, a CPU run)."""
+    ``device_bytes`` less the planner's reserve — None: no limit, a CPU run). ``staged_reduce_scatter``:
+    the run's backend copies a reduce-scatter's input (gloo)."""
     workload, layout = pretrain_workload_and_layout(config)
-    ranks = training_memory(workload, layout)
+    ranks = training_memory(workload, layout, staged_reduce_scatter)
     lines = [f"planned memory per GPU (tools/plan.py), pipeline rank {r.pipeline_rank}: {memory_line(r)}"
              for r in ranks]
     worst = max(r.total for r in ranks)

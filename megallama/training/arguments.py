@@ -23,6 +23,7 @@ from megallama.training.arguments_model import (
     model_from_namespace,
     padded_vocab_size,
 )
+from megallama.training.batch_schedule import GlobalBatchSchedule
 from megallama.training.config import (
     PAPER_PEAK_LR,
     CheckpointArgs,
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Sequences to train on, instead of --train-iters: --train-samples // --global-batch-size "
                    "iterations, with the lr schedule in samples (--lr-decay-samples, --lr-warmup-samples), "
                    "as Megatron.")
+    g.add_argument("--rampup-batch-size", type=int, nargs=3, default=None, metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="Grow the global batch from START sequences by INCREMENT over SAMPLES consumed samples "
+                   "to --global-batch-size, as Megatron (GPT-3's ramp; needs --train-samples). Each size must "
+                   "be a multiple of --micro-batch-size × data-parallel size.")
     g.add_argument("--seed", type=int, default=1234, help="Seed of initialisation and data order.")
     g.add_argument("--bf16", action="store_true",
                    help="bf16 parameters and activations with fp32 main weights and fp32 gradient accumulation.")
@@ -136,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Peak learning rate; default the paper's for --model-size (3e-4 at 7B/13B, 1.5e-4 at "
                    "33B/65B), else 3e-4.")
     g.add_argument("--min-lr", type=float, default=None, help="Floor of the decay; default 10%% of --lr.")
+    g.add_argument("--decoupled-lr", type=float, default=None,
+                   help="Peak lr of the input embedding and the output layer (their own param group, same warmup "
+                   "and decay shape), as Megatron; unset: --lr.")
+    g.add_argument("--decoupled-min-lr", type=float, default=None,
+                   help="Floor of --decoupled-lr's decay; unset: --min-lr. Without --decoupled-lr it does nothing "
+                   "(as Megatron).")
     g.add_argument("--lr-decay-style", choices=DECAY_STYLES, default="cosine", help="Shape of the decay.")
     g.add_argument("--lr-warmup-iters", type=int, default=None,
                    help=f"Iterations of linear warmup from 0; default {LLAMA_WARMUP_ITERS} (LLaMA's) unless "
@@ -248,14 +259,22 @@ def _training_length(ns: argparse.Namespace, global_batch: int) -> tuple[int, di
         if ns.lr_decay_iters is not None or ns.lr_warmup_iters is not None:
             raise ConfigError("--train-samples counts the lr schedule in samples: give --lr-decay-samples and "
                               "--lr-warmup-samples instead of --lr-decay-iters and --lr-warmup-iters")
-        train_iters = ns.train_samples // global_batch  # Megatron's iterations for a constant batch size
+        try:
+            train_iters = GlobalBatchSchedule.of(global_batch, ns.rampup_batch_size).iterations_for(ns.train_samples)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if train_iters < 1:
-            raise ConfigError(f"--train-samples {ns.train_samples} is less than one --global-batch-size {global_batch}")
+            first = f"--rampup-batch-size start {ns.rampup_batch_size[0]}" if ns.rampup_batch_size \
+                else f"--global-batch-size {global_batch}"
+            raise ConfigError(f"--train-samples {ns.train_samples} is less than one {first}")
         return train_iters, dict(
             lr_warmup_iters=0, lr_decay_iters=train_iters,
             lr_warmup_samples=ns.lr_warmup_samples if ns.lr_warmup_samples is not None else 0,
             lr_decay_samples=ns.lr_decay_samples if ns.lr_decay_samples is not None else ns.train_samples,
             lr_warmup_fraction=ns.lr_warmup_fraction)
+    if ns.rampup_batch_size is not None:
+        raise ConfigError("--rampup-batch-size needs --train-samples instead of --train-iters (as Megatron: the "
+                          "ramp and the run are counted in samples)")
     if ns.lr_decay_samples is not None or ns.lr_warmup_samples is not None:
         raise ConfigError("--lr-decay-samples and --lr-warmup-samples go with --train-samples; with --train-iters "
                           "give --lr-decay-iters and --lr-warmup-iters")
@@ -306,13 +325,14 @@ def config_from_namespace(ns: argparse.Namespace, world_size: int) -> PretrainCo
             lr=lr, weight_decay=ns.weight_decay, adam_beta1=ns.adam_beta1, adam_beta2=ns.adam_beta2,
             adam_eps=ns.adam_eps, clip_grad=ns.clip_grad, use_distributed_optimizer=ns.use_distributed_optimizer,
             overlap_grad_reduce=ns.overlap_grad_reduce, overlap_param_gather=ns.overlap_param_gather,
+            decoupled_lr=ns.decoupled_lr, decoupled_min_lr=ns.decoupled_min_lr,
         ),
         lr_schedule=LRScheduleArgs(
             min_lr=ns.min_lr if ns.min_lr is not None else 0.1 * lr, lr_decay_style=ns.lr_decay_style, **lr_lengths,
         ),
         training=TrainingArgs(
             micro_batch_size=ns.micro_batch_size, global_batch_size=global_batch, seq_length=ns.seq_length,
-            train_iters=train_iters, seed=ns.seed, eval_interval=ns.eval_interval, eval_iters=ns.eval_iters,
+            train_iters=train_iters, rampup_batch_size=ns.rampup_batch_size, seed=ns.seed, eval_interval=ns.eval_interval, eval_iters=ns.eval_iters,
             exit_signal_handler=ns.exit_signal_handler if ns.exit_signal_handler is not None else ns.save is not None,
             exit_duration_in_mins=ns.exit_duration_in_mins, exit_interval=ns.exit_interval,
             manual_gc=ns.manual_gc, manual_gc_interval=ns.manual_gc_interval, num_workers=ns.num_workers,
@@ -377,12 +397,22 @@ def validate(config: PretrainConfig) -> None:
             f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
             f"{t.micro_batch_size} × data-parallel size {dp} = {t.micro_batch_size * dp}"
         )
-    if vstage is not None and config.num_micro_batches % pp:
-        raise ConfigError(
-            f"the interleaved schedule needs the micro-batches per iteration ({config.num_micro_batches} = "
-            f"global batch / (micro batch × data-parallel size)) to be a multiple of "
-            f"--pipeline-model-parallel-size {pp}"
-        )
+    try:
+        sizes = config.batch_schedule.sizes()
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    for size in sizes[:-1]:  # the ramp's (the global batch size's own checks are above and below)
+        if size % (t.micro_batch_size * dp):
+            raise ConfigError(f"--rampup-batch-size reaches a global batch of {size}, not divisible by "
+                              f"--micro-batch-size {t.micro_batch_size} × data-parallel size {dp} = "
+                              f"{t.micro_batch_size * dp}")
+    for size in sizes:
+        if vstage is not None and size // (t.micro_batch_size * dp) % pp:
+            raise ConfigError(
+                f"the interleaved schedule needs the micro-batches per iteration ({size // (t.micro_batch_size * dp)} "
+                f"= global batch {size} / (micro batch × data-parallel size)) to be a multiple of "
+                f"--pipeline-model-parallel-size {pp}"
+            )
     if m.sequence_parallel and t.seq_length % tp:
         raise ConfigError(f"--sequence-parallel needs --seq-length {t.seq_length} divisible by "
                           f"--tensor-model-parallel-size {tp}")
@@ -391,6 +421,7 @@ def validate(config: PretrainConfig) -> None:
                           f"{m.max_position_embeddings}")
     if not 0 <= s.min_lr <= config.optimizer.lr:
         raise ConfigError(f"--min-lr {s.min_lr} must be between 0 and --lr {config.optimizer.lr}")
+    _check_decoupled_lr(config.optimizer, s.min_lr)
     warmup, decay = s.warmup_and_decay_samples(t.global_batch_size)
     if not 0 <= warmup < decay:
         if s.lr_decay_samples is not None or s.lr_warmup_fraction is not None:
@@ -438,6 +469,21 @@ def validate(config: PretrainConfig) -> None:
     for paths in (d.data_path, d.train_data_path, d.valid_data_path, d.test_data_path):
         if paths:
             data_prefixes(paths)  # raises on a malformed weight/prefix list
+
+
+def _check_decoupled_lr(o: OptimizerConfig, min_lr: float) -> None:
+    """The embedding's and output layer's schedule, as the other groups': 0 ≤ floor ≤ peak. Their floor
+    without --decoupled-min-lr is --min-lr (megatron-core's ``_get_param_groups``)."""
+    for flag, value in (("--decoupled-lr", o.decoupled_lr), ("--decoupled-min-lr", o.decoupled_min_lr)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{flag} must be at least 0, got {value}")
+    if o.decoupled_lr is None:
+        return
+    if o.decoupled_min_lr is None and min_lr > o.decoupled_lr:
+        raise ConfigError(f"--decoupled-lr {o.decoupled_lr} is below its floor --min-lr {min_lr} (the floor "
+                          "without --decoupled-min-lr, as Megatron): give --decoupled-min-lr")
+    if o.decoupled_min_lr is not None and o.decoupled_min_lr > o.decoupled_lr:
+        raise ConfigError(f"--decoupled-min-lr {o.decoupled_min_lr} must not exceed --decoupled-lr {o.decoupled_lr}")
 
 
 def data_prefixes(data_path: Sequence[str]) -> list[str]:
@@ -541,6 +587,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None, check_files: bool
     if check_files:
         check_inputs(config, vocab_size_given=ns.vocab_size is not None)
     ignored = ignored_megatron_flags(ns)
+    if ns.decoupled_min_lr is not None and ns.decoupled_lr is None:  # accepted as Megatron, which ignores it too
+        ignored.append("--decoupled-min-lr: it is the floor of --decoupled-lr's param group, and there is no "
+                       "--decoupled-lr")
     if ignored and env.get("RANK", "0") == "0":  # once for the whole job
         print("\n".join(f"megallama.pretrain: ignoring Megatron flag {line}" for line in ignored), flush=True)
     return config

@@ -23,7 +23,6 @@ class ConfigError(ValueError):
 
 # The names in the model's and the pipeline's errors are the flags' with underscores, but for these.
 _FLAG_OF = {"rope_theta": "rotary_base"}
-_WORDED = {"tie_word_embeddings": "tied embeddings (no --untie-embeddings-and-output-weights)"}
 _NAMED = "|".join([f.name for f in dataclasses.fields(LlamaConfig)] + [
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage"])
 
@@ -37,8 +36,6 @@ def in_flag_words(error: ValueError) -> ConfigError:
     """A ``LlamaConfig`` or layout error worded as the flags: ``LlamaConfig.num_layers`` → ``--num-layers``,
     ``num_layers (4)`` → ``--num-layers 4``."""
     def flag(match: re.Match) -> str:
-        if match[1] in _WORDED:
-            return _WORDED[match[1]] + (f" {match[2]}" if match[2] else "")
         name = "--" + _FLAG_OF.get(match[1], match[1]).replace("_", "-")
         return f"{name} {match[2]}" if match[2] else name
 

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from megallama.config import LlamaConfig
 from megallama.distributed.optimizer import OptimizerConfig
 from megallama.pipeline.stages import virtual_size_from_layers_per_stage
+from megallama.training.batch_schedule import GlobalBatchSchedule
 
 # The paper's peak learning rate per model size (Table 2); the shapes are LlamaConfig's presets.
 PAPER_PEAK_LR = {"7b": 3.0e-4, "13b": 3.0e-4, "33b": 1.5e-4, "65b": 1.5e-4}
@@ -76,6 +77,7 @@ class TrainingArgs:
     global_batch_size: int = 1
     seq_length: int = 2048
     train_iters: int = 0
+    rampup_batch_size: Optional[list] = None  # [start, increment, ramp-up samples] (batch_schedule.py)
     seed: int = 1234
     eval_interval: int = 1000
     eval_iters: int = 100
@@ -176,10 +178,17 @@ class PretrainConfig:
 
     @property
     def num_micro_batches(self) -> int:
-        """Micro-batches each data-parallel rank runs per iteration."""
-        return self.training.global_batch_size // (
-            self.training.micro_batch_size * self.parallel.data_parallel_size
-        )
+        """Micro-batches each data-parallel rank runs per iteration at the full global batch size."""
+        return self.num_micro_batches_of(self.training.global_batch_size)
+
+    def num_micro_batches_of(self, global_batch_size: int) -> int:
+        """Micro-batches each data-parallel rank runs in an iteration of ``global_batch_size`` sequences."""
+        return global_batch_size // (self.training.micro_batch_size * self.parallel.data_parallel_size)
+
+    @property
+    def batch_schedule(self) -> GlobalBatchSchedule:
+        """The global batch size of each iteration (constant unless ``--rampup-batch-size``)."""
+        return GlobalBatchSchedule.of(self.training.global_batch_size, self.training.rampup_batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of str/int/float/bool/None/list (safe for ``torch.load(weights_only=True)``)."""

@@ -6,7 +6,9 @@ to its workers (then waits its shutdown timeout before SIGKILL). The handler onl
 however often it comes (Ctrl-C under torchrun reaches a worker twice: from the terminal and
 forwarded); the loop asks after every iteration. A signal or a clock reaches ranks at different
 moments, so the answer is all-reduced (MAX) over the world each iteration: every rank stops after
-the same iteration, saves with the others, and exits 0.
+the same iteration, saves with the others, and exits 0. The values are host values and so is the
+collective (gloo, on a group of its own when the training device is not the CPU): a collective on
+the device would make the host wait every iteration for the device to finish the step.
 """
 from __future__ import annotations
 
@@ -35,9 +37,13 @@ class ExitWatch:
 
     def __init__(self, settings: ExitSettings, device: torch.device, start: Optional[float] = None):
         """``start``: the ``time.monotonic()`` the duration counts from (default now)."""
-        self.settings, self.device = settings, device
+        self.settings = settings
         self.start = time.monotonic() if start is None else start
         self.received: Optional[int] = None
+        agreeing = settings.signal_handler or settings.duration_in_mins is not None
+        self.group = None  # the world's (CPU runs: its backend takes host tensors)
+        if agreeing and device.type != "cpu" and dist.is_initialized():
+            self.group = dist.new_group(backend="gloo")  # every rank builds the watch alike: a collective
 
     def _note(self, signum, frame) -> None:
         self.received = signum
@@ -65,12 +71,12 @@ class ExitWatch:
             return None
         elapsed = time.monotonic() - self.start
         flags = torch.tensor([float(self.received or 0),
-                              float(s.duration_in_mins is not None and elapsed > 60 * s.duration_in_mins)],
-                             device=self.device)
+                              float(s.duration_in_mins is not None and elapsed > 60 * s.duration_in_mins)])
         if dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[0].item():
-            return f"received {signal.Signals(int(flags[0].item())).name}"
-        if flags[1].item():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        received, timed_out = flags.tolist()
+        if received:
+            return f"received {signal.Signals(int(received)).name}"
+        if timed_out:
             return f"--exit-duration-in-mins {s.duration_in_mins:g} reached"
         return None

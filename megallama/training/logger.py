@@ -10,12 +10,20 @@ validation ppl``. With ``--wandb-project`` the same scalars also go to Weights &
 averages over the iterations since the previous report (loss, times) or the latest value (learning
 rate, gradient norm). Only one rank reports: the caller passes ``enabled=True`` on the rank that
 holds the loss (the last pipeline stage).
+
+Loss and gradient norm may be handed over as device tensors: they are read at a report only, in
+one device→host copy, so an iteration that does not report never waits for the device. The
+iteration time is then the wall time between reports (the device synchronised at both ends, time
+outside training left out by :meth:`TrainingLogger.stop_timing`), divided by the iterations. The
+``*-time`` phases of ``--log-timers-to-tensorboard`` are host times: on CUDA, the time to enqueue
+a phase's work, not to run it.
 """
 from __future__ import annotations
 
 import math
 import os
 import resource
+import time
 from typing import Callable, Optional
 
 import torch
@@ -48,6 +56,14 @@ def memory_bytes(device: Optional[torch.device] = None) -> dict[str, int]:
     return {"mem-allocated-bytes": resident_pages * os.sysconf("SC_PAGE_SIZE")}
 
 
+def host_values(values: list) -> list:
+    """``values`` (floats, None, 0-dim tensors) as Python floats (None stays None), all the tensors
+    read in one device→host copy."""
+    tensors = [v for v in values if torch.is_tensor(v)]
+    read = iter(torch.stack([t.detach().double() for t in tensors]).tolist() if tensors else [])
+    return [next(read) if torch.is_tensor(v) else v for v in values]
+
+
 def start_wandb(config: PretrainConfig):
     """A Weights & Biases run for ``--wandb-project`` (imported only then; it is an optional extra)."""
     try:
@@ -76,12 +92,13 @@ class TrainingLogger:
         self.enabled = enabled
         self.interval = config.logging.log_interval
         self.train_iters = config.training.train_iters
-        self.tokens_per_iteration = config.tokens_per_iteration
+        self.global_batch_size = config.training.global_batch_size
+        self.ramps = len(config.batch_schedule.sizes()) > 1  # then each line says its global batch size
         self.seq_length = config.training.seq_length
         m = config.model
-        self.flops_per_iteration = estimate_flops(
+        self.flops_per_sequence = estimate_flops(
             num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
-            seq_length=self.seq_length, vocab_size=m.vocab_size, num_sequences=config.training.global_batch_size,
+            seq_length=self.seq_length, vocab_size=m.vocab_size, num_sequences=1,
             num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups, kv_channels=m.kv_channels,
         )
         self.num_devices = num_devices
@@ -95,11 +112,29 @@ class TrainingLogger:
 
             self.writer = SummaryWriter(log_dir=config.logging.tensorboard_dir)
         self.wandb_run = start_wandb(config) if enabled and config.logging.wandb_project else None
+        self._since: Optional[float] = None  # wall-clock timing: when the current stretch began
         self._reset()
 
     def _reset(self):
-        self._losses, self._seconds = [], 0.0
+        self._losses, self._seconds, self._sequences = [], 0.0, 0
         self._phase_seconds = dict.fromkeys(TIMED_PHASES, 0.0)
+
+    def _synchronize(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start_timing(self) -> None:
+        """Time iterations by the wall clock from now (for callers that pass no ``seconds``)."""
+        self._synchronize()
+        self._since = time.perf_counter()
+
+    def stop_timing(self) -> None:
+        """Leave what follows (validation, a save) out of the iteration time until
+        :meth:`start_timing`."""
+        if self._since is not None:
+            self._synchronize()
+            self._seconds += time.perf_counter() - self._since
+            self._since = None
 
     def _write(self, scalars: dict, iteration: int) -> None:
         if self.writer is not None:
@@ -110,25 +145,39 @@ class TrainingLogger:
             self.wandb_run.log(scalars, step=iteration)
 
     def training_iteration(
-        self, iteration: int, consumed_samples: int, loss: float, lr: float, grad_norm: Optional[float],
-        seconds: float, phase_seconds: Optional[dict[str, float]] = None,
+        self, iteration: int, consumed_samples: int, loss, lr: float, grad_norm,
+        seconds: Optional[float] = None, phase_seconds: Optional[dict[str, float]] = None,
+        global_batch_size: Optional[int] = None,
     ) -> Optional[str]:
-        """Record one iteration (``phase_seconds``: the ``TIMED_PHASES``' times in it); at a report
-        iteration print the line and return it."""
+        """Record one iteration; at a report iteration print the line and return it. ``loss`` and
+        ``grad_norm``: floats or 0-dim (device) tensors (``loss`` None on a rank without it);
+        ``seconds``: the iteration's time, None when timed by the wall clock (:meth:`start_timing`);
+        ``phase_seconds``: the ``TIMED_PHASES``' times in it; ``global_batch_size``: its sequences
+        (default ``--global-batch-size``; less while ``--rampup-batch-size`` ramps)."""
         self._losses.append(loss)
-        self._seconds += seconds
+        global_batch_size = global_batch_size or self.global_batch_size
+        self._sequences += global_batch_size
+        if seconds is not None:
+            self._seconds += seconds
         for phase, value in (phase_seconds or {}).items():
             self._phase_seconds[phase] += value
         if iteration % self.interval and iteration != self.train_iters:
             return None
-        n = len(self._losses)
-        mean_loss = sum(self._losses) / n
+        *losses, grad_norm = host_values([*self._losses, grad_norm])  # this report's one device read
+        timing = self._since is not None
+        if timing:
+            self.stop_timing()
+        n = len(losses)
+        mean_loss = sum(0.0 if v is None else v for v in losses) / n
         seconds_per_iteration = self._seconds / n
+        flops_per_iteration = self.flops_per_sequence * self._sequences / n
+        tokens_per_second = self._sequences * self.seq_length / self._seconds
         phase_means = {f"{phase}-time": value / n for phase, value in self._phase_seconds.items()}
         self._reset()
-        tokens_per_second = self.tokens_per_iteration / seconds_per_iteration
-        tflops = tflops_per_device(self.flops_per_iteration, seconds_per_iteration, self.num_devices)
-        mfu = estimate_mfu(self.flops_per_iteration, seconds_per_iteration, self.num_devices, self.peak_tflops)
+        if timing:
+            self.start_timing()
+        tflops = tflops_per_device(flops_per_iteration, seconds_per_iteration, self.num_devices)
+        mfu = estimate_mfu(flops_per_iteration, seconds_per_iteration, self.num_devices, self.peak_tflops)
         memory = peak_memory_bytes(self.device)
         if not self.enabled:
             return None
@@ -137,6 +186,7 @@ class TrainingLogger:
         line = (
             f"iteration {iteration:>8d}/{self.train_iters} | consumed samples {consumed_samples} | "
             f"consumed tokens {consumed_samples * self.seq_length} | "
+            + (f"global batch size {global_batch_size} | " if self.ramps else "") +
             f"lm loss {mean_loss:.6E} | learning rate {lr:.6E} | grad norm {grad_text} | "
             f"ms per iteration {1000 * seconds_per_iteration:.1f} | tokens/s {tokens_per_second:.1f} | "
             f"TFLOP/s per device {tflops:.4g} | MFU {mfu_text} | peak memory {memory / 2**30:.2f} GiB"

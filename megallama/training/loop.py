@@ -26,6 +26,7 @@ from megallama.checkpoint import sharded
 from megallama.checkpoint import storage as ckpt
 from megallama.distributed import (DistributedDataParallel, build_optimizer, finalize_model_grads,
                                    global_mean_loss)
+from megallama.distributed.data_parallel import NO_TOKENS
 from megallama.model import LlamaModel
 from megallama.parallel import get_rng_tracker, model_parallel_manual_seed, state
 from megallama.pipeline import ActivationShape, build_model_chunks, get_forward_backward_func
@@ -34,12 +35,15 @@ from megallama.training.config import PretrainConfig
 from megallama.training.exits import ExitSettings, ExitWatch
 from megallama.training.flops import detect_peak_tflops
 from megallama.training.forward_step import llama_forward_step
-from megallama.training.logger import TrainingLogger
+from megallama.training.logger import TrainingLogger, host_values
 from megallama.training.lr_schedule import LRSchedule
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss or gradient norm); raised on every rank alike."""
+
+
+IGNORE_INDEX = -100  # labels the loss skips (the model's cross-entropy default)
 
 
 def log0(message: str) -> None:
@@ -99,7 +103,7 @@ def build_model(config: PretrainConfig, device: torch.device) -> list[LlamaModel
 def build_datasets(config: PretrainConfig):
     t, d = config.training, config.data
     num_evals = t.train_iters // t.eval_interval + 1 if t.eval_iters else 0
-    samples = [t.train_iters * t.global_batch_size, t.eval_iters * t.global_batch_size if num_evals else 0, 0]
+    samples = [config.batch_schedule.consumed_after(t.train_iters), t.eval_iters * t.global_batch_size if num_evals else 0, 0]
     if d.mock_data:
         from megallama.data.gpt_dataset import MockGPTDataset
 
@@ -141,26 +145,30 @@ def _with_document_resets(train, valid, config: PretrainConfig):
     return train, valid
 
 
-def host_micro_batches(dataset, batch_start: int, config: PretrainConfig) -> list:
-    """This DP rank's micro-batches of global batch starting at sample ``batch_start``, in host
-    memory: each micro-step takes ``micro × DP`` consecutive samples, DP rank ``d`` the ``d``-th
-    ``micro`` of them."""
+def host_micro_batches(dataset, batch_start: int, config: PretrainConfig, pin: bool = False,
+                       global_batch_size: Optional[int] = None) -> list:
+    """This DP rank's micro-batches of the global batch of ``global_batch_size`` (default: the
+    schedule's at ``batch_start``) starting at sample ``batch_start``, in host memory (page-locked
+    with ``pin``, so that copies to a CUDA device need not wait): each micro-step takes ``micro × DP``
+    consecutive samples, DP rank ``d`` the ``d``-th ``micro`` of them."""
     m, dp = config.training.micro_batch_size, config.parallel.data_parallel_size
     dp_rank = state.get_data_parallel_rank()
+    size = global_batch_size or config.batch_schedule.size_at(batch_start)
     out = []
-    for step in range(config.num_micro_batches):
+    for step in range(config.num_micro_batches_of(size)):
         first = batch_start + step * m * dp + dp_rank * m
         samples = [dataset[i] for i in range(first, first + m)]
         # tokens, labels, and (packed or document-reset data) loss_mask and position_ids
         batch = tuple(torch.stack([torch.as_tensor(s[key]) for s in samples]) if key in samples[0] else None
                       for key in ("tokens", "labels", "loss_mask", "position_ids"))
-        check_token_ids(batch[0], first, config)  # on the host copy: no device sync per micro-batch
-        out.append(batch)
+        check_batch(batch, first, config)  # on the host copy: no device sync per micro-batch
+        out.append(tuple(None if t is None else t.pin_memory() for t in batch) if pin else batch)
     return out
 
 
 def to_device(batches: list, device: torch.device) -> list:
-    return [tuple(None if t is None else t.to(device) for t in batch) for batch in batches]
+    # Queued, not waited for: the copy runs on the device's stream before the kernels that read it.
+    return [tuple(None if t is None else t.to(device, non_blocking=True) for t in batch) for batch in batches]
 
 
 class BatchPrefetcher:
@@ -168,21 +176,27 @@ class BatchPrefetcher:
     batches ahead of the iteration that needs them (0: in the calling thread). The batches are
     ``host_micro_batches``' whatever the number of threads: prefetching changes when, not what."""
 
-    def __init__(self, dataset, config: PretrainConfig):
-        self.dataset, self.config = dataset, config
+    def __init__(self, dataset, config: PretrainConfig, pin: bool = False):
+        self.dataset, self.config, self.pin = dataset, config, pin
+        self.schedule = config.batch_schedule
+        self.end = self.schedule.consumed_after(config.training.train_iters)
         workers = config.training.num_workers
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="megallama-batches") if workers else None
         self.pending: dict[int, Future] = {}
 
     def get(self, batch_start: int) -> list:
         future = self.pending.pop(batch_start, None)
-        batches = future.result() if future is not None else host_micro_batches(self.dataset, batch_start, self.config)
+        batches = future.result() if future is not None else \
+            host_micro_batches(self.dataset, batch_start, self.config, self.pin)
         if self.pool is not None:
-            t = self.config.training
-            ahead = range(batch_start + t.global_batch_size, t.train_iters * t.global_batch_size, t.global_batch_size)
-            for start in ahead[:t.num_workers]:
+            start = batch_start
+            for _ in range(self.config.training.num_workers):
+                start += self.schedule.size_at(start)
+                if start >= self.end:
+                    break
                 if start not in self.pending:
-                    self.pending[start] = self.pool.submit(host_micro_batches, self.dataset, start, self.config)
+                    self.pending[start] = self.pool.submit(host_micro_batches, self.dataset, start, self.config,
+                                                           self.pin)
         return batches
 
     def close(self) -> None:
@@ -219,16 +233,53 @@ def manual_garbage_collection(enabled: bool):
         gc.enable()
 
 
-def check_token_ids(tokens: torch.Tensor, first_sample: int, config: PretrainConfig) -> None:
-    """An id the embedding has no row for is the data's fault (tokenized for another vocabulary):
-    say so in one line instead of an index error deep inside the model."""
+def check_batch(batch: tuple, first_sample: int, config: PretrainConfig) -> None:
+    """The host copy of a micro-batch (tokens, labels, loss_mask, position_ids) checked for what
+    the model checks only on host tensors (on a device the read would stall every step): ids the
+    embedding or the loss has no row for, position_ids that do not start a document."""
+    tokens, labels, _, position_ids = batch
+    check_token_ids(tokens, first_sample, config)
+    check_token_ids(labels, first_sample, config, what="label", ignore_index=IGNORE_INDEX)
+    if position_ids is not None:
+        bad = position_ids[:, 0] != 0
+        if bad.any():
+            raise TrainingError(f"sample {first_sample + int(bad.nonzero()[0])} of the data: position_ids must "
+                                "start every row with 0 (the start of its first document)")
+
+
+def check_token_ids(tokens: torch.Tensor, first_sample: int, config: PretrainConfig, what: str = "token",
+                    ignore_index: Optional[int] = None) -> None:
+    """An id the embedding (or the loss) has no row for is the data's fault (tokenized for another
+    vocabulary): say so in one line instead of an index error deep inside the model."""
     vocab = config.model.vocab_size
     bad = (tokens >= vocab) | (tokens < 0)
+    if ignore_index is not None:
+        bad &= tokens != ignore_index
     if bad.any():
         row = int(bad.any(dim=1).nonzero()[0])
-        raise TrainingError(f"sample {first_sample + row} of the data holds token id "
+        raise TrainingError(f"sample {first_sample + row} of the data holds {what} id "
                             f"{int(tokens[row][bad[row]][0])}, outside --vocab-size {vocab} (was the data "
                             "tokenized with another tokenizer?)")
+
+
+class DeferredChecks:
+    """The step's failure checks, kept on the device and read only at the loop's check points
+    (see ``Trainer._settle``), so that other iterations never wait for the device. Records the
+    first failing iteration: (failed, iteration, loss, grad norm, counted no tokens), float64."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.first = torch.zeros(5, dtype=torch.float64, device=device)
+
+    def _scalar(self, value: float) -> torch.Tensor:
+        return torch.full((), value, dtype=torch.float64, device=self.device)  # a fill: no host→device copy
+
+    def note(self, iteration: int, applied, loss: Optional[torch.Tensor], norm: torch.Tensor,
+             no_tokens: torch.Tensor) -> None:
+        failed = (~applied).double() if torch.is_tensor(applied) else self._scalar(float(not applied))
+        loss = self._scalar(math.nan) if loss is None else loss.double()
+        row = torch.stack([failed, self._scalar(iteration), loss, norm.double(), no_tokens.double()])
+        self.first = torch.where(self.first[0] > 0, self.first, row)
 
 
 class Trainer:
@@ -239,7 +290,8 @@ class Trainer:
         self.config = config
         self.device = init_distributed(config)
         device_bytes = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
-        estimate, fits = pretrain_memory_estimate(config, device_bytes)
+        estimate, fits = pretrain_memory_estimate(config, device_bytes,
+                                                  staged_reduce_scatter=dist.get_backend() != "nccl")
         log0(estimate)
         if not fits:  # every rank computes the same estimate, so all stop together
             raise TrainingError(estimate.splitlines()[-1])
@@ -271,11 +323,14 @@ class Trainer:
         if loaded:
             self._load_training_state(*loaded)
         self.schedule = LRSchedule(config.lr_schedule, config.optimizer.lr, config.training.global_batch_size)
+        self.batch_schedule = config.batch_schedule
         self.forward_backward = get_forward_backward_func(config.parallel.pipeline_model_parallel_size,
                                                           virtual_size(config))
         self.activation_shape = ActivationShape(config.training.seq_length, config.training.micro_batch_size,
                                                 config.model.hidden_size, self.dtype, config.model.sequence_parallel)
         self.is_last_stage = state.is_pipeline_last_stage()
+        self.checks = DeferredChecks(self.device)
+        self._unsettled: list = []  # this rank's losses (device tensors) of the iterations not read yet
         peak = config.logging.peak_tflops or detect_peak_tflops(self.dtype, self.device)
         self.logger = TrainingLogger(config, enabled=dist.get_rank() == dist.get_world_size() - 1,
                                      num_devices=dist.get_world_size(), peak_tflops=peak, device=self.device,
@@ -320,8 +375,8 @@ class Trainer:
             if theirs != mine:
                 raise ckpt.CheckpointError(f"--finetune --load {path} has {name} {theirs}, the flags give {mine}")
         for chunk in chunks:
-            for name, param in chunk.named_parameters():
-                param.copy_(shard_like(param, reader.load(name)))
+            for name, param in chunk.named_parameters():  # a tied head's copy reads the embedding
+                param.copy_(shard_like(param, reader.load(sharded.stored_name(name, param))))
         log0(f"--finetune: loaded the {getattr(reader, 'format', '')} weights of {path}; iteration, optimizer "
              "and lr schedule start afresh")
 
@@ -375,32 +430,50 @@ class Trainer:
     def _run_schedule(self, batches: list, forward_only: bool):
         v = virtual_size(self.config)
         data = [iter(batches) for _ in range(v)] if v else iter(batches)
-        return self.forward_backward(llama_forward_step, data, self.chunks, self.config.num_micro_batches,
+        return self.forward_backward(llama_forward_step, data, self.chunks, len(batches),
                                      self.activation_shape, forward_only=forward_only)
 
-    def train_step(self) -> tuple[Optional[float], float]:
-        """One optimizer step on global batch ``iteration``; returns (loss on the last stage, grad norm)."""
+    def train_step(self) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """One optimizer step on global batch ``iteration``; returns (loss on the last stage, grad
+        norm) as device tensors, read by nobody here. A non-finite loss or norm (or a batch without
+        tokens) skips the update on the device and is noted in ``self.checks`` for ``_settle``."""
         start = time.perf_counter()
         self.optimizer.zero_grad()
         batches = to_device(self.batches.get(self.consumed_samples), self.device)
         fetched = time.perf_counter()
         losses = self._run_schedule(batches, forward_only=False)
-        finalize_model_grads(self.chunks, losses)
+        num_tokens = finalize_model_grads(self.chunks, losses)
         reduced = time.perf_counter()
-        _, norm = self.optimizer.step()
-        # Host-side times (the device may still be busy): what --log-timers-to-tensorboard writes.
+        loss = global_mean_loss(losses) if self.is_last_stage else None
+        no_tokens = num_tokens <= 0
+        # Only the last stage sees the loss: agree on it everywhere (a device collective, no host
+        # read) before the step, so every rank skips a non-finite loss's update alike. After a
+        # failed iteration no update applies until the run stops at the next _settle.
+        bad = no_tokens if loss is None else no_tokens | ~torch.isfinite(loss)
+        bad = torch.maximum(bad.float(), self.checks.first[0].float()).reshape(1)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        applied, norm = self.optimizer.step(found_inf=bad[0])
+        self.checks.note(self.iteration + 1, applied, loss, norm, no_tokens)
+        # Host times: on CUDA the time to enqueue each phase (what --log-timers-to-tensorboard writes).
         self.phase_seconds = {"batch-generator": fetched - start, "forward-backward": reduced - fetched,
                               "optimizer": time.perf_counter() - reduced}
-        mean = global_mean_loss(losses) if self.is_last_stage else None
-        loss = float(mean) if mean is not None else None
-        # Only the last stage sees the loss: agree on finiteness everywhere so all ranks stop together.
-        bad = torch.tensor([0.0 if loss is None or math.isfinite(loss) else 1.0], device=self.device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        norm = float(norm)
-        if bad.item() or not math.isfinite(norm):
-            raise TrainingError(f"iteration {self.iteration + 1}: lm loss {loss if loss is not None else '(other stage)'}, "
-                                f"grad norm {norm}: not finite; stopping without saving a checkpoint")
         return loss, norm
+
+    def _settle(self, history: list) -> None:
+        """Read the deferred checks and this rank's losses since the last call, in one device→host
+        copy: at log iterations, before validation, a save or an early exit, and at the end. Raises
+        TrainingError for the first failed iteration, on every rank alike (the flags are agreed)."""
+        if not self._unsettled:
+            return
+        failed, iteration, loss, norm, no_tokens, *losses = host_values([*self.checks.first.unbind(), *self._unsettled])
+        history.extend(losses)
+        self._unsettled = []
+        if not failed:
+            return
+        if no_tokens:
+            raise TrainingError(f"iteration {int(iteration)}: {NO_TOKENS}; stopping without saving a checkpoint")
+        raise TrainingError(f"iteration {int(iteration)}: lm loss {loss if self.is_last_stage else '(other stage)'}, "
+                            f"grad norm {norm}: not finite; stopping without saving a checkpoint")
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -410,7 +483,8 @@ class Trainer:
         # The same first eval_iters global batches every time, so validation points are comparable.
         total, n = 0.0, self.config.training.eval_iters
         for b in range(n):
-            batches = host_micro_batches(self.valid_data, b * self.config.training.global_batch_size, self.config)
+            size = self.config.training.global_batch_size  # the full batch, also while the training batch ramps up
+            batches = host_micro_batches(self.valid_data, b * size, self.config, self.device.type == "cuda", size)
             losses = self._run_schedule(to_device(batches, self.device), True)
             if self.is_last_stage:
                 total += float(global_mean_loss(losses))  # every batch counts the same number of tokens
@@ -418,13 +492,19 @@ class Trainer:
             chunk.train()
         return total / n if self.is_last_stage else None
 
+    def _micro_batches_text(self) -> str:
+        """Micro-batches per iteration, as the first log line says them: ``8``, or ``2 → 8`` on a ramp."""
+        sizes = self.batch_schedule.sizes()
+        counts = [self.config.num_micro_batches_of(size) for size in (sizes[0], sizes[-1])]
+        return f"{counts[0]} → {counts[1]} (--rampup-batch-size)" if len(sizes) > 1 else str(counts[1])
+
     def train(self) -> list:
         """Run to ``--train-iters``; returns the losses of this run's iterations (last stage, else None)."""
         c = self.config
         history = []
         log0(f"training {c.model.num_layers} layers × {c.model.hidden_size} on {c.parallel.world_size} ranks: "
              f"TP={self.tp_size} PP={c.parallel.pipeline_model_parallel_size} DP={c.parallel.data_parallel_size} "
-             f"virtual={virtual_size(c)}, {c.num_micro_batches} micro-batches of {c.training.micro_batch_size}, "
+             f"virtual={virtual_size(c)}, {self._micro_batches_text()} micro-batches of {c.training.micro_batch_size}, "
              f"from iteration {self.iteration}")
         saved_at = self.iteration  # a resumed run's starting point is already on disk
         t = c.training
@@ -432,7 +512,7 @@ class Trainer:
                           self.started)
         if t.profile and self.device.type != "cuda":
             log0("--profile: no CUDA device, so no profiler range to mark")
-        self.batches = BatchPrefetcher(self.train_data, c)
+        self.batches = BatchPrefetcher(self.train_data, c, pin=self.device.type == "cuda")
         try:
             # A signal during the last save must not cut it short.
             with exits.watching_signals(), attention_kernels(t.attention_backend), \
@@ -446,27 +526,33 @@ class Trainer:
         return history
 
     def _train_until_done_or_told(self, history: list, exits: ExitWatch, saved_at: int) -> int:
-        """Iterations up to ``--train-iters`` or an exit condition; returns the last saved iteration."""
+        """Iterations up to ``--train-iters`` or an exit condition; returns the last saved iteration.
+
+        An iteration that does not log reads nothing from the device: losses, norms and the
+        failure checks stay there until ``_settle``, before anything that acts on them."""
         c, t = self.config, self.config.training
         profiling = t.profile and self.device.type == "cuda"
+        self.logger.start_timing()
         while self.iteration < t.train_iters:
             if profiling and self.iteration == t.profile_step_start:  # iterations counted from 0, as Megatron
                 torch.cuda.profiler.start()
-            start = time.perf_counter()
-            lr = self.schedule.apply(self.optimizer, self.iteration + 1)
+            global_batch = self.batch_schedule.size_at(self.consumed_samples)
+            lr = self.schedule.apply(self.optimizer, self.consumed_samples + global_batch)
             loss, norm = self.train_step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
             self.iteration += 1
-            self.consumed_samples += t.global_batch_size
-            history.append(loss)
-            self.logger.training_iteration(self.iteration, self.consumed_samples, loss if loss is not None else 0.0,
-                                           lr, norm, time.perf_counter() - start, self.phase_seconds)
+            self.consumed_samples += global_batch
+            self._unsettled.append(loss)
+            if self.iteration % c.logging.log_interval == 0 or self.iteration == t.train_iters:
+                self._settle(history)  # a failed iteration stops the run before its line is written
+            self.logger.training_iteration(self.iteration, self.consumed_samples, loss, lr, norm, None,
+                                           self.phase_seconds, global_batch_size=global_batch)
             if profiling and self.iteration == t.profile_step_end:
                 torch.cuda.profiler.stop()
             if t.manual_gc and t.manual_gc_interval and self.iteration % t.manual_gc_interval == 0:
                 gc.collect()
             if self.valid_data is not None and t.eval_iters and self.iteration % t.eval_interval == 0:
+                self._settle(history)
+                self.logger.stop_timing()
                 if t.manual_gc:
                     gc.collect()  # validation's garbage and training's apart, as Megatron's manual_gc_eval
                 val = self.evaluate()
@@ -474,14 +560,20 @@ class Trainer:
                     gc.collect()
                 if val is not None:
                     self.logger.validation(self.iteration, val)
+                self.logger.start_timing()
             if c.checkpoint.save and c.checkpoint.save_interval and self.iteration % c.checkpoint.save_interval == 0:
+                self._settle(history)  # never save after a failed iteration
+                self.logger.stop_timing()
                 self.save()
                 saved_at = self.iteration
+                self.logger.start_timing()
             reason = exits.reason(self.iteration)
             if reason and self.iteration < c.training.train_iters:
+                self._settle(history)
                 log0(f"{reason}: stopping after iteration {self.iteration}"
                      + (", saving a checkpoint" if c.checkpoint.save else " (no --save: nothing saved)"))
                 break
+        self._settle(history)
         return saved_at
 
 

@@ -4,11 +4,13 @@ The lr is a pure function of the iteration, so resuming needs no scheduler state
 iteration number (the schedule's settings are still stored in checkpoints, for the record).
 Iteration ``i`` (1-based) uses the value Megatron's ``OptimizerParamScheduler`` gives after ``i``
 steps; Megatron itself runs iteration ``i`` with step ``i - 1`` and so spends its first iteration
-at lr 0.
+at lr 0. A param group with its own ``max_lr``/``min_lr`` (``--decoupled-lr``) gets the same shape
+between those.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from megallama.training.config import LRScheduleArgs
 
@@ -31,28 +33,37 @@ class LRSchedule:
         self.warmup_samples, self.decay_samples = args.warmup_and_decay_samples(global_batch_size)
 
     def lr(self, iteration: int) -> float:
-        """Learning rate of the optimizer step that ends ``iteration`` (1-based)."""
-        a, peak = self.args, self.peak_lr
-        samples, warmup, decay = iteration * self.global_batch_size, self.warmup_samples, self.decay_samples
+        """Learning rate of the optimizer step that ends ``iteration`` (1-based) of a constant batch size."""
+        return self.lr_at(iteration * self.global_batch_size)
+
+    def lr_at(self, samples: int, peak: Optional[float] = None, floor: Optional[float] = None) -> float:
+        """Learning rate of the optimizer step after which ``samples`` samples are consumed (Megatron's
+        scheduler steps by each iteration's global batch size, a growing one under ``--rampup-batch-size``),
+        for the schedule's peak and floor or, as a param group of Megatron's, the given ones."""
+        a = self.args
+        peak = self.peak_lr if peak is None else peak
+        floor = a.min_lr if floor is None else floor
+        warmup, decay = self.warmup_samples, self.decay_samples
         if warmup > 0 and samples <= warmup:
             return peak * samples / warmup
         if a.lr_decay_style == "constant":
             return peak
         if samples > decay:
-            return a.min_lr
+            return floor
         progress = (samples - warmup) / (decay - warmup)
         if a.lr_decay_style == "cosine":
             coefficient = 0.5 * (math.cos(math.pi * progress) + 1.0)
         else:
             coefficient = 1.0 - progress
-        return a.min_lr + coefficient * (peak - a.min_lr)
+        return floor + coefficient * (peak - floor)
 
-    def apply(self, optimizer, iteration: int) -> float:
-        """Set every param group's lr for ``iteration``; returns it."""
-        lr = self.lr(iteration)
+    def apply(self, optimizer, samples: int) -> float:
+        """Set each param group's lr for the step after which ``samples`` samples are consumed, with the
+        group's own ``max_lr``/``min_lr`` where it has them (``--decoupled-lr``), as Megatron's
+        ``OptimizerParamScheduler.get_lr``; returns the schedule's own lr (the other groups')."""
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+            group["lr"] = self.lr_at(samples, group.get("max_lr"), group.get("min_lr"))
+        return self.lr_at(samples)
 
     def state_dict(self) -> dict:
         """The settings, as checkpoints have always stored them (the peak as ``lr``)."""

@@ -88,15 +88,6 @@ MEGATRON_FLAGS: tuple[MegatronFlag, ...] = (
     MegatronFlag("--grad-reduce-in-bf16", GIVEN,
                  ignored="megallama always accumulates and reduces gradients in fp32 (more precise, twice "
                  "the reduce traffic)"),
-    # --- loss, optimizer, schedule --------------------------------------------------------------
-    MegatronFlag("--decoupled-lr", {"type": float, "default": None},
-                 refused="--decoupled-lr: megallama uses one learning rate for all parameters; drop "
-                 "--decoupled-lr and --decoupled-min-lr"),
-    MegatronFlag("--decoupled-min-lr", {"type": float, "default": None},
-                 refused="--decoupled-min-lr: megallama uses one learning rate for all parameters; drop "
-                 "--decoupled-lr and --decoupled-min-lr"),
-    MegatronFlag("--rampup-batch-size", {"nargs": "*", "default": None},
-                 refused="--rampup-batch-size {value}: megallama trains with a constant --global-batch-size"),
     # --- distributed and memory -----------------------------------------------------------------
     MegatronFlag("--context-parallel-size", {"type": int, "default": None},
                  ignored="1 means no context parallelism",

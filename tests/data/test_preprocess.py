@@ -9,6 +9,7 @@ import pytest
 import zstandard
 
 from megallama.data import preprocess as pp
+from megallama.data.workers import bounded_imap
 from megallama.tokenizer import SentencePieceTokenizer
 from tests.data.helpers import load_tool
 
@@ -116,7 +117,7 @@ def test_read_ahead_is_bounded():
             return Done(args[0])
 
     consumed = 0
-    for result in pp._bounded_imap(FakePool(), tasks(), 4):
+    for result in bounded_imap(FakePool(), tasks(), 4, fn=lambda task: task):
         assert result == consumed
         consumed += 1
         assert len(pulled) - consumed <= 4

@@ -129,8 +129,8 @@ def test_sigusr1_mid_run_stops_after_that_iteration_saved(tmp_path, capsys, monk
 
     logged = TrainingLogger.training_iteration
 
-    def signal_at_two(self, iteration, *args):
-        logged(self, iteration, *args)
+    def signal_at_two(self, iteration, *args, **kwargs):
+        logged(self, iteration, *args, **kwargs)
         if iteration == 2:
             os.kill(os.getpid(), signal.SIGUSR1)  # SIGUSR1's default action would end the process
 

@@ -1,6 +1,4 @@
 """Shared fixtures: a tiny random LLaMA (as an HF model and as ours) and a tiny SentencePiece model."""
-import importlib.util
-import os
 import random
 
 import pytest
@@ -10,6 +8,7 @@ import torch
 from megallama.config import LlamaConfig
 from megallama.model import LlamaModel
 from megallama.tokenizer import LLAMA_TRAINER_SETTINGS
+from tests.data.helpers import load_tool  # noqa: F401  (tests import it from here)
 
 WORDS = ("the cat sat on a mat with 123 dogs and 45 birds flying over green hills while old men "
          "watched quietly from their small houses near the river").split()
@@ -68,15 +67,6 @@ def sp_model(tmp_path_factory) -> str:
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tok"), vocab_size=320,
                                    minloglevel=2, **LLAMA_TRAINER_SETTINGS)
     return str(folder / "tok.model")
-
-
-def load_tool(name: str):
-    """tools/NAME.py as a module (tools/ holds scripts, not a package)."""
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"megallama_tool_{name}", os.path.abspath(path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)

@@ -75,8 +75,7 @@ def _compare_with_serial():
 
     mp.initialize_model_parallel(4)
     errors = []
-    # None: the head size and key/value heads follow the new shape (replace keeps CONFIG's resolved ones)
-    for bad in (dict(num_attention_heads=6, hidden_size=48, num_query_groups=None, kv_channels=None),
+    for bad in (dict(num_attention_heads=6, hidden_size=48),
                 dict(ffn_hidden_size=50)):
         try:
             LlamaModel(dataclasses.replace(CONFIG, **bad))

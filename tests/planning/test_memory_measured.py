@@ -47,7 +47,7 @@ def predicted(layout: Layout, seq: int, bf16: bool) -> list:
     """(peak, static bytes) of every pipeline rank."""
     workload = Workload(LlamaConfig(**MODEL, max_position_embeddings=seq), seq, GLOBAL_BATCH, bf16)
     return [(r.total, r.weights + r.gradients + r.main_weights + r.optimizer_states + r.data)
-            for r in training_memory(workload, layout)]
+            for r in training_memory(workload, layout, staged_reduce_scatter=True)]  # gloo copies its input
 
 
 def _measure(layout_flags, world_size):

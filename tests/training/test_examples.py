@@ -21,7 +21,7 @@ def launched_flags(tmp_path, script, env):
 
 
 @pytest.mark.parametrize("size, nodes, tp, pp, lr", [("7b", 8, 1, 1, 3e-4), ("13b", 16, 2, 1, 3e-4),
-                                                     ("33b", 32, 2, 4, 1.5e-4), ("65b", 256, 4, 8, 1.5e-4)])
+                                                     ("33b", 32, 2, 2, 1.5e-4), ("65b", 256, 4, 8, 1.5e-4)])
 def test_paper_scripts(tmp_path, size, nodes, tp, pp, lr):
     launcher, flags = launched_flags(tmp_path, f"pretrain_llama_{size}.sh",
                                      {"NNODES": str(nodes), "NODE_RANK": "3", "MASTER_ADDR": "10.0.0.1",

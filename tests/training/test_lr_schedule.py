@@ -59,3 +59,24 @@ def test_samples_and_warmup_fraction_match_megatron_core(style, lengths):
     for iteration in range(1, 50):
         reference.num_steps = iteration * global_batch
         assert ours.lr(iteration) == pytest.approx(reference.get_lr(reference.optimizer.param_groups[0]), rel=1e-12)
+
+
+@pytest.mark.parametrize("style", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup", [0, 7])
+def test_each_group_follows_megatron_core_with_its_own_max_and_min_lr(style, warmup):
+    # --decoupled-lr's groups carry max_lr (and min_lr with --decoupled-min-lr); a group without them
+    # takes the scheduler's, in Megatron's get_lr as in apply.
+    groups = [{}, {"max_lr": 5e-4}, {"max_lr": 5e-4, "min_lr": 4.5e-5}, {"max_lr": 0.0, "min_lr": 0.0}]
+    args = LRScheduleArgs(min_lr=3e-5, lr_decay_style=style, lr_warmup_iters=warmup, lr_decay_iters=40)
+    ours = LRSchedule(args, peak_lr=3e-4, global_batch_size=4)
+    optimizer = _Optimizer()
+    optimizer.param_groups = [dict(g, params=[]) for g in groups]
+    reference = OptimizerParamScheduler(
+        _Optimizer(), init_lr=0.0, max_lr=3e-4, min_lr=args.min_lr, lr_warmup_steps=warmup * 4,
+        lr_decay_steps=40 * 4, lr_decay_style=style, start_wd=0.1, end_wd=0.1, wd_incr_steps=160,
+        wd_incr_style="constant",
+    )
+    for iteration in range(0, 51):
+        reference.num_steps = iteration * 4
+        assert ours.apply(optimizer, iteration * 4) == ours.lr(iteration)  # the default groups' lr, for the log
+        assert [g["lr"] for g in optimizer.param_groups] == [reference.get_lr(g) for g in groups]

@@ -49,8 +49,8 @@ def without(argv: list[str], flags: set[str]) -> list[str]:
 
 # What megallama refuses in each script, first refusal first (the one parse_args reports).
 REFUSED = {
-    "train_llama3_8b_h100_fp8": ["--fp8-format", "--fp8-param-gather", "--decoupled-lr", "--decoupled-min-lr"],
-    "train_gpt3_175b_distributed": ["--fp16", "--rampup-batch-size", "--vocab-file", "--merge-file"],
+    "train_llama3_8b_h100_fp8": ["--fp8-format", "--fp8-param-gather"],
+    "train_gpt3_175b_distributed": ["--fp16", "--vocab-file", "--merge-file"],
 }
 # World sizes the scripts are launched with: the GPT-3 script's TP 8 × PP 16 needs a multiple of 128.
 WORLD_SIZE = {"train_llama3_8b_h100_fp8": 8, "train_gpt3_175b_distributed": 1024}
@@ -108,6 +108,8 @@ def test_llama3_script_without_its_refused_flags_is_megatrons_llama3_8b(capsys):
     assert (s.lr_warmup_samples, s.lr_decay_samples, s.lr_warmup_iters) == (3906252, 1949218748, 0)
     o = c.optimizer
     assert o.use_distributed_optimizer and o.overlap_grad_reduce and o.overlap_param_gather
+    # The embedding and output layer's own lr and floor; the other groups' stay --lr and --min-lr.
+    assert (o.decoupled_lr, o.decoupled_min_lr, o.lr, s.min_lr) == (5.0e-4, 4.5e-5, 1.5e-4, 1e-5)
     assert c.training.manual_gc and c.training.num_workers == 1 and c.training.attention_backend == "fused"
     assert c.training.profile and (c.training.profile_step_start, c.training.profile_step_end) == (4, 6)
     assert c.logging.log_throughput and c.data.mock_data
@@ -120,13 +122,14 @@ def test_llama3_script_without_its_refused_flags_is_megatrons_llama3_8b(capsys):
 
 def test_gpt3_script_without_its_refused_flags_follows_megatrons_defaults():
     argv = without(script_argv("train_gpt3_175b_distributed"), set(REFUSED["train_gpt3_175b_distributed"]))
-    # No --untie-embeddings-and-output-weights: tied, as Megatron; megallama ties only without pipelining.
-    with pytest.raises(ConfigError, match=r"^tied embeddings \(no --untie-embeddings-and-output-weights\) needs "
-                       r"--pipeline-model-parallel-size 1, got 16 \(untie"):
+    # Megatron's own checks refuse it too (DISPOSITION.md, note 2): a batch-size ramp-up with --train-iters.
+    with pytest.raises(ConfigError, match=r"^--rampup-batch-size needs --train-samples instead of --train-iters "):
         parse_args(argv, env={"WORLD_SIZE": "1024"}, check_files=False)
-    argv[argv.index("--pipeline-model-parallel-size") + 1] = "1"
-    c = parse_args(argv, env={"WORLD_SIZE": "64"}, check_files=False)
+    c = parse_args(without(argv, {"--rampup-batch-size"}), env={"WORLD_SIZE": "1024"}, check_files=False)
+    # No --untie-embeddings-and-output-weights: tied, as Megatron, over its 16 pipeline stages (the
+    # last stage holds a copy of the embedding).
     assert c.model.tie_word_embeddings is True
+    assert (c.parallel.tensor_model_parallel_size, c.parallel.pipeline_model_parallel_size) == (8, 16)
     assert c.training.train_iters == 500000 and c.lr_schedule.lr_decay_iters == 430000
     # --lr-warmup-fraction .001 of 430000 iterations, counted in samples as Megatron: 430 iterations' worth.
     warmup, decay = c.lr_schedule.warmup_and_decay_samples(c.training.global_batch_size)

@@ -1,0 +1,42 @@
+"""The preprocessing tools' shared worker pool and all-or-nothing outputs (megallama.data.workers)."""
+import os
+
+import numpy as np
+import pytest
+
+from megallama.data.indexed import IndexedDataset, IndexedDatasetWriter
+from megallama.data.workers import all_or_nothing, worker_results
+
+_offset = {}
+
+
+def _init(offset: int) -> None:
+    _offset["value"] = offset
+
+
+def _work(task: int) -> tuple:
+    if task < 0:
+        raise RuntimeError("bad task")
+    return task + _offset["value"], os.getpid()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_results_are_in_input_order_from_initialized_workers(workers):
+    with worker_results(_work, iter(range(40)), workers, _init, (100,)) as results:
+        values, pids = zip(*results)
+    assert list(values) == [100 + i for i in range(40)]
+    assert (os.getpid() in pids) == (workers == 1)
+
+
+def test_a_failure_in_a_worker_leaves_no_output_and_success_finalizes(tmp_path):
+    writers = [IndexedDatasetWriter(str(tmp_path / name), np.int32) for name in ("a", "b")]
+    with pytest.raises(RuntimeError, match="bad task"):
+        with all_or_nothing(writers), worker_results(_work, iter([1, 2, -1, 3]), 2, _init, (0,)) as results:
+            for value, _ in results:
+                for writer in writers:
+                    writer.add_document(np.array([value], dtype=np.int32))
+    assert list(tmp_path.iterdir()) == []
+    writer = IndexedDatasetWriter(str(tmp_path / "c"), np.int32)
+    with all_or_nothing([writer]):
+        writer.add_document(np.array([7], dtype=np.int32))
+    assert IndexedDataset(str(tmp_path / "c"))[0].tolist() == [7]
