@@ -132,9 +132,11 @@ def peak_memory_child(side: str, batch: int, seq: int, steps: int) -> None:
     print_peak_rss(base)
 
 
-def peak_memory(side: str, args) -> float:
-    return peak_rss_of(__file__, ["--memory-child", side, "--batch", str(args.batch), "--seq", str(args.seq),
-                                  "--threads", str(args.threads)])
+def peak_memory(side: str, args, runs: int = 3) -> float:
+    """Median of ``runs`` fresh children: one child's peak RSS moves by up to 10% run to run (allocator)."""
+    return statistics.median(peak_rss_of(__file__, ["--memory-child", side, "--batch", str(args.batch),
+                                                    "--seq", str(args.seq), "--threads", str(args.threads)])
+                             for _ in range(runs))
 
 
 def main() -> None:
