@@ -72,7 +72,8 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         write(tmp)
 
 
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# chat_template.jinja: where recent transformers save a tokenizer's chat template
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def is_hf_tokenizer(tokenizer: str) -> bool:

@@ -118,6 +118,8 @@ def save_hf(reader: CheckpointReader, folder: str, tokenizer_model: str | None =
     copy_tokenizer(tokenizer_model, folder)
     if tokenizer_model is not None and not is_hf_tokenizer(tokenizer_model):
         _write_hf_tokenizer(tokenizer_model, folder)
+    elif tokenizer_model is not None:
+        _add_llama3_chat_template(folder)
 
 
 def _write(reader: CheckpointReader, folder: str, tensor_parallel_size: int | None,
@@ -156,6 +158,25 @@ def _write_config(config: LlamaConfig, dtype: torch.dtype, folder: str, tokenize
         sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
         hf_config.bos_token_id, hf_config.eos_token_id = sp.bos_id(), sp.eos_id()
     _write_text(os.path.join(folder, "config.json"), hf_config.to_json_string())
+
+
+def _add_llama3_chat_template(folder: str) -> None:
+    """A copied HF tokenizer folder without a chat template whose tokenizer holds LLaMA-3's chat
+    tokens (a base model's) gets the ``llama3`` template ``--template llama3`` finetunes with, so that
+    ``apply_chat_template`` on the export gives the ids finetuning trained on. A template the folder
+    has (an instruct model's own) is kept."""
+    from megallama.data.instructions import CHAT_TEMPLATES, default_chat_template
+    from megallama.tokenizer import HuggingFaceTokenizer
+
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(path) or os.path.isfile(os.path.join(folder, "chat_template.jinja")):
+        return
+    with open(path, encoding="utf-8") as f:
+        tokenizer_config = json.load(f)
+    if tokenizer_config.get("chat_template") or default_chat_template(HuggingFaceTokenizer(folder)) != "llama3":
+        return
+    tokenizer_config["chat_template"] = CHAT_TEMPLATES["llama3"]
+    _write_text(path, json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
 
 
 def _write_hf_tokenizer(tokenizer_model: str, folder: str) -> None:

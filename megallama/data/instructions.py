@@ -172,6 +172,16 @@ def check_template_tokens(tokenizer, template: str) -> None:
             special_token_id(tokenizer, token)
 
 
+def default_chat_template(tokenizer) -> str:
+    """``llama3`` for a tokenizer holding LLaMA-3's chat tokens (``<|start_header_id|>``,
+    ``<|end_header_id|>``, ``<|eot_id|>``), else ``llama2``."""
+    try:
+        check_template_tokens(tokenizer, "llama3")
+    except ValueError:
+        return "llama2"
+    return "llama3"
+
+
 def _encode_llama2(tokenizer, conversation: Conversation) -> tuple[list, list]:
     ids, mask = [], []
     for i, (user, answer) in enumerate(conversation.exchanges):

@@ -9,21 +9,11 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from megallama.data.instructions import CHAT_TEMPLATES, check_template_tokens, encode_chat_prompt, special_token_id
+from megallama.data.instructions import CHAT_TEMPLATES, default_chat_template, encode_chat_prompt, special_token_id
 from megallama.inference.generation import SamplingParams
 from megallama.inference.text import generate_text_from_ids
 
 __all__ = ["CHAT_TEMPLATES", "chat_reply", "chat_stop_ids", "default_chat_template"]
-
-
-def default_chat_template(tokenizer) -> str:
-    """``llama3`` for a tokenizer holding LLaMA-3's chat tokens (``<|start_header_id|>``,
-    ``<|end_header_id|>``, ``<|eot_id|>``), else ``llama2``."""
-    try:
-        check_template_tokens(tokenizer, "llama3")
-    except ValueError:
-        return "llama2"
-    return "llama3"
 
 
 def chat_stop_ids(tokenizer, template: str) -> list[int]:

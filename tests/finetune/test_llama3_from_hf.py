@@ -2,7 +2,9 @@
 rope scaling, untied head, byte-level BPE tokenizer.json) finetunes under TP=2 × PP=2 with
 ``--finetune --load HF_DIR``, and its checkpoint exports back to an HF directory that transformers
 loads with the same logits, the same configuration and the same tokenizer."""
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +12,9 @@ import torch
 import transformers
 
 from megallama.checkpoint import convert_checkpoint, load_model, open_checkpoint
+from megallama.data.instructions import CHAT_TEMPLATES, encode_chat_prompt
 from megallama.rope import RopeScaling
+from megallama.tokenizer import HuggingFaceTokenizer
 from tests.checkpoint.test_family_round_trips import hf_tensors
 from tests.data.helpers import varied_text
 from tests.data.test_hf_tokenizer import write_llama3_style_folder
@@ -20,6 +24,7 @@ from tests.training.test_pretrain_cli import losses_of, torchrun
 convert_tool = load_tool("convert_checkpoint")
 VOCAB = 608  # the tokenizer's 606 tokens, padded so that TP=2 splits the embedding evenly
 TEXT = "naïve café 日本語 🦙 it's 12345 tokens\n\tend"
+MESSAGES = [{"role": "system", "content": "count legs"}, {"role": "user", "content": "how many legs has a cat?"}]
 # The model shape as flags (Megatron's names), equal to the HF directory's config.json.
 SHAPE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "128",
          "--group-query-attention", "--num-query-groups", "2", "--rotary-base", "500000",
@@ -76,6 +81,10 @@ def test_finetuned_checkpoint_exports_to_transformers(llama3_hf, finetuned, tmp_
     source = transformers.AutoTokenizer.from_pretrained(llama3_hf)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer(TEXT).input_ids == source(TEXT).input_ids
+    # the folder had no chat template: the export carries the one --template llama3 finetunes with
+    prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt if isinstance(prompt, list) else prompt["input_ids"])
+    assert prompt == encode_chat_prompt(HuggingFaceTokenizer(out), MESSAGES, "llama3")
     assert (config.bos_token_id, config.eos_token_id) == (source.bos_token_id, source.eos_token_id)
 
     ours, reader = load_model(finetuned)
@@ -99,9 +108,12 @@ def test_hf_to_megallama_tp2_to_hf_is_identical(llama3_hf, tmp_path):
     source, again = hf_tensors(llama3_hf), hf_tensors(back)
     assert sorted(again) == sorted(source)
     assert all(torch.equal(again[k], v) for k, v in source.items())
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        with open(os.path.join(llama3_hf, name)) as a, open(os.path.join(back, name)) as b:
-            assert a.read() == b.read()
+    with open(os.path.join(llama3_hf, "tokenizer.json")) as a, open(os.path.join(back, "tokenizer.json")) as b:
+        assert a.read() == b.read()
+    with open(os.path.join(llama3_hf, "tokenizer_config.json")) as a, \
+            open(os.path.join(back, "tokenizer_config.json")) as b:
+        written = json.load(b)  # the same, and the llama3 chat template the source folder lacked
+        assert written.pop("chat_template") == CHAT_TEMPLATES["llama3"] and written == json.load(a)
 
 
 def test_flags_that_change_the_model_are_refused(llama3_hf, capsys):
@@ -112,3 +124,21 @@ def test_flags_that_change_the_model_are_refused(llama3_hf, capsys):
     assert main([*default_theta, "--finetune", "--load", llama3_hf, "--mock-data", "--train-iters", "1",
                  "--lr-warmup-iters", "0", "--eval-iters", "0"]) == 1
     assert "has rope_theta 500000.0, the flags give 10000.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja"])
+def test_an_instruct_folders_own_chat_template_is_kept(llama3_hf, tmp_path, where):
+    folder = tmp_path / "instruct_tokenizer"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(llama3_hf, name), folder / name)
+    own = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    if where == "chat_template.jinja":
+        (folder / where).write_text(own)
+    else:
+        config = json.loads((folder / where).read_text())
+        (folder / where).write_text(json.dumps({**config, "chat_template": own}))
+    out = str(tmp_path / "hf_export")
+    convert_checkpoint(llama3_hf, out, "hf", tokenizer_model=str(folder), progress=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == own
