@@ -486,11 +486,11 @@ class Trainer:
             size = self.config.training.global_batch_size  # the full batch, also while the training batch ramps up
             batches = host_micro_batches(self.valid_data, b * size, self.config, self.device.type == "cuda", size)
             losses = self._run_schedule(to_device(batches, self.device), True)
-            if self.is_last_stage:
-                total += float(global_mean_loss(losses))  # every batch counts the same number of tokens
+            if self.is_last_stage:  # summed in float64 on the device and read once, after the last batch
+                total = total + global_mean_loss(losses).double()  # every batch counts the same number of tokens
         for chunk in self.chunks:
             chunk.train()
-        return total / n if self.is_last_stage else None
+        return float(total) / n if self.is_last_stage else None
 
     def _micro_batches_text(self) -> str:
         """Micro-batches per iteration, as the first log line says them: ``8``, or ``2 → 8`` on a ramp."""
