@@ -51,24 +51,13 @@ def global_grad_norm(grads: Iterable[torch.Tensor],
     return squares.sqrt()
 
 
-def clip_grads_(grads: Sequence[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> float:
-    """Scale ``grads`` in place so their global norm is at most ``max_norm``; returns the factor.
+def clip_grads_(grads: Sequence[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale ``grads`` in place so their global norm is at most ``max_norm``, without reading the
+    norm on the host.
 
-    Same coefficient as ``torch.nn.utils.clip_grad_norm_``: ``max_norm / (norm + 1e-6)``, capped at 1.
-    Reads the norm on the host: :func:`clip_grads_on_device` is the same without that sync.
-    """
-    coeff = float(max_norm) / (float(total_norm) + 1e-6)
-    if coeff < 1.0 and grads:
-        torch._foreach_mul_(list(grads), coeff)
-    return min(coeff, 1.0)
-
-
-def clip_grads_on_device(grads: Sequence[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
-    """:func:`clip_grads_` with the coefficient kept on the device (no host read of the norm).
-
-    Bit-identical to it: the coefficient is computed in float64 as Python does, then rounded to
-    float32 as ``_foreach_mul_`` rounds a Python scalar for float32 tensors; a coefficient capped
-    at exactly 1.0 leaves every gradient unchanged.
+    Same coefficient as ``torch.nn.utils.clip_grad_norm_``: ``max_norm / (norm + 1e-6)``, capped at 1,
+    computed in float64 and rounded to float32 as ``_foreach_mul_`` rounds a Python scalar for
+    float32 tensors; a coefficient capped at exactly 1.0 leaves every gradient unchanged.
     """
     if grads:
         coeff = (float(max_norm) / (total_norm.double() + 1e-6)).clamp(max=1.0).float()

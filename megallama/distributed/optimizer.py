@@ -22,8 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from megallama.distributed.clip_grads import (clip_grads_, clip_grads_on_device, global_grad_norm, grads_for_norm,
-                                              is_finite)
+from megallama.distributed.clip_grads import clip_grads_, global_grad_norm, grads_for_norm, is_finite
 from megallama.distributed.data_parallel import DistributedDataParallel
 
 
@@ -174,23 +173,20 @@ class _OptimizerBase:
             e.main.grad = e.grad
         dp_group = self.model_chunks[0].data_parallel_group if self.sharded else None
         norm = global_grad_norm(grads_for_norm((e.param, e.grad, e.lo) for e in self.entries), dp_group)
-        if self.skips_on_device:
+        on_device = self.skips_on_device
+        if on_device:
             applied = torch.isfinite(norm) if found_inf is None else torch.isfinite(norm) & (found_inf == 0)
+            self.optimizer.found_inf = (~applied).float()  # the fused step skips itself when it is 1
+        else:
+            applied = is_finite(norm) and (found_inf is None or not bool(found_inf))
+        if on_device or applied:
             if self.config.clip_grad > 0:
-                clip_grads_on_device([e.grad for e in self.entries], self.config.clip_grad, norm)
-            self.optimizer.found_inf = (~applied).float()
+                clip_grads_([e.grad for e in self.entries], self.config.clip_grad, norm)
             try:
                 self.optimizer.step()
             finally:
-                del self.optimizer.found_inf
+                self.optimizer.__dict__.pop("found_inf", None)
             self._write_back()  # a skipped step writes back the unchanged main parameters
-        else:
-            applied = is_finite(norm) and (found_inf is None or not bool(found_inf))
-            if applied:
-                if self.config.clip_grad > 0:
-                    clip_grads_([e.grad for e in self.entries], self.config.clip_grad, norm)
-                self.optimizer.step()
-                self._write_back()
         # Unlink the buffer views: a later backward must not accumulate into them through .grad.
         for e in self.entries:
             e.main.grad = None

@@ -145,17 +145,16 @@ def _with_document_resets(train, valid, config: PretrainConfig):
     return train, valid
 
 
-def host_micro_batches(dataset, batch_start: int, config: PretrainConfig, pin: bool = False,
-                       global_batch_size: Optional[int] = None) -> list:
-    """This DP rank's micro-batches of the global batch of ``global_batch_size`` (default: the
-    schedule's at ``batch_start``) starting at sample ``batch_start``, in host memory (page-locked
-    with ``pin``, so that copies to a CUDA device need not wait): each micro-step takes ``micro × DP``
-    consecutive samples, DP rank ``d`` the ``d``-th ``micro`` of them."""
+def host_micro_batches(dataset, batch_start: int, global_batch_size: int, config: PretrainConfig,
+                       pin: bool = False) -> list:
+    """This DP rank's micro-batches of the global batch of ``global_batch_size`` samples starting at
+    sample ``batch_start``, in host memory (page-locked with ``pin``, so that copies to a CUDA
+    device need not wait): each micro-step takes ``micro × DP`` consecutive samples, DP rank ``d``
+    the ``d``-th ``micro`` of them."""
     m, dp = config.training.micro_batch_size, config.parallel.data_parallel_size
     dp_rank = state.get_data_parallel_rank()
-    size = global_batch_size or config.batch_schedule.size_at(batch_start)
     out = []
-    for step in range(config.num_micro_batches_of(size)):
+    for step in range(config.num_micro_batches_of(global_batch_size)):
         first = batch_start + step * m * dp + dp_rank * m
         samples = [dataset[i] for i in range(first, first + m)]
         # tokens, labels, and (packed or document-reset data) loss_mask and position_ids
@@ -184,10 +183,13 @@ class BatchPrefetcher:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="megallama-batches") if workers else None
         self.pending: dict[int, Future] = {}
 
+    def _read(self, batch_start: int) -> list:
+        return host_micro_batches(self.dataset, batch_start, self.schedule.size_at(batch_start), self.config,
+                                  self.pin)
+
     def get(self, batch_start: int) -> list:
         future = self.pending.pop(batch_start, None)
-        batches = future.result() if future is not None else \
-            host_micro_batches(self.dataset, batch_start, self.config, self.pin)
+        batches = future.result() if future is not None else self._read(batch_start)
         if self.pool is not None:
             start = batch_start
             for _ in range(self.config.training.num_workers):
@@ -195,8 +197,7 @@ class BatchPrefetcher:
                 if start >= self.end:
                     break
                 if start not in self.pending:
-                    self.pending[start] = self.pool.submit(host_micro_batches, self.dataset, start, self.config,
-                                                           self.pin)
+                    self.pending[start] = self.pool.submit(self._read, start)
         return batches
 
     def close(self) -> None:
@@ -307,7 +308,7 @@ class Trainer:
                 log0(f"removed {len(stale)} temporary files of interrupted saves in {config.checkpoint.save}")
         # The data before the model: a dataset of another vocabulary stops the run here, not in it.
         self.train_data, self.valid_data = build_datasets(config)
-        host_micro_batches(self.train_data, 0, config)
+        host_micro_batches(self.train_data, 0, config.batch_schedule.size_at(0), config)
         chunks = build_model(config, self.device)
         loaded = self._find_checkpoint()
         if loaded:
@@ -484,7 +485,7 @@ class Trainer:
         total, n = 0.0, self.config.training.eval_iters
         for b in range(n):
             size = self.config.training.global_batch_size  # the full batch, also while the training batch ramps up
-            batches = host_micro_batches(self.valid_data, b * size, self.config, self.device.type == "cuda", size)
+            batches = host_micro_batches(self.valid_data, b * size, size, self.config, self.device.type == "cuda")
             losses = self._run_schedule(to_device(batches, self.device), True)
             if self.is_last_stage:  # summed in float64 on the device and read once, after the last batch
                 total = total + global_mean_loss(losses).double()  # every batch counts the same number of tokens
