@@ -2,9 +2,13 @@
 
 Builds the extension in place (setup.py build_ext, only csrc/ops unless --all-extensions), then
 checks every fused op on CUDA tensors against the plain-torch reference forms in fp32 and bf16
-(forward and backward, odd and strided shapes, raw kernel callers with strided output buffers,
+(forward and backward, odd and strided shapes, rows that start off the 16-byte grid and so take
+the kernels' one-element-per-access path, raw kernel callers with strided output buffers,
 determinism of grad_weight, gradcheck in fp64), and times each op's fwd+bwd against the
-reference differentiated by autograd. Prints a PASS/FAIL table; exits 1 if any check fails.
+reference differentiated by autograd. Last, each raw kernel at the 16×2048 training shape against
+the memory bandwidth a device copy of the same bytes reaches (CUDA events, median of 50): the
+kernels are bandwidth-bound, so that fraction is how close they are to their floor.
+Prints a PASS/FAIL table; exits 1 if any check fails.
 
     python bench/ops_cuda_check.py                # build, check, time
     python bench/ops_cuda_check.py --no-build     # reuse an existing in-place build
@@ -145,6 +149,26 @@ def define_checks(checks, ops, torch, dev):
         for shape in [(4, 256, 4, 64), (2, 3, 5, 6), (1, 1, 1, 2), (1, 64, 32, 128)]:
             checks.run(f"rotary {dname} {shape}", lambda shape=shape, rope=rope: rope(shape))
 
+        def misaligned(dname=dname, dt=dt):
+            # Views one element past a 16-byte boundary: widths the packed path takes, rows it cannot.
+            rows, h, f, heads, d = 24, 256, 256, 4, 64
+            x = torch.randn(rows, h + 1, device=dev, dtype=dt)[:, 1:]
+            w = (1 + 0.1 * torch.randn(h, device=dev)).to(dt)
+            g = torch.randn(rows, h, device=dev, dtype=dt)
+            assert_all_close(grads_of(lambda x, w: ops.rms_norm(x, w, 1e-6), [x, w], [g]),
+                             grads_of(lambda x, w: ops.rms_norm_ref(x, w, 1e-6), [x, w], [g]),
+                             [TOL[dname], TOL[dname], TOL_SUM[dname]])
+            ab = 3 * torch.randn(rows, 2 * f + 1, device=dev, dtype=dt)[:, 1:]
+            g = torch.randn(rows, f, device=dev, dtype=dt)
+            assert_all_close(grads_of(ops.swiglu_packed, [ab], [g]),
+                             grads_of(lambda ab: ops.swiglu_ref(ab[..., :f], ab[..., f:]), [ab], [g]), TOL[dname])
+            q = torch.randn(2, 6, heads * d + 1, device=dev, dtype=dt)[..., 1:].view(2, 6, heads, d)
+            cos, sin = ops.rope_cos_sin(6, d, device=dev)
+            assert_all_close([ops.rope_forward(q, cos, sin)], [ops.rope_ref(q, cos, sin)], TOL[dname])
+            assert_all_close([ops.rope_backward(q, cos, sin)], [ops.rope_ref(q, cos, sin, inverse=True)], TOL[dname])
+
+        checks.run(f"all ops {dname}, rows off the 16-byte grid", misaligned)
+
     def gradchecks():
         d = dict(device=dev, dtype=torch.float64, requires_grad=True)
         x, w = torch.randn(2, 3, 7, **d), torch.randn(7, **d)
@@ -208,6 +232,54 @@ def time_ops(ops, torch, dev, reps):
                 print(f"{shape_name:<9} {dname:<9} {op_name:<9} {t_ours:9.3f} {t_ref:9.3f} {t_ref / t_ours:7.2f}x")
 
 
+def kernel_bandwidth(ops, torch, dev, reps=50):
+    """Each raw kernel at the 16x2048 model's training shapes (micro-batch 4 × 2048 tokens, bf16):
+    bytes it must move (inputs read once, outputs written once) over its median time, against a
+    device copy of as many bytes. Returns {kernel: fraction of the copy's bandwidth}."""
+    rows, hidden, ffn, heads, head_dim = 4 * 2048, 2048, 5632, 16, 128
+    dt = torch.bfloat16
+    x = torch.randn(rows, hidden, device=dev, dtype=dt)
+    w = torch.ones(hidden, device=dev, dtype=dt)
+    g = torch.randn_like(x)
+    _, rstd = ops.rms_norm_forward(x, w, 1e-6)
+    ab = torch.randn(rows, 2 * ffn, device=dev, dtype=dt)
+    g_ffn = torch.randn(rows, ffn, device=dev, dtype=dt)
+    qkv = torch.randn(4, 2048, 3 * heads * head_dim, device=dev, dtype=dt)
+    q = qkv[..., :heads * head_dim].view(4, 2048, heads, head_dim)
+    cos, sin = ops.rope_cos_sin(2048, head_dim, device=dev)
+    size = x.numel() * 2  # bytes of one [rows, hidden] bf16 tensor
+    cases = {  # name: (call, bytes moved)
+        "rms_norm fwd": (lambda: ops.rms_norm_forward(x, w, 1e-6), 2 * size),
+        "rms_norm bwd": (lambda: ops.rms_norm_backward(g, x, w, rstd), 3 * size),
+        "swiglu fwd": (lambda: ops.swiglu_forward(ab), 3 * rows * ffn * 2),
+        "swiglu bwd": (lambda: ops.swiglu_backward(g_ffn, ab), 5 * rows * ffn * 2),
+        "rotary (q)": (lambda: ops.rope_forward(q, cos, sin), 2 * q.numel() * 2),
+    }
+
+    def median_ms(fn):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    print(f"\n{'kernel (16x2048 shapes, bf16)':<30} {'ms':>8} {'GB/s':>8} {'copy GB/s':>10} {'of copy':>8}")
+    fractions = {}
+    for name, (fn, moved) in cases.items():
+        source = torch.empty(moved // 2, dtype=torch.uint8, device=dev).random_(0, 255)
+        target = torch.empty_like(source)
+        ours, copy = median_ms(fn), median_ms(lambda: target.copy_(source))
+        fractions[name] = copy / ours
+        print(f"{name:<30} {ours:8.3f} {moved / ours / 1e6:8.0f} {moved / copy / 1e6:10.0f} {copy / ours:7.0%}")
+    return fractions
+
+
 def require_cuda_kernels(ops):
     if not ops.has_cuda():
         raise AssertionError("megallama._ops.has_cuda() is False: the build found no CUDA toolkit")
@@ -246,6 +318,8 @@ def main():
     failed = checks.report()
     if runnable:
         time_ops(ops, torch, dev, args.reps)
+        if dev.type == "cuda":
+            kernel_bandwidth(ops, torch, dev)
     sys.exit(1 if failed else 0)
 
 

@@ -7,10 +7,12 @@ first half warms up, torch.compile included), MFU against the GPU's datasheet pe
 (``torch.cuda.max_memory_allocated``; peak resident set size on CPU), medians over rounds.
 
   megallama      ``torchrun -m megallama.pretrain --mock-data --bf16`` (figures from its log line)
-  torchtitan     its Llama3Model built for the same shape (rotary theta 10000, untied head, its
-                 default flex attention), its ``parallelize_llama`` (FSDP2 mixed precision bf16 /
-                 fp32 reduce, per-block torch.compile on CUDA, no activation checkpointing), its
-                 CrossEntropyLoss, fused AdamW, clipping 1.0: its Trainer's step without its data
+  torchtitan     0.2.2 (the newest release that runs on torch 2.11): its llama3 Transformer built
+                 for the same shape (rotary theta 10000, untied head, its default SDPA attention),
+                 its ``parallelize_llama`` (per-block torch.compile on CUDA, no activation
+                 checkpointing) and, as it does on more ranks, its ``apply_fsdp`` on a one-rank mesh
+                 (FSDP2 mixed precision bf16 / fp32 reduce), its cross-entropy loss (summed, over
+                 the batch's tokens), fused AdamW, clipping 1.0: its Trainer's step without its data
                  loader (which needs an HF tokenizer and data set)
   megatron-core  GPTModel with the local layer spec (Transformer Engine's only where TE is
                  installed), RMSNorm, SwiGLU, RoPE, no biases, untied head; bf16 autocast over fp32
@@ -20,6 +22,10 @@ FLOPs are counted alike for all (``megallama.training.flops.estimate_flops``). P
 from wheels in ``--wheels`` (``make peer-wheels`` fills ``.whl/``), installed with ``pip install
 --no-deps --target`` into a scratch folder: nothing is fetched, the machine's own (CUDA) torch is
 used. Where a side cannot run, the results say why (its last error line and where it was raised).
+
+With ``--profile-dir`` every side of the last round also records two untimed iterations with
+``torch.profiler`` through megallama's ``--use-pytorch-profiler`` code: a table per side of where the
+device time goes, to explain a gap.
 
     python bench/pretrain_gpu_peers.py                        # the GPU shapes (16x2048, 7B cut)
     python bench/pretrain_gpu_peers.py --device cpu --tiny    # the same harness at toy size on CPU
@@ -114,30 +120,74 @@ def error_reason(error: BaseException, package: str = "") -> str:
     return reason
 
 
-def mock_batches(m: dict, steps: int, device: torch.device):
-    """Random token ids and next-token labels, ``micro_batch_size`` sequences at a time."""
+def mock_batches(m: dict, steps: int, device: torch.device) -> list:
+    """Random token ids and next-token labels, ``micro_batch_size`` sequences at a time, all made and
+    on the device before timing starts: a peer's step then never waits on a host-to-device copy
+    (megallama's own loader pins and copies without blocking)."""
     g = torch.Generator().manual_seed(1234)
+    batches = []
     for _ in range(steps * (m["global_batch_size"] // m["micro_batch_size"])):
-        seq = torch.randint(0, m["vocab_size"], (m["micro_batch_size"], m["seq_length"] + 1), generator=g)
-        yield seq[:, :-1].to(device), seq[:, 1:].to(device)
+        seq = torch.randint(0, m["vocab_size"], (m["micro_batch_size"], m["seq_length"] + 1), generator=g).to(device)
+        batches.append((seq[:, :-1], seq[:, 1:]))
+    return batches
 
 
-def timed_loop(m: dict, iters: int, device: torch.device, step_fn) -> dict:
-    """Run ``step_fn(micro_batches)`` ``iters`` times; tokens/s over the second half, last loss."""
+def profiled_range(iters: int) -> tuple[int, int]:
+    """The two iterations (0-based, end excluded) a profiled run records: the last two of the
+    untimed first half, so the timed half is the same as an unprofiled run's."""
+    return max(0, iters // 2 - 2), iters // 2
+
+
+def profiler_for(iters: int, device: torch.device, profile_dir: str | None):
+    """A :class:`~megallama.training.profiling.IterationProfiler` writing into ``profile_dir``
+    (megallama's own ``--use-pytorch-profiler`` code, so that every side's table is made alike)."""
+    from megallama.training.config import TrainingArgs
+    from megallama.training.profiling import IterationProfiler
+
+    start, end = profiled_range(iters)
+    settings = TrainingArgs(profile=profile_dir is not None, use_pytorch_profiler=True,
+                            profile_step_start=start, profile_step_end=end)
+    return IterationProfiler(settings, profile_dir, 0, device)
+
+
+def timed_loop(m: dict, iters: int, device: torch.device, step_fn, profile_dir: str | None = None) -> dict:
+    """Run ``step_fn(micro_batches)`` ``iters`` times; tokens/s over the second half, timed as one
+    window (synchronised at its two ends only, as megallama's log line times its interval), last
+    loss; with ``profile_dir``, a profile of :func:`profiled_range` written there."""
     from megallama.training.logger import peak_memory_bytes
 
-    accumulation = m["global_batch_size"] // m["micro_batch_size"]
-    batches = mock_batches(m, iters, device)
-    seconds, loss = [], None
-    for _ in range(iters):
-        start = time.perf_counter()
-        loss = step_fn([next(batches) for _ in range(accumulation)])
+    def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    per_iteration = statistics.mean(seconds[iters // 2:])
+
+    accumulation = m["global_batch_size"] // m["micro_batch_size"]
+    batches = iter(mock_batches(m, iters, device))
+    profiler = profiler_for(iters, device, profile_dir)
+    timed_from = iters // 2
+    loss, start = None, None
+    try:
+        for i in range(iters):
+            if i == timed_from:
+                synchronize()
+                start = time.perf_counter()
+            profiler.before(i)
+            loss = step_fn([next(batches) for _ in range(accumulation)])
+            if profiler.ends_after(i + 1):
+                profiler.close()
+        synchronize()
+    finally:
+        profiler.close()  # a step that raised: a profiler left running crashes the interpreter's exit
+    per_iteration = (time.perf_counter() - start) / (iters - timed_from)
     return {"tokens_per_s": m["global_batch_size"] * m["seq_length"] / per_iteration,
             "peak_memory_bytes": peak_memory_bytes(device), "loss": float(loss)}
+
+
+def indexed(device: torch.device) -> torch.device:
+    """``device`` with its index: a bare ``cuda`` is the current CUDA device (``torch.cuda.set_device``
+    and the peers' code want an index)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def init_single_process_group(device: torch.device) -> None:
@@ -149,68 +199,94 @@ def init_single_process_group(device: torch.device) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(indexed(device))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
-def torchtitan_side(m: dict, iters: int, device: torch.device, compile_model: bool) -> dict:
-    from torchtitan.components.loss import CrossEntropyLoss
-    from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
+def stand_in_for_hf_datasets() -> None:
+    """torchtitan 0.2 imports Hugging Face ``datasets`` when its model modules load (for its data
+    loader, which this benchmark does not use); where ``datasets`` is not installed (the GPU
+    machine), an empty stand-in that raises if called lets them load."""
+    import importlib.util
+    import types
+
+    try:
+        if importlib.util.find_spec("datasets") is not None:
+            return
+    except (ImportError, ValueError):  # a broken install: the stand-in too
+        pass
+
+    def missing(*args, **kwargs):
+        raise ImportError("datasets is not installed (torchtitan's data loader is not used here)")
+
+    datasets, distributed = types.ModuleType("datasets"), types.ModuleType("datasets.distributed")
+    datasets.__path__, datasets.Dataset, datasets.load_dataset = [], type("Dataset", (), {}), missing
+    datasets.distributed, distributed.split_dataset_by_node = distributed, missing
+    sys.modules.update({"datasets": datasets, "datasets.distributed": distributed})
+
+
+def torchtitan_side(m: dict, iters: int, device: torch.device, compile_model: bool,
+                    profile_dir: str | None = None) -> dict:
+    stand_in_for_hf_datasets()
+    from torch.distributed.device_mesh import init_device_mesh
+    from torchtitan.components.loss import build_cross_entropy_loss
+    from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
     from torchtitan.distributed import utils as dist_utils
     from torchtitan.distributed.parallel_dims import ParallelDims
-    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
-    from torchtitan.models.llama3 import Llama3Model, _build_llama3_layers, _output_linear_init, parallelize_llama
+    from torchtitan.models.llama3 import Transformer, TransformerModelArgs, parallelize_llama
+    from torchtitan.models.llama3.infra.parallelize import apply_fsdp
 
     init_single_process_group(device)
-    h, heads = m["hidden_size"], m["num_attention_heads"]
-    config = Llama3Model.Config(
-        dim=h, vocab_size=m["vocab_size"],
-        tok_embeddings=Embedding.Config(num_embeddings=m["vocab_size"], embedding_dim=h,
-                                        param_init={"weight": torch.nn.init.normal_}),
-        norm=RMSNorm.Config(normalized_shape=h, param_init={"weight": torch.nn.init.ones_}),
-        lm_head=Linear.Config(in_features=h, out_features=m["vocab_size"], param_init=_output_linear_init(h)),
-        layers=_build_llama3_layers(
-            n_layers=m["num_layers"], dim=h, n_heads=heads, hidden_dim=m["ffn_hidden_size"], fuse_qkv=True,
-            rope=ComplexRoPE.Config(dim=h // heads, max_seq_len=m["seq_length"], theta=10000.0, scaling="none"),
-            attn_backend="flex"))
+    h, ffn = m["hidden_size"], m["ffn_hidden_size"]
+    # Its FeedForward makes 2/3 of 4h, times ffn_dim_multiplier, rounded up to multiple_of: this
+    # pair gives exactly ffn_hidden_size. Its default SDPA attention, full heads (no GQA).
+    args = TransformerModelArgs(dim=h, n_layers=m["num_layers"], n_heads=m["num_attention_heads"],
+                                vocab_size=m["vocab_size"], multiple_of=ffn,
+                                ffn_dim_multiplier=ffn / int(2 * 4 * h / 3), rope_theta=10000.0,
+                                max_seq_len=m["seq_length"])
     with torch.device("meta"):
-        model = config.build()
-    training = TrainingConfig(local_batch_size=m["micro_batch_size"], seq_len=m["seq_length"],
-                              mixed_precision_param="bfloat16" if device.type == "cuda" else "float32")
-    parallelism = ParallelismConfig()
-    dims = ParallelDims.from_config(parallelism, world_size=1)
-    compile_config = CompileConfig(enable=compile_model)
-    model = parallelize_llama(model, parallel_dims=dims, training=training, parallelism=parallelism,
-                              compile_config=compile_config, ac_config=None, dump_folder=tempfile.gettempdir())
+        model = Transformer(args)
+    assert model.layers["0"].feed_forward.w1.out_features == ffn
+    job = JobConfig()
+    job.job.dump_folder = tempfile.gettempdir()
+    job.training.local_batch_size, job.training.seq_len = m["micro_batch_size"], m["seq_length"]
+    job.training.mixed_precision_param = "bfloat16" if device.type == "cuda" else "float32"
+    job.activation_checkpoint.mode = "none"
+    job.compile.enable = compile_model  # its default components: the blocks and the loss
+    dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
+    model = parallelize_llama(model, dims, job)  # per-block compile; one rank: no FSDP here
+    # What its parallelize applies on more ranks, on a one-rank mesh: FSDP2 mixed precision (bf16
+    # parameters, fp32 reduction), so that one GPU trains as each rank of its multi-GPU runs does.
+    apply_fsdp(model, init_device_mesh(device.type, (1,), mesh_dim_names=("fsdp",)),
+               param_dtype=TORCH_DTYPE_MAP[job.training.mixed_precision_param],
+               reduce_dtype=TORCH_DTYPE_MAP[job.training.mixed_precision_reduce], pp_enabled=False,
+               reshard_after_forward_policy=job.parallelism.fsdp_reshard_after_forward)
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights(buffer_device=None)
     model.train()
-    loss_fn = CrossEntropyLoss(CrossEntropyLoss.Config(global_vocab_size=m["vocab_size"]),
-                               compile_config=compile_config)
+    loss_fn = build_cross_entropy_loss(job)  # summed over tokens; its Trainer divides by the batch's
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                   fused=device.type == "cuda")
-    positions = torch.arange(m["seq_length"], device=device).expand(m["micro_batch_size"], -1)
-    masks = model.get_attention_masks(positions=positions)
     tokens = m["global_batch_size"] * m["seq_length"]
-    train_context = dist_utils.get_spmd_context(parallel_dims=dims)  # as its Trainer wraps each step
+    train_context = dist_utils.get_train_context(False)  # as its Trainer wraps each step
 
     def step(micro_batches):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for ids, labels in micro_batches:
             with train_context():
-                loss, _ = loss_fn(model(ids, attention_masks=masks, positions=positions), labels, tokens)
+                loss = loss_fn(model(ids), labels) / tokens
                 loss.backward()
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         return total
 
-    return timed_loop(m, iters, device, step)
+    return timed_loop(m, iters, device, step, profile_dir)
 
 
-def megatron_core_side(m: dict, iters: int, device: torch.device) -> dict:
+def megatron_core_side(m: dict, iters: int, device: torch.device, profile_dir: str | None = None) -> dict:
     import torch.nn.functional as F
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -257,13 +333,17 @@ def megatron_core_side(m: dict, iters: int, device: torch.device) -> dict:
         optimizer.step()
         return total
 
-    return dict(timed_loop(m, iters, device, step), layer_spec=spec_name)
+    return dict(timed_loop(m, iters, device, step, profile_dir), layer_spec=spec_name)
 
 
-def megallama_side(m: dict, iters: int, device: torch.device, threads: int) -> dict:
+def megallama_side(m: dict, iters: int, device: torch.device, threads: int, profile_dir: str | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--master-addr=127.0.0.1",
                f"--master-port={free_port()}", "-m", "megallama.pretrain", *model_flags(m, iters)]
+    if profile_dir:
+        start, end = profiled_range(iters)
+        command += ["--profile", "--use-pytorch-profiler", "--profile-step-start", str(start),
+                    "--profile-step-end", str(end), "--tensorboard-dir", profile_dir]
     if device.type == "cuda":
         command.append("--bf16")
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -274,14 +354,15 @@ def megallama_side(m: dict, iters: int, device: torch.device, threads: int) -> d
     return {"tokens_per_s": tokens, "peak_memory_bytes": float(PEAK_MEMORY.findall(result.stdout)[-1]) * 2 ** 30}
 
 
-def run_side(side: str, m: dict, args, peer_path: str) -> dict:
-    """One run of ``side`` in a fresh process: its figures, or ``{"error": why}``."""
+def run_side(side: str, m: dict, args, peer_path: str, profile_dir: str | None = None) -> dict:
+    """One run of ``side`` in a fresh process: its figures, or ``{"error": why}``; with
+    ``profile_dir``, its profile there too."""
     if side == "megallama":
-        return megallama_side(m, args.iters, torch.device(args.device), args.threads)
+        return megallama_side(m, args.iters, torch.device(args.device), args.threads, profile_dir)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                PYTHONPATH=os.pathsep.join(p for p in (peer_path, ROOT, os.environ.get("PYTHONPATH")) if p))
     spec = json.dumps({"side": side, "shape": m, "iters": args.iters, "device": args.device,
-                       "compile": args.compile})
+                       "compile": args.compile, "profile_dir": profile_dir})
     result = subprocess.run([sys.executable, __file__, "--side-worker", spec], env=env, capture_output=True,
                             text=True, cwd=ROOT)
     lines = result.stdout.strip().splitlines()
@@ -292,7 +373,7 @@ def run_side(side: str, m: dict, args, peer_path: str) -> dict:
 
 
 def side_worker(spec: dict) -> dict:
-    device = torch.device(spec["device"])
+    device = indexed(torch.device(spec["device"]))
     module = PEER_MODULES[spec["side"]]
     package = module.split(".")[0]
     try:
@@ -302,9 +383,9 @@ def side_worker(spec: dict) -> dict:
     version = importlib.metadata.version(spec["side"])
     try:
         if spec["side"] == "torchtitan":
-            result = torchtitan_side(spec["shape"], spec["iters"], device, spec["compile"])
+            result = torchtitan_side(spec["shape"], spec["iters"], device, spec["compile"], spec["profile_dir"])
         else:
-            result = megatron_core_side(spec["shape"], spec["iters"], device)
+            result = megatron_core_side(spec["shape"], spec["iters"], device, spec["profile_dir"])
     except Exception as error:
         return {"error": f"{spec['side']} {version}: {error_reason(error, package)}"}
     return dict(result, version=version)
@@ -354,13 +435,17 @@ def main() -> None:
                              "installed copy.")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile torchtitan's blocks, as its trainer does (default: on CUDA only).")
+    parser.add_argument("--profile-dir", default=None,
+                        help="Profile each side in the last round (two iterations at the end of the untimed first "
+                             "half, with torch.profiler): DIR/SHAPE.SIDE/ gets megallama's --use-pytorch-profiler "
+                             "files, a trace and a table of the operators by their own device time.")
     parser.add_argument("--side-worker", help=argparse.SUPPRESS)
     add_json_flag(parser)
     args = parser.parse_args()
     if args.side_worker:
         print(json.dumps(side_worker(json.loads(args.side_worker))))
         return
-    device = torch.device(args.device)
+    device = indexed(torch.device(args.device))
     if args.compile is None:
         args.compile = device.type == "cuda"
     shapes = TINY_SHAPES if args.tiny else {name: dict(SHAPES[name]) for name in args.shapes}
@@ -383,7 +468,9 @@ def main() -> None:
             for r in range(args.rounds):
                 order = args.sides[r % len(args.sides):] + args.sides[:r % len(args.sides)]
                 for side in order:
-                    runs[side].append(run_side(side, m, args, peer_path))
+                    profile_dir = (os.path.join(os.path.abspath(args.profile_dir), f"{shape}.{side}")
+                                   if args.profile_dir and r == args.rounds - 1 else None)
+                    runs[side].append(run_side(side, m, args, peer_path, profile_dir))
                 print(f"{shape}: round {r + 1}/{args.rounds} done", flush=True)
             results[shape] = {"model": m, "sides": summarise(m, runs, peak)}
     rows = []

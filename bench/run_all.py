@@ -3,6 +3,7 @@
     python bench/run_all.py                 # all, then README.md's table
     python bench/run_all.py --only train_step generate
     python bench/run_all.py --table-only    # rebuild the table from the stored results
+    python bench/run_all.py --store-gpu DIR # store a GPU session's results (bench/gpu_session.sh DIR)
 
 Each benchmark is a script of its own in ``bench/`` that measures a ratio against its peer in one
 run. Its summary is stored in ``bench/results/NAME.json`` with the machine and date, and the table
@@ -15,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -43,6 +45,9 @@ BENCHMARKS = {
     "perplexity": [],
 }
 SCRIPTS = {"clean_ray": "clean"}  # results stored under a name of their own, made by another script
+# Measured on a lent GPU machine by bench/gpu_session.sh (no GPU here): NAME → its JSON under the
+# session's output folder, stored by --store-gpu and shown in the table with the others.
+GPU_RESULTS = {"pretrain_gpu_peers": "peers_16x2048/pretrain_gpu_peers.json"}
 
 
 def machine() -> str:
@@ -77,10 +82,30 @@ def run(name: str, extra: list[str]) -> bool:
     return True
 
 
+def store_gpu(session_dir: str) -> None:
+    """Store each of GPU_RESULTS found under ``session_dir`` as run() stores a benchmark's."""
+    for name, relative in GPU_RESULTS.items():
+        path = os.path.join(session_dir, relative)
+        if not os.path.exists(path):
+            raise SystemExit(f"--store-gpu: {path} does not exist (did the session's part run?)")
+        with open(path) as f:
+            result = json.load(f)
+        details = result["details"]
+        # The command without the session machine's output paths.
+        command = re.sub(r" --(json|profile-dir) \S+", "", details["command"])
+        result.update(machine=f"{details['device']}, torch {details['torch']}", date=details["date"],
+                      command=command)
+        tmp = os.path.join(RESULTS, f"{name}.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, os.path.join(RESULTS, f"{name}.json"))
+        print(f"stored {path} as bench/results/{name}.json")
+
+
 def table() -> str:
     lines = ["| benchmark | metric | peer | ours / peer | target | command | measured on |",
              "|---|---|---|---|---|---|---|"]
-    for name in BENCHMARKS:
+    for name in [*BENCHMARKS, *GPU_RESULTS]:
         path = os.path.join(RESULTS, f"{name}.json")
         if not os.path.exists(path):
             continue
@@ -109,9 +134,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these benchmarks")
     p.add_argument("--table-only", action="store_true", help="run nothing; rebuild the table from bench/results/")
+    p.add_argument("--store-gpu", metavar="DIR", help="store the results a GPU session (bench/gpu_session.sh DIR) "
+                   "wrote under DIR, then rebuild the table; runs nothing")
     args = p.parse_args()
     failed = []
-    if not args.table_only:
+    if args.store_gpu:
+        store_gpu(args.store_gpu)
+    elif not args.table_only:
         failed = [name for name in args.only or BENCHMARKS if not run(name, BENCHMARKS[name])]
     text = table()
     print(text)

@@ -447,7 +447,9 @@ class LlamaModel(nn.Module):
         if key not in self._rope_cache:
             cos, sin = ops.rope_cos_sin(self.config.max_position_embeddings, self.config.head_dim,
                                         self.config.rope_theta, scaling=self.config.rope_scaling)
-            self._rope_cache[key] = (cos.to(device), sin.to(device))
+            if device.type == "cuda":  # from pinned memory: the first forward does not wait for the copy
+                cos, sin = cos.pin_memory(), sin.pin_memory()
+            self._rope_cache[key] = (cos.to(device, non_blocking=True), sin.to(device, non_blocking=True))
         cos, sin = self._rope_cache[key]
         return cos[offset:end], sin[offset:end]
 

@@ -1,5 +1,6 @@
-"""bench/pretrain_gpu_peers.py at toy size on CPU: megallama trains and is measured; a peer that
-cannot run here (torchtitan and megatron-core want CUDA) is reported with the reason, not dropped."""
+"""bench/pretrain_gpu_peers.py at toy size on CPU: megallama trains and is measured (and profiled);
+a peer that cannot run here (torchtitan and megatron-core want CUDA) is reported with the reason, not
+dropped."""
 import json
 import math
 import os
@@ -30,7 +31,8 @@ def test_cpu_tiny_run_measures_megallama_and_says_why_a_peer_cannot_run(tmp_path
     wheels = tmp_path / "no_wheels"
     wheels.mkdir()
     subprocess.run([sys.executable, os.path.join(BENCH, "pretrain_gpu_peers.py"), "--device", "cpu", "--tiny",
-                    "--rounds", "1", "--iters", "2", "--threads", "1", "--wheels", str(wheels), "--json", str(out)],
+                    "--rounds", "1", "--iters", "4", "--threads", "1", "--wheels", str(wheels), "--json", str(out),
+                    "--profile-dir", str(tmp_path / "profiles")],
                    check=True, cwd=ROOT, timeout=600)
     details = json.loads(out.read_text())["details"]
     assert details["device"] == "CPU"
@@ -43,10 +45,13 @@ def test_cpu_tiny_run_measures_megallama_and_says_why_a_peer_cannot_run(tmp_path
                                      ffn_hidden_size=m["ffn_hidden_size"], seq_length=m["seq_length"],
                                      vocab_size=m["vocab_size"]) / m["seq_length"]
     assert ours["tflops"] == pytest.approx(ours["tokens_per_s"] * flops_per_token / 1e12)
+    # The two iterations before the timed half, recorded by megallama's --use-pytorch-profiler.
+    table = (tmp_path / "profiles" / "tiny.megallama" / "rank0.iter0-2.txt").read_text()
+    assert table.startswith("rank 0, iterations [0, 2)") and "aten::mm" in table
     for peer in ("torchtitan", "megatron-core"):
         result = sides[peer]
         if result["ran"]:  # a peer release that trains on CPU: measured like ours
-            assert result["tokens_per_s"] > 0 and result["last_loss"] > 0, (peer, result)
+            assert result["tokens_per_s"] > 0 and result["loss"] > 0, (peer, result)
         else:  # the error and where it was raised, e.g. "... (raised at megatron/core/...:162)"
             assert "Error" in result["why"] and ("raised at" in result["why"] or "import" in result["why"]), result
 
@@ -72,7 +77,7 @@ def test_7b_cut_keeps_the_blocks_that_fit(bench):
     assert bench.layers_that_fit(4 * gib) == 1 and bench.layers_that_fit(10_000 * gib) == 32
 
 
-def _megatron_core_step_on_cpu():
+def _megatron_core_step_on_cpu(profile_dir):
     """The benchmark's megatron-core side, its two hard-coded CUDA calls sent to the CPU."""
     import contextlib
 
@@ -87,12 +92,14 @@ def _megatron_core_step_on_cpu():
     fused_softmax.get_default_causal_mask = lambda sq: torch.triu(torch.ones(sq, sq), diagonal=1).bool()
     megatron_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
     shape = pretrain_gpu_peers.TINY_SHAPES["tiny"]
-    return pretrain_gpu_peers.megatron_core_side(shape, 2, torch.device("cpu")), shape["vocab_size"]
+    return pretrain_gpu_peers.megatron_core_side(shape, 2, torch.device("cpu"), profile_dir), shape["vocab_size"]
 
 
-def test_megatron_core_side_trains_when_its_cuda_calls_are_redirected():
-    """What the GPU run will execute for megatron-core, on CPU: it trains and starts at ln(vocab)."""
+def test_megatron_core_side_trains_when_its_cuda_calls_are_redirected(tmp_path):
+    """What the GPU run will execute for megatron-core, on CPU: it trains and starts at ln(vocab);
+    its profile is the first of its two iterations."""
     pytest.importorskip("megatron.core")
-    (result, vocab), = run_distributed(_megatron_core_step_on_cpu, 1, timeout=300)
+    (result, vocab), = run_distributed(_megatron_core_step_on_cpu, 1, str(tmp_path), timeout=300)
+    assert "aten::mm" in (tmp_path / "rank0.iter0-1.txt").read_text()
     assert result["layer_spec"] == "local" and result["tokens_per_s"] > 0 and result["peak_memory_bytes"] > 0
     assert result["loss"] == pytest.approx(math.log(vocab), rel=0.05)

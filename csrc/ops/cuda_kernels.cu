@@ -1,6 +1,10 @@
 // CUDA kernels of megallama._ops (compiled only with a CUDA toolkit and a CUDA torch; setup.py
-// then defines MEGALLAMA_WITH_CUDA). Deliberately simple: one block per row for the RMSNorm
-// reductions, grid-stride elementwise loops for SwiGLU and rotary; fp32 (fp64) accumulation.
+// then defines MEGALLAMA_WITH_CUDA). All of them are bound by memory bandwidth, so each thread moves
+// 16 bytes per access (a Pack) whenever the rows allow it: aligned starts, row strides and row
+// lengths in whole packs (the usual case: contiguous rows, or one half of a packed matmul output
+// whose width is a multiple of 8). Otherwise the same kernels run one element per access. Rows are
+// indexed through a 2-D grid, so no element pays a 64-bit division. One block per row for the
+// RMSNorm reductions; fp32 (fp64) accumulation.
 #ifdef MEGALLAMA_WITH_CUDA
 
 #include <ATen/Dispatch.h>
@@ -9,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 
 #include "common.h"
@@ -58,107 +63,220 @@ __device__ A block_sum(A v, A* shared) {
   return v;
 }
 
+// N elements of T read or written as one access of sizeof(T) * N bytes.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename T>
+__device__ inline Pack<T, N> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+
+// The 16 bytes of a pack as one vector word, so that storing it stays one 16-byte access.
+template <typename T, int N>
+__device__ inline uint4 bits_of(const Pack<T, N>& v) {
+  static_assert(sizeof(Pack<T, N>) == sizeof(uint4), "a 16-byte pack");
+  uint32_t w[4];
+  if constexpr (sizeof(T) == 2) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = uint32_t(v.v[2 * i].x) | (uint32_t(v.v[2 * i + 1].x) << 16);
+  } else if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = __float_as_uint(v.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const unsigned long long d = static_cast<unsigned long long>(__double_as_longlong(v.v[i]));
+      w[2 * i] = static_cast<uint32_t>(d);
+      w[2 * i + 1] = static_cast<uint32_t>(d >> 32);
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// One 16-byte store instruction: written as C++, the rotary kernel's two stores of a pair are
+// split into 4-byte ones by the compiler (seen in its PTX with CUDA 13.0).
+template <int N, typename T>
+__device__ inline void store_pack(T* p, const Pack<T, N>& v) {
+  if constexpr (sizeof(Pack<T, N>) == sizeof(uint4)) {
+    const uint4 w = bits_of(v);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(p)), "r"(w.x),
+                 "r"(w.y), "r"(w.z), "r"(w.w)
+                 : "memory");
+  } else {
+    *reinterpret_cast<Pack<T, N>*>(p) = v;
+  }
+}
+
+// Elements of T in a 16-byte access.
+template <typename T>
+constexpr int kPack = 16 / static_cast<int>(sizeof(T));
+
+// Whether every row of t (all dimensions but the last, through RowIndexer) starts at a multiple of
+// `align` bytes and holds whole packs of n elements: then its rows can be read n at a time.
+bool rows_in_packs(const at::Tensor& t, int64_t n, int64_t align) {
+  if (reinterpret_cast<std::uintptr_t>(t.data_ptr()) % align != 0 || t.size(-1) % n != 0) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if (t.size(d) > 1 && t.stride(d) % n != 0) return false;
+  }
+  return true;
+}
+
 unsigned int row_blocks(int64_t rows, const char* op) {
   TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), op, ": too many rows (", rows,
               ") for one launch");
   return static_cast<unsigned int>(rows);
 }
 
-unsigned int elementwise_blocks(int64_t n) {
-  return static_cast<unsigned int>(
-      std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535LL * 32)));
+// Threads for `packs` packs a row: up to kThreads, a whole number of warps.
+int row_threads(int64_t packs) {
+  return static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, (packs + 31) / 32 * 32)));
 }
 
-template <typename T, typename W, typename A>
+// Grid of the elementwise kernels: x over a row's packs, y over rows (both grid-strided).
+dim3 pack_grid(int64_t rows, int64_t packs, int threads) {
+  return dim3(static_cast<unsigned int>(std::min<int64_t>((packs + threads - 1) / threads, 65535)),
+              static_cast<unsigned int>(std::min<int64_t>(rows, 65535)));
+}
+
+template <typename T, typename W, typename A, int N>
 __global__ void rms_norm_fwd_kernel(const T* __restrict__ x, RowIndexer xi,
                                     const W* __restrict__ w, T* __restrict__ y, RowIndexer yi,
                                     A* __restrict__ rstd, int64_t h, A eps) {
   __shared__ A shared[32];
-  const int64_t row = blockIdx.x;
+  const int64_t row = blockIdx.x, packs = h / N;
   const T* xr = x + xi.offset(row);
   T* yr = y + yi.offset(row);
   A ss = 0;
-  for (int64_t j = threadIdx.x; j < h; j += blockDim.x) {
-    const A v = to_acc(xr[j]);
-    ss += v * v;
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+    const Pack<T, N> xv = load_pack<N>(xr + p * N);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const A v = to_acc(xv.v[k]);
+      ss += v * v;
+    }
   }
   ss = block_sum(ss, shared);
   const A rs = A(1) / sqrt_acc(ss / A(h) + eps);
   if (threadIdx.x == 0) rstd[row] = rs;
-  for (int64_t j = threadIdx.x; j < h; j += blockDim.x) {
-    yr[j] = static_cast<T>(to_acc(xr[j]) * rs * to_acc(w[j]));
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+    const Pack<T, N> xv = load_pack<N>(xr + p * N);
+    const Pack<W, N> wv = load_pack<N>(w + p * N);
+    Pack<T, N> yv;
+#pragma unroll
+    for (int k = 0; k < N; ++k) yv.v[k] = static_cast<T>(to_acc(xv.v[k]) * rs * to_acc(wv.v[k]));
+    store_pack<N>(yr + p * N, yv);
   }
 }
 
-template <typename T, typename W, typename A>
+template <typename T, typename W, typename A, int N>
 __global__ void rms_norm_bwd_dx_kernel(const T* __restrict__ g, RowIndexer gi,
                                        const T* __restrict__ x, RowIndexer xi,
                                        const W* __restrict__ w, const A* __restrict__ rstd,
                                        T* __restrict__ dx, RowIndexer dxi, int64_t h) {
   __shared__ A shared[32];
-  const int64_t row = blockIdx.x;
+  const int64_t row = blockIdx.x, packs = h / N;
   const T* gr = g + gi.offset(row);
   const T* xr = x + xi.offset(row);
   T* dxr = dx + dxi.offset(row);
   const A rs = rstd[row];
   A dot = 0;
-  for (int64_t j = threadIdx.x; j < h; j += blockDim.x) {
-    dot += to_acc(gr[j]) * to_acc(w[j]) * to_acc(xr[j]);
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+    const Pack<T, N> gv = load_pack<N>(gr + p * N), xv = load_pack<N>(xr + p * N);
+    const Pack<W, N> wv = load_pack<N>(w + p * N);
+#pragma unroll
+    for (int k = 0; k < N; ++k) dot += to_acc(gv.v[k]) * to_acc(wv.v[k]) * to_acc(xv.v[k]);
   }
   dot = block_sum(dot, shared);
   const A coef = dot * rs * rs * rs / A(h);
-  for (int64_t j = threadIdx.x; j < h; j += blockDim.x) {
-    dxr[j] = static_cast<T>(rs * to_acc(w[j]) * to_acc(gr[j]) - coef * to_acc(xr[j]));
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+    const Pack<T, N> gv = load_pack<N>(gr + p * N), xv = load_pack<N>(xr + p * N);
+    const Pack<W, N> wv = load_pack<N>(w + p * N);
+    Pack<T, N> dv;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      dv.v[k] = static_cast<T>(rs * to_acc(wv.v[k]) * to_acc(gv.v[k]) - coef * to_acc(xv.v[k]));
+    }
+    store_pack<N>(dxr + p * N, dv);
   }
 }
 
 // partial[chunk, j] = sum over the chunk's rows of g[r, j] * x[r, j] * rstd[r]; threads of a block
-// take consecutive columns (coalesced). The chunks are summed afterwards in a fixed order.
-template <typename T, typename A>
+// take consecutive packs of columns (coalesced). The chunks are summed afterwards in a fixed order.
+template <typename T, typename A, int N>
 __global__ void rms_norm_bwd_dw_kernel(const T* __restrict__ g, RowIndexer gi,
                                        const T* __restrict__ x, RowIndexer xi,
                                        const A* __restrict__ rstd, A* __restrict__ partial,
                                        int64_t rows, int64_t h, int64_t rows_per_chunk) {
-  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (j >= h) return;
+  const int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (p >= h / N) return;
   const int64_t r0 = blockIdx.y * rows_per_chunk;
   const int64_t r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
-  A acc = 0;
+  A acc[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) acc[k] = A(0);
   for (int64_t r = r0; r < r1; ++r) {
-    acc += to_acc(g[gi.offset(r) + j]) * to_acc(x[xi.offset(r) + j]) * rstd[r];
+    const Pack<T, N> gv = load_pack<N>(g + gi.offset(r) + p * N);
+    const Pack<T, N> xv = load_pack<N>(x + xi.offset(r) + p * N);
+    const A rs = rstd[r];
+#pragma unroll
+    for (int k = 0; k < N; ++k) acc[k] += to_acc(gv.v[k]) * to_acc(xv.v[k]) * rs;
   }
-  partial[blockIdx.y * h + j] = acc;
+#pragma unroll
+  for (int k = 0; k < N; ++k) partial[blockIdx.y * h + p * N + k] = acc[k];
 }
 
-template <typename T, typename A>
+template <typename T, typename A, int N>
 __global__ void swiglu_fwd_kernel(const T* __restrict__ a, RowIndexer ai, const T* __restrict__ b,
                                   RowIndexer bi, T* __restrict__ out, RowIndexer oi, int64_t rows,
-                                  int64_t f) {
-  const int64_t n = rows * f;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / f, j = i - r * f;
-    const A av = to_acc(a[ai.offset(r) + j]);
-    const A s = A(1) / (A(1) + exp_acc(-av));
-    out[oi.offset(r) + j] = static_cast<T>(av * s * to_acc(b[bi.offset(r) + j]));
+                                  int64_t packs) {
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const T* ar = a + ai.offset(r);
+    const T* br = b + bi.offset(r);
+    T* orow = out + oi.offset(r);
+    for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < packs;
+         p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const Pack<T, N> av = load_pack<N>(ar + p * N), bv = load_pack<N>(br + p * N);
+      Pack<T, N> ov;
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const A x = to_acc(av.v[k]);
+        const A s = A(1) / (A(1) + exp_acc(-x));
+        ov.v[k] = static_cast<T>(x * s * to_acc(bv.v[k]));
+      }
+      store_pack<N>(orow + p * N, ov);
+    }
   }
 }
 
-template <typename T, typename A>
+template <typename T, typename A, int N>
 __global__ void swiglu_bwd_kernel(const T* __restrict__ g, RowIndexer gi, const T* __restrict__ a,
                                   RowIndexer ai, const T* __restrict__ b, RowIndexer bi,
                                   T* __restrict__ ga, RowIndexer gai, T* __restrict__ gb,
-                                  RowIndexer gbi, int64_t rows, int64_t f) {
-  const int64_t n = rows * f;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / f, j = i - r * f;
-    const A gv = to_acc(g[gi.offset(r) + j]);
-    const A av = to_acc(a[ai.offset(r) + j]);
-    const A bv = to_acc(b[bi.offset(r) + j]);
-    const A s = A(1) / (A(1) + exp_acc(-av));
-    ga[gai.offset(r) + j] = static_cast<T>(gv * bv * s * (A(1) + av * (A(1) - s)));
-    gb[gbi.offset(r) + j] = static_cast<T>(gv * av * s);
+                                  RowIndexer gbi, int64_t rows, int64_t packs) {
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const T* gr = g + gi.offset(r);
+    const T* ar = a + ai.offset(r);
+    const T* br = b + bi.offset(r);
+    T* gar = ga + gai.offset(r);
+    T* gbr = gb + gbi.offset(r);
+    for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < packs;
+         p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const Pack<T, N> gv = load_pack<N>(gr + p * N), av = load_pack<N>(ar + p * N),
+                       bv = load_pack<N>(br + p * N);
+      Pack<T, N> gav, gbv;
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const A gk = to_acc(gv.v[k]), ak = to_acc(av.v[k]), bk = to_acc(bv.v[k]);
+        const A s = A(1) / (A(1) + exp_acc(-ak));
+        gav.v[k] = static_cast<T>(gk * bk * s * (A(1) + ak * (A(1) - s)));
+        gbv.v[k] = static_cast<T>(gk * ak * s);
+      }
+      store_pack<N>(gar + p * N, gav);
+      store_pack<N>(gbr + p * N, gbv);
+    }
   }
 }
 
@@ -167,24 +285,36 @@ struct RopeShape {
   int64_t xs0, xs1, xs2, os0, os1, os2, cs, ss;
 };
 
-template <typename T, typename A>
+// One row is one (batch, position, head) vector; threadIdx.y picks the row, threadIdx.x the pack
+// of pairs (j, j + half).
+template <typename T, typename A, int N>
 __global__ void rope_kernel(const T* __restrict__ x, const float* __restrict__ cos,
                             const float* __restrict__ sin, T* __restrict__ out, RopeShape p,
                             A sign) {
-  const int64_t n = p.B * p.S * p.H * p.half;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t rest = i / p.half;
-    const int64_t j = i - rest * p.half;
-    const int64_t hi = rest % p.H;
-    rest /= p.H;
+  const int64_t rows = p.B * p.S * p.H, packs = p.half / N;
+  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t hi = row % p.H, rest = row / p.H;
     const int64_t si = rest % p.S, bi = rest / p.S;
     const T* xr = x + bi * p.xs0 + si * p.xs1 + hi * p.xs2;
     T* orow = out + bi * p.os0 + si * p.os1 + hi * p.os2;
-    const A x1 = to_acc(xr[j]), x2 = to_acc(xr[j + p.half]);
-    const A c = cos[si * p.cs + j], s = sign * A(sin[si * p.ss + j]);
-    orow[j] = static_cast<T>(x1 * c - x2 * s);
-    orow[j + p.half] = static_cast<T>(x2 * c + x1 * s);
+    const float* cr = cos + si * p.cs;
+    const float* sr = sin + si * p.ss;
+    for (int64_t q = threadIdx.x; q < packs; q += blockDim.x) {
+      const int64_t j = q * N;
+      const Pack<T, N> x1 = load_pack<N>(xr + j), x2 = load_pack<N>(xr + j + p.half);
+      const Pack<float, N> cv = load_pack<N>(cr + j), sv = load_pack<N>(sr + j);
+      Pack<T, N> o1, o2;
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const A a1 = to_acc(x1.v[k]), a2 = to_acc(x2.v[k]);
+        const A c = cv.v[k], s = sign * A(sv.v[k]);
+        o1.v[k] = static_cast<T>(a1 * c - a2 * s);
+        o2.v[k] = static_cast<T>(a2 * c + a1 * s);
+      }
+      store_pack<N>(orow + j, o1);
+      store_pack<N>(orow + j + p.half, o2);
+    }
   }
 }
 
@@ -200,10 +330,22 @@ void rms_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, double eps
     using T = decltype(t);
     using W = decltype(w);
     using A = typename Acc<T>::type;
-    rms_norm_fwd_kernel<T, W, A><<<row_blocks(rows, "rms_norm_fwd"), kThreads, 0, stream>>>(
-        x.data_ptr<T>(), make_row_indexer(x), weight.data_ptr<W>(), y.data_ptr<T>(),
-        make_row_indexer(y), rstd.data_ptr<A>(), h, static_cast<A>(eps));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int N = kPack<T>;
+    const bool packed = rows_in_packs(x, N, 16) && rows_in_packs(y, N, 16) &&
+                        rows_in_packs(weight, N, sizeof(W) * N);
+    const unsigned int blocks = row_blocks(rows, "rms_norm_fwd");
+    const int threads = row_threads(packed ? h / N : h);
+    auto launch = [&](auto kernel) {
+      kernel<<<blocks, threads, 0, stream>>>(x.data_ptr<T>(), make_row_indexer(x), weight.data_ptr<W>(),
+                                             y.data_ptr<T>(), make_row_indexer(y), rstd.data_ptr<A>(), h,
+                                             static_cast<A>(eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (packed) {
+      launch(rms_norm_fwd_kernel<T, W, A, N>);
+    } else {
+      launch(rms_norm_fwd_kernel<T, W, A, 1>);
+    }
   });
 }
 
@@ -216,54 +358,92 @@ void rms_norm_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::
     return;
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t rows_per_chunk = std::max<int64_t>(32, (rows + 511) / 512);
+  // Enough chunks of rows to fill the GPU, few enough that summing the partials stays cheap.
+  const int64_t rows_per_chunk = std::max<int64_t>(16, (rows + 1023) / 1024);
   const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
   at::Tensor partial = at::empty({chunks, h}, rstd.options());
   dispatch_x_weight(x, weight, "rms_norm_bwd", [&](auto t, auto w) {
     using T = decltype(t);
     using W = decltype(w);
     using A = typename Acc<T>::type;
-    rms_norm_bwd_dx_kernel<T, W, A><<<row_blocks(rows, "rms_norm_bwd"), kThreads, 0, stream>>>(
-        grad_y.data_ptr<T>(), make_row_indexer(grad_y), x.data_ptr<T>(), make_row_indexer(x),
-        weight.data_ptr<W>(), rstd.data_ptr<A>(), grad_x.data_ptr<T>(), make_row_indexer(grad_x),
-        h);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const dim3 grid(static_cast<unsigned int>((h + kThreads - 1) / kThreads),
-                    static_cast<unsigned int>(chunks));
-    rms_norm_bwd_dw_kernel<T, A><<<grid, kThreads, 0, stream>>>(
-        grad_y.data_ptr<T>(), make_row_indexer(grad_y), x.data_ptr<T>(), make_row_indexer(x),
-        rstd.data_ptr<A>(), partial.data_ptr<A>(), rows, h, rows_per_chunk);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int N = kPack<T>;
+    const bool packed = rows_in_packs(grad_y, N, 16) && rows_in_packs(x, N, 16) &&
+                        rows_in_packs(grad_x, N, 16) && rows_in_packs(weight, N, sizeof(W) * N);
+    const int64_t packs = packed ? h / N : h;
+    const int threads = row_threads(packs);
+    const dim3 dw_grid(static_cast<unsigned int>((packs + threads - 1) / threads),
+                       static_cast<unsigned int>(chunks));
+    auto launch = [&](auto dx_kernel, auto dw_kernel) {
+      dx_kernel<<<row_blocks(rows, "rms_norm_bwd"), threads, 0, stream>>>(
+          grad_y.data_ptr<T>(), make_row_indexer(grad_y), x.data_ptr<T>(), make_row_indexer(x),
+          weight.data_ptr<W>(), rstd.data_ptr<A>(), grad_x.data_ptr<T>(), make_row_indexer(grad_x), h);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dw_kernel<<<dw_grid, threads, 0, stream>>>(grad_y.data_ptr<T>(), make_row_indexer(grad_y),
+                                                  x.data_ptr<T>(), make_row_indexer(x), rstd.data_ptr<A>(),
+                                                  partial.data_ptr<A>(), rows, h, rows_per_chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (packed) {
+      launch(rms_norm_bwd_dx_kernel<T, W, A, N>, rms_norm_bwd_dw_kernel<T, A, N>);
+    } else {
+      launch(rms_norm_bwd_dx_kernel<T, W, A, 1>, rms_norm_bwd_dw_kernel<T, A, 1>);
+    }
   });
   grad_weight.copy_(partial.sum(0));
 }
 
 void swiglu_fwd_cuda(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(a.device());
-  const int64_t f = a.size(-1), rows = a.numel() / f;
+  const int64_t f = a.size(-1), rows = a.numel() / std::max<int64_t>(f, 1);
+  if (a.numel() == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, a.scalar_type(), "swiglu_fwd", [&] {
     using A = typename Acc<scalar_t>::type;
-    swiglu_fwd_kernel<scalar_t, A><<<elementwise_blocks(rows * f), kThreads, 0, stream>>>(
-        a.data_ptr<scalar_t>(), make_row_indexer(a), b.data_ptr<scalar_t>(), make_row_indexer(b),
-        out.data_ptr<scalar_t>(), make_row_indexer(out), rows, f);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int N = kPack<scalar_t>;
+    const bool packed = rows_in_packs(a, N, 16) && rows_in_packs(b, N, 16) && rows_in_packs(out, N, 16);
+    const int64_t packs = packed ? f / N : f;
+    const int threads = row_threads(packs);
+    auto launch = [&](auto kernel) {
+      kernel<<<pack_grid(rows, packs, threads), threads, 0, stream>>>(
+          a.data_ptr<scalar_t>(), make_row_indexer(a), b.data_ptr<scalar_t>(), make_row_indexer(b),
+          out.data_ptr<scalar_t>(), make_row_indexer(out), rows, packs);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (packed) {
+      launch(swiglu_fwd_kernel<scalar_t, A, N>);
+    } else {
+      launch(swiglu_fwd_kernel<scalar_t, A, 1>);
+    }
   });
 }
 
 void swiglu_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b,
                      at::Tensor& grad_a, at::Tensor& grad_b) {
   const c10::cuda::CUDAGuard guard(a.device());
-  const int64_t f = a.size(-1), rows = a.numel() / f;
+  const int64_t f = a.size(-1), rows = a.numel() / std::max<int64_t>(f, 1);
+  if (a.numel() == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, a.scalar_type(), "swiglu_bwd", [&] {
     using A = typename Acc<scalar_t>::type;
-    swiglu_bwd_kernel<scalar_t, A><<<elementwise_blocks(rows * f), kThreads, 0, stream>>>(
-        grad_out.data_ptr<scalar_t>(), make_row_indexer(grad_out), a.data_ptr<scalar_t>(),
-        make_row_indexer(a), b.data_ptr<scalar_t>(), make_row_indexer(b),
-        grad_a.data_ptr<scalar_t>(), make_row_indexer(grad_a), grad_b.data_ptr<scalar_t>(),
-        make_row_indexer(grad_b), rows, f);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int N = kPack<scalar_t>;
+    const bool packed = rows_in_packs(grad_out, N, 16) && rows_in_packs(a, N, 16) &&
+                        rows_in_packs(b, N, 16) && rows_in_packs(grad_a, N, 16) &&
+                        rows_in_packs(grad_b, N, 16);
+    const int64_t packs = packed ? f / N : f;
+    const int threads = row_threads(packs);
+    auto launch = [&](auto kernel) {
+      kernel<<<pack_grid(rows, packs, threads), threads, 0, stream>>>(
+          grad_out.data_ptr<scalar_t>(), make_row_indexer(grad_out), a.data_ptr<scalar_t>(),
+          make_row_indexer(a), b.data_ptr<scalar_t>(), make_row_indexer(b),
+          grad_a.data_ptr<scalar_t>(), make_row_indexer(grad_a), grad_b.data_ptr<scalar_t>(),
+          make_row_indexer(grad_b), rows, packs);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (packed) {
+      launch(swiglu_bwd_kernel<scalar_t, A, N>);
+    } else {
+      launch(swiglu_bwd_kernel<scalar_t, A, 1>);
+    }
   });
 }
 
@@ -273,15 +453,32 @@ void rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin
   RopeShape p{x.size(0),    x.size(1),     x.size(2),     x.size(3) / 2,
               x.stride(0),  x.stride(1),   x.stride(2),   out.stride(0),
               out.stride(1), out.stride(2), cos.stride(0), sin.stride(0)};
-  const int64_t n = p.B * p.S * p.H * p.half;
-  if (n == 0) return;
+  const int64_t rows = p.B * p.S * p.H;
+  if (rows * p.half == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rope_apply", [&] {
     using A = typename Acc<scalar_t>::type;
-    rope_kernel<scalar_t, A><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
-        out.data_ptr<scalar_t>(), p, inverse ? A(-1) : A(1));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int N = kPack<scalar_t>;
+    // Both halves of every row in whole packs (half % N: x's and out's rows are all aligned
+    // when their strides are), and cos/sin rows readable N floats at a time.
+    const bool packed = p.half % N == 0 && rows_in_packs(x, N, 16) && rows_in_packs(out, N, 16) &&
+                        rows_in_packs(cos, N, sizeof(float) * N) && rows_in_packs(sin, N, sizeof(float) * N);
+    const int64_t packs = packed ? p.half / N : p.half;
+    const int tx = static_cast<int>(std::min<int64_t>(packs, kThreads));
+    const dim3 threads(tx, std::max(1, kThreads / tx));
+    const unsigned int blocks = static_cast<unsigned int>(
+        std::min<int64_t>((rows + threads.y - 1) / threads.y, std::numeric_limits<int32_t>::max()));
+    auto launch = [&](auto kernel) {
+      kernel<<<blocks, threads, 0, stream>>>(x.data_ptr<scalar_t>(), cos.data_ptr<float>(),
+                                             sin.data_ptr<float>(), out.data_ptr<scalar_t>(), p,
+                                             inverse ? A(-1) : A(1));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (packed) {
+      launch(rope_kernel<scalar_t, A, N>);
+    } else {
+      launch(rope_kernel<scalar_t, A, 1>);
+    }
   });
 }
 

@@ -129,9 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Accepted; always so here: the loss is the sum over the global batch's loss-counted "
                    "tokens divided by their number (not a mean of per-micro-batch means).")
     g.add_argument("--profile", action="store_true",
-                   help="On CUDA, bracket iterations [--profile-step-start, --profile-step-end) with "
-                   "torch.cuda.profiler.start()/stop() for `nsys profile --capture-range=cudaProfilerApi`; "
-                   "nothing to bracket on CPU.")
+                   help="Profile iterations [--profile-step-start, --profile-step-end) on --profile-ranks: mark them "
+                   "for `nsys profile --capture-range=cudaProfilerApi` (CUDA), or --use-pytorch-profiler.")
+    g.add_argument("--use-pytorch-profiler", action="store_true",
+                   help="With --profile: record with torch.profiler into --tensorboard-dir a trace "
+                   "(rank{r}.iter{a}-{b}.pt.trace.json) and a table of the operators by own time (.txt).")
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="Global ranks that profile.")
     g.add_argument("--profile-step-start", type=int, default=10, help="First profiled iteration (with --profile).")
     g.add_argument("--profile-step-end", type=int, default=12,
                    help="Iteration at which profiling stops (with --profile).")
@@ -338,6 +341,7 @@ def config_from_namespace(ns: argparse.Namespace, world_size: int) -> PretrainCo
             manual_gc=ns.manual_gc, manual_gc_interval=ns.manual_gc_interval, num_workers=ns.num_workers,
             attention_backend=_attention_backend(ns), profile=ns.profile,
             profile_step_start=ns.profile_step_start, profile_step_end=ns.profile_step_end,
+            profile_ranks=list(ns.profile_ranks), use_pytorch_profiler=ns.use_pytorch_profiler,
         ),
         data=DataArgs(
             data_path=list(ns.data_path), split=ns.split, mock_data=ns.mock_data,
@@ -435,6 +439,10 @@ def validate(config: PretrainConfig) -> None:
     if t.profile and not 0 <= t.profile_step_start < t.profile_step_end:
         raise ConfigError(f"--profile needs 0 ≤ --profile-step-start {t.profile_step_start} < "
                           f"--profile-step-end {t.profile_step_end}")
+    if t.use_pytorch_profiler and not (t.profile and config.logging.tensorboard_dir):
+        raise ConfigError("--use-pytorch-profiler needs --profile and --tensorboard-dir (where its traces go)")
+    if t.profile and not all(0 <= r < config.parallel.world_size for r in t.profile_ranks):
+        raise ConfigError(f"--profile-ranks {list(t.profile_ranks)}: ranks must be in [0, {config.parallel.world_size})")
     if t.eval_iters < 0 or t.eval_interval < 1:
         raise ConfigError("--eval-iters must be ≥ 0 and --eval-interval ≥ 1")
     ck = config.checkpoint

@@ -90,9 +90,11 @@ class TrainingArgs:
     manual_gc_interval: int = 0
     num_workers: int = 0  # threads preparing the next global batch during the current iteration
     attention_backend: str = "auto"  # torch SDPA kernels allowed (see arguments_model.ATTENTION_BACKENDS)
-    profile: bool = False  # CUDA profiler range [profile_step_start, profile_step_end) for nsys
+    profile: bool = False  # iterations [profile_step_start, profile_step_end) marked or recorded (profiling.py)
     profile_step_start: int = 10
     profile_step_end: int = 12
+    profile_ranks: list = field(default_factory=lambda: [0])
+    use_pytorch_profiler: bool = False
 
 
 @dataclass

@@ -37,6 +37,7 @@ from megallama.training.flops import detect_peak_tflops
 from megallama.training.forward_step import llama_forward_step
 from megallama.training.logger import TrainingLogger, host_values
 from megallama.training.lr_schedule import LRSchedule
+from megallama.training.profiling import IterationProfiler
 
 
 class TrainingError(RuntimeError):
@@ -511,8 +512,9 @@ class Trainer:
         t = c.training
         exits = ExitWatch(ExitSettings(t.exit_signal_handler, t.exit_duration_in_mins, t.exit_interval), self.device,
                           self.started)
-        if t.profile and self.device.type != "cuda":
-            log0("--profile: no CUDA device, so no profiler range to mark")
+        if t.profile and not t.use_pytorch_profiler and self.device.type != "cuda":
+            log0("--profile: no CUDA device, so no profiler range to mark (--use-pytorch-profiler records on CPU)")
+        self.profiler = IterationProfiler(t, c.logging.tensorboard_dir, dist.get_rank(), self.device)
         self.batches = BatchPrefetcher(self.train_data, c, pin=self.device.type == "cuda")
         try:
             # A signal during the last save must not cut it short.
@@ -523,6 +525,10 @@ class Trainer:
                     self.save()
         finally:
             self.batches.close()
+            self.profiler.close()
+        if self.profiler.table_path:
+            print(f"rank {dist.get_rank()}: profile of iterations [{t.profile_step_start}, {t.profile_step_end}) "
+                  f"in {self.profiler.table_path}", flush=True)
         self.logger.close()
         return history
 
@@ -532,11 +538,9 @@ class Trainer:
         An iteration that does not log reads nothing from the device: losses, norms and the
         failure checks stay there until ``_settle``, before anything that acts on them."""
         c, t = self.config, self.config.training
-        profiling = t.profile and self.device.type == "cuda"
         self.logger.start_timing()
         while self.iteration < t.train_iters:
-            if profiling and self.iteration == t.profile_step_start:  # iterations counted from 0, as Megatron
-                torch.cuda.profiler.start()
+            self.profiler.before(self.iteration)
             global_batch = self.batch_schedule.size_at(self.consumed_samples)
             lr = self.schedule.apply(self.optimizer, self.consumed_samples + global_batch)
             loss, norm = self.train_step()
@@ -547,8 +551,10 @@ class Trainer:
                 self._settle(history)  # a failed iteration stops the run before its line is written
             self.logger.training_iteration(self.iteration, self.consumed_samples, loss, lr, norm, None,
                                            self.phase_seconds, global_batch_size=global_batch)
-            if profiling and self.iteration == t.profile_step_end:
-                torch.cuda.profiler.stop()
+            if self.profiler.ends_after(self.iteration):
+                self.logger.stop_timing()  # writing the trace is no iteration's time
+                self.profiler.close()
+                self.logger.start_timing()
             if t.manual_gc and t.manual_gc_interval and self.iteration % t.manual_gc_interval == 0:
                 gc.collect()
             if self.valid_data is not None and t.eval_iters and self.iteration % t.eval_interval == 0:

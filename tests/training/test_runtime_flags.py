@@ -134,3 +134,53 @@ def test_unfused_attention_trains_as_the_default_up_to_rounding(capsys):
     reference = losses(capsys, "--mock-data", "--train-iters", "2", "--eval-iters", "0")
     unfused = losses(capsys, "--mock-data", "--train-iters", "2", "--eval-iters", "0", "--attention-backend", "local")
     assert unfused == pytest.approx(reference, rel=1e-4)
+
+
+def test_pytorch_profiler_records_the_chosen_iterations_and_leaves_the_losses_unchanged(tmp_path, capsys):
+    import collections
+    import json
+
+    run = ["--mock-data", "--train-iters", "4", "--eval-iters", "0"]
+    reference = losses(capsys, *run)
+    assert main([*TINY, *run, "--profile", "--use-pytorch-profiler", "--profile-step-start", "1",
+                 "--profile-step-end", "3", "--tensorboard-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert {int(i): float(v) for i, v in LOSS_LINE.findall(out)} == reference
+    table = tmp_path / "rank0.iter1-3.txt"
+    assert f"profile of iterations [1, 3) in {table}" in out
+    text = table.read_text()
+    assert text.startswith("rank 0, iterations [1, 3), sorted by own host time") and "aten::mm" in text
+    trace = json.loads((tmp_path / "rank0.iter1-3.pt.trace.json").read_text())
+    calls = collections.Counter(e.get("name") for e in trace["traceEvents"])
+    # Iterations 1 and 2, two micro-batches each: two optimizer steps, four forwards.
+    assert calls["Optimizer.step#AdamW.step"] == 2 and calls["aten::embedding"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_a_run_that_ends_inside_the_profiled_range_still_writes_it(tmp_path, capsys):
+    assert main([*TINY, "--mock-data", "--train-iters", "2", "--eval-iters", "0", "--profile",
+                 "--use-pytorch-profiler", "--profile-step-start", "1", "--tensorboard-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "rank0.iter1-12.txt").exists() and (tmp_path / "rank0.iter1-12.pt.trace.json").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--profile", "--use-pytorch-profiler"], "--use-pytorch-profiler needs --profile and --tensorboard-dir"),
+    (["--use-pytorch-profiler", "--tensorboard-dir", "tb"], "--use-pytorch-profiler needs --profile"),
+    (["--profile", "--profile-ranks", "0", "1"], r"--profile-ranks \[0, 1\]: ranks must be in \[0, 1\)"),
+])
+def test_profiler_flags_fail_before_any_work(flags, message):
+    from megallama.training.arguments_model import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        parse_args([*TINY, "--mock-data", "--train-iters", "2", *flags], env={})
+
+
+def test_device_kernels_are_summed_by_kind():
+    from megallama.training.profiling import device_time_by_kind
+
+    kernels = [("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 50.0), ("nvjet_tst_128x256", 20.0),
+               ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", 10.0),
+               ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128", 5.0),
+               ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 5.0), ("void at::native::vectorized_elementwise_kernel", 8.0),
+               ("rms_norm_forward_kernel", 2.0)]
+    assert device_time_by_kind(kernels) == {"matmul": 70.0, "attention": 15.0, "communication": 5.0, "other": 10.0}
