@@ -47,7 +47,8 @@ BENCHMARKS = {
 SCRIPTS = {"clean_ray": "clean"}  # results stored under a name of their own, made by another script
 # Measured on a lent GPU machine by bench/gpu_session.sh (no GPU here): NAME → its JSON under the
 # session's output folder, stored by --store-gpu and shown in the table with the others.
-GPU_RESULTS = {"pretrain_gpu_peers": "peers_16x2048/pretrain_gpu_peers.json"}
+GPU_RESULTS = {"pretrain_gpu_peers": "peers_16x2048/pretrain_gpu_peers.json",
+               "pretrain_gpu_peers_7b": "peers_7b_cut/pretrain_gpu_peers.json"}
 
 
 def machine() -> str:
@@ -83,11 +84,13 @@ def run(name: str, extra: list[str]) -> bool:
 
 
 def store_gpu(session_dir: str) -> None:
-    """Store each of GPU_RESULTS found under ``session_dir`` as run() stores a benchmark's."""
-    for name, relative in GPU_RESULTS.items():
-        path = os.path.join(session_dir, relative)
-        if not os.path.exists(path):
-            raise SystemExit(f"--store-gpu: {path} does not exist (did the session's part run?)")
+    """Store each of GPU_RESULTS found under ``session_dir`` as run() stores a benchmark's (a part
+    the session did not run keeps its stored result)."""
+    found = [name for name, relative in GPU_RESULTS.items() if os.path.exists(os.path.join(session_dir, relative))]
+    if not found:
+        raise SystemExit(f"--store-gpu: none of {', '.join(GPU_RESULTS.values())} under {session_dir}")
+    for name in found:
+        path = os.path.join(session_dir, GPU_RESULTS[name])
         with open(path) as f:
             result = json.load(f)
         details = result["details"]

@@ -103,3 +103,33 @@ def test_megatron_core_side_trains_when_its_cuda_calls_are_redirected(tmp_path):
     assert "aten::mm" in (tmp_path / "rank0.iter0-1.txt").read_text()
     assert result["layer_spec"] == "local" and result["tokens_per_s"] > 0 and result["peak_memory_bytes"] > 0
     assert result["loss"] == pytest.approx(math.log(vocab), rel=0.05)
+
+
+def test_a_gpu_sessions_figures_are_stored_for_the_readme_table(tmp_path, monkeypatch):
+    """`run_all.py --store-gpu DIR`: the session's JSON stored under bench/results with the device
+    and the command a user would run (no session paths); a part the session skipped is left alone."""
+    sys.path.insert(0, BENCH)
+    try:
+        import run_all
+    finally:
+        sys.path.remove(BENCH)
+    session = tmp_path / "out"
+    (session / "peers_16x2048").mkdir(parents=True)
+    command = (f"python bench/pretrain_gpu_peers.py --rounds 1 --shapes 16x2048 --profile-dir /tmp/tmp.x "
+               f"--json {session}/peers_16x2048/pretrain_gpu_peers.json")
+    row = {"benchmark": "pretrain 16x2048, 1 GPU bf16", "metric": "tokens/s", "peer": "torchtitan", "ratio": 1.5,
+           "target": "≥ 1.1×"}
+    (session / "peers_16x2048" / "pretrain_gpu_peers.json").write_text(json.dumps(
+        {"summary": [row], "details": {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "date": "2026-11-30",
+                                       "command": command}}))
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(run_all, "RESULTS", str(results))
+    run_all.store_gpu(str(session))
+    assert sorted(p.name for p in results.iterdir()) == ["pretrain_gpu_peers.json"]
+    stored = json.loads((results / "pretrain_gpu_peers.json").read_text())
+    assert stored["machine"] == "NVIDIA H200, torch 2.11.0+cu130" and stored["date"] == "2026-11-30"
+    assert stored["command"] == "python bench/pretrain_gpu_peers.py --rounds 1 --shapes 16x2048"
+    assert stored["summary"] == [row]
+    with pytest.raises(SystemExit, match="none of"):
+        run_all.store_gpu(str(tmp_path / "empty"))

@@ -3,6 +3,7 @@ from megallama.distributed.clip_grads import clip_grads_, counts_for_norm, globa
 from megallama.distributed.data_parallel import (
     DistributedDataParallel,
     finalize_model_grads,
+    global_loss_sums,
     global_mean_loss,
 )
 from megallama.distributed.optimizer import (
@@ -15,5 +16,5 @@ from megallama.distributed.optimizer import (
 __all__ = [
     "DistributedDataParallel", "DistributedOptimizer", "MixedPrecisionOptimizer", "OptimizerConfig",
     "build_optimizer", "clip_grads_", "counts_for_norm", "finalize_model_grads", "global_grad_norm",
-    "global_mean_loss",
+    "global_loss_sums", "global_mean_loss",
 ]

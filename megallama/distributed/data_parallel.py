@@ -322,11 +322,10 @@ def finalize_model_grads(model_chunks: List[DistributedDataParallel], losses: Li
 NO_TOKENS = "the global batch counted no tokens for the loss (all masked?)"
 
 
-def global_mean_loss(losses: List[dict]) -> Optional[torch.Tensor]:
-    """Mean token loss over the global batch (on the last pipeline stage; None elsewhere).
-
-    A collective over the DP group, so every last-stage rank must call it.
-    """
+def global_loss_sums(losses: List[dict]) -> Optional[torch.Tensor]:
+    """float64 ``[loss sum, loss-counted tokens]`` over the global batch, on the device (on the last
+    pipeline stage; None elsewhere). A collective over the DP group, so every last-stage rank must
+    call it."""
     if not losses:
         return None
     from megallama.parallel import state
@@ -337,4 +336,11 @@ def global_mean_loss(losses: List[dict]) -> Optional[torch.Tensor]:
               for n in (item["num_tokens"] for item in losses)]
     sums = torch.stack([sum(item["loss_sum"].double() for item in losses), sum(counts)])
     dist.all_reduce(sums, group=state.get_data_parallel_group())
-    return (sums[0] / sums[1]).float()
+    return sums
+
+
+def global_mean_loss(losses: List[dict]) -> Optional[torch.Tensor]:
+    """Mean token loss over the global batch (on the last pipeline stage; None elsewhere); a
+    collective, as :func:`global_loss_sums`."""
+    sums = global_loss_sums(losses)
+    return None if sums is None else (sums[0] / sums[1]).float()

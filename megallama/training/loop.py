@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from megallama.checkpoint import sharded
 from megallama.checkpoint import storage as ckpt
 from megallama.distributed import (DistributedDataParallel, build_optimizer, finalize_model_grads,
-                                   global_mean_loss)
+                                   global_loss_sums, global_mean_loss)
 from megallama.distributed.data_parallel import NO_TOKENS
 from megallama.model import LlamaModel
 from megallama.parallel import get_rng_tracker, model_parallel_manual_seed, state
@@ -483,16 +483,20 @@ class Trainer:
         for chunk in self.chunks:
             chunk.eval()
         # The same first eval_iters global batches every time, so validation points are comparable.
-        total, n = 0.0, self.config.training.eval_iters
-        for b in range(n):
+        # The loss is per token over all of them, as training's is: a batch with fewer loss-counted
+        # tokens (instruction data masks the prompts) weighs less. Summed in float64 on the device and
+        # read once, after the last batch.
+        sums = None
+        for b in range(self.config.training.eval_iters):
             size = self.config.training.global_batch_size  # the full batch, also while the training batch ramps up
             batches = host_micro_batches(self.valid_data, b * size, size, self.config, self.device.type == "cuda")
             losses = self._run_schedule(to_device(batches, self.device), True)
-            if self.is_last_stage:  # summed in float64 on the device and read once, after the last batch
-                total = total + global_mean_loss(losses).double()  # every batch counts the same number of tokens
+            if self.is_last_stage:
+                batch_sums = global_loss_sums(losses)
+                sums = batch_sums if sums is None else sums + batch_sums
         for chunk in self.chunks:
             chunk.train()
-        return float(total) / n if self.is_last_stage else None
+        return float(sums[0] / sums[1]) if self.is_last_stage else None
 
     def _micro_batches_text(self) -> str:
         """Micro-batches per iteration, as the first log line says them: ``8``, or ``2 → 8`` on a ramp."""
