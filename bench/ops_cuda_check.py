@@ -235,7 +235,7 @@ def time_ops(ops, torch, dev, reps):
 def kernel_bandwidth(ops, torch, dev, reps=50):
     """Each raw kernel at the 16x2048 model's training shapes (micro-batch 4 × 2048 tokens, bf16):
     bytes it must move (inputs read once, outputs written once) over its median time, against a
-    device copy of as many bytes. Returns {kernel: fraction of the copy's bandwidth}."""
+    device copy of as many bytes, printed as a table."""
     rows, hidden, ffn, heads, head_dim = 4 * 2048, 2048, 5632, 16, 128
     dt = torch.bfloat16
     x = torch.randn(rows, hidden, device=dev, dtype=dt)
@@ -270,14 +270,11 @@ def kernel_bandwidth(ops, torch, dev, reps=50):
         return statistics.median(times)
 
     print(f"\n{'kernel (16x2048 shapes, bf16)':<30} {'ms':>8} {'GB/s':>8} {'copy GB/s':>10} {'of copy':>8}")
-    fractions = {}
     for name, (fn, moved) in cases.items():
         source = torch.empty(moved // 2, dtype=torch.uint8, device=dev).random_(0, 255)
         target = torch.empty_like(source)
         ours, copy = median_ms(fn), median_ms(lambda: target.copy_(source))
-        fractions[name] = copy / ours
         print(f"{name:<30} {ours:8.3f} {moved / ours / 1e6:8.0f} {moved / copy / 1e6:10.0f} {copy / ours:7.0%}")
-    return fractions
 
 
 def require_cuda_kernels(ops):

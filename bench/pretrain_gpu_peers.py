@@ -184,7 +184,7 @@ def timed_loop(m: dict, iters: int, device: torch.device, step_fn, profile_dir: 
 
 def indexed(device: torch.device) -> torch.device:
     """``device`` with its index: a bare ``cuda`` is the current CUDA device (``torch.cuda.set_device``
-    and the peers' code want an index)."""
+    and the peers' code want an index; a side's worker indexes its device once, for all of it)."""
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
@@ -199,7 +199,7 @@ def init_single_process_group(device: torch.device) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     if device.type == "cuda":
-        torch.cuda.set_device(indexed(device))
+        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
@@ -445,7 +445,7 @@ def main() -> None:
     if args.side_worker:
         print(json.dumps(side_worker(json.loads(args.side_worker))))
         return
-    device = indexed(torch.device(args.device))
+    device = torch.device(args.device)
     if args.compile is None:
         args.compile = device.type == "cuda"
     shapes = TINY_SHAPES if args.tiny else {name: dict(SHAPES[name]) for name in args.shapes}

@@ -61,9 +61,17 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def store(name: str, result: dict) -> None:
+    """Write ``result`` as ``bench/results/NAME.json`` (temp file, then rename)."""
+    os.makedirs(RESULTS, exist_ok=True)
+    tmp = os.path.join(RESULTS, f"{name}.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, os.path.join(RESULTS, f"{name}.json"))
+
+
 def run(name: str, extra: list[str]) -> bool:
     """Run one benchmark; on success store its summary with the machine and date."""
-    os.makedirs(RESULTS, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, os.path.join(HERE, f"{SCRIPTS.get(name, name)}.py"), *extra, "--json", out]
@@ -76,10 +84,7 @@ def run(name: str, extra: list[str]) -> bool:
             result = json.load(f)
     result.update(machine=machine(), date=datetime.date.today().isoformat(),
                   command=f"python bench/{SCRIPTS.get(name, name)}.py {' '.join(extra)}".strip())
-    tmp = os.path.join(RESULTS, f"{name}.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, os.path.join(RESULTS, f"{name}.json"))
+    store(name, result)
     return True
 
 
@@ -98,10 +103,7 @@ def store_gpu(session_dir: str) -> None:
         command = re.sub(r" --(json|profile-dir) \S+", "", details["command"])
         result.update(machine=f"{details['device']}, torch {details['torch']}", date=details["date"],
                       command=command)
-        tmp = os.path.join(RESULTS, f"{name}.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, os.path.join(RESULTS, f"{name}.json"))
+        store(name, result)
         print(f"stored {path} as bench/results/{name}.json")
 
 

@@ -442,7 +442,7 @@ def validate(config: PretrainConfig) -> None:
     if t.use_pytorch_profiler and not (t.profile and config.logging.tensorboard_dir):
         raise ConfigError("--use-pytorch-profiler needs --profile and --tensorboard-dir (where its traces go)")
     if t.profile and not all(0 <= r < config.parallel.world_size for r in t.profile_ranks):
-        raise ConfigError(f"--profile-ranks {list(t.profile_ranks)}: ranks must be in [0, {config.parallel.world_size})")
+        raise ConfigError(f"--profile-ranks {t.profile_ranks}: ranks must be in [0, {config.parallel.world_size})")
     if t.eval_iters < 0 or t.eval_interval < 1:
         raise ConfigError("--eval-iters must be ≥ 0 and --eval-interval ≥ 1")
     ck = config.checkpoint
