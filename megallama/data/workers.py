@@ -8,11 +8,11 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
-from megallama.executors.local import exit_with_parent, fork_context
+from megallama.executors.local import bind_worker_lifetime, fork_context
 
 
 def _start_worker(initializer: Callable, initargs: tuple, parent_pid: int) -> None:
-    exit_with_parent(parent_pid)
+    bind_worker_lifetime(parent_pid)
     initializer(*initargs)
 
 

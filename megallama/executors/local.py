@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -16,10 +17,18 @@ from megallama.executors.base import Executor, set_progress
 PARENT_POLL_SECONDS = 0.5
 
 
-def exit_with_parent(parent_pid: int) -> None:
-    """In a worker process: exit as soon as `parent_pid` is gone. A pool worker otherwise blocks
-    forever on its task pipe after kill -9 of its parent, since the worker holds that pipe's
-    write end too and never sees end-of-file."""
+def bind_worker_lifetime(parent_pid: int) -> None:
+    """In a worker process: end on SIGTERM, and exit as soon as `parent_pid` is gone.
+
+    A fork inherits the parent's Python SIGTERM handler (Ray's driver installs one, so does the
+    trainer's exit handling). Python handlers run in the main thread only, and the kernel may hand
+    the signal to the watcher thread below while the main thread waits on the task queue's lock:
+    the handler never runs and `Pool.terminate()` then waits for the worker forever. The default
+    action ends the process whichever thread receives it.
+
+    A pool worker also blocks forever on its task pipe after kill -9 of its parent, since the
+    worker holds that pipe's write end too and never sees end-of-file: the watcher exits it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def watch() -> None:
         while os.getppid() == parent_pid:
@@ -50,7 +59,7 @@ class _SharedCounter:
 
 
 def _init_worker(parent_pid: int, counter: _SharedCounter) -> None:
-    exit_with_parent(parent_pid)
+    bind_worker_lifetime(parent_pid)
     set_progress(counter)
 
 

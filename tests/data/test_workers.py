@@ -40,3 +40,28 @@ def test_a_failure_in_a_worker_leaves_no_output_and_success_finalizes(tmp_path):
     with all_or_nothing([writer]):
         writer.add_document(np.array([7], dtype=np.int32))
     assert IndexedDataset(str(tmp_path / "c"))[0].tolist() == [7]
+
+
+def _sigterm_action(task: int) -> bool:
+    import signal
+
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_workers_end_on_sigterm_whatever_handler_the_parent_has():
+    """A Python SIGTERM handler inherited from the parent (Ray's driver installs one) runs only in
+    a worker's main thread, which may be blocked on the task queue's lock while its parent-watching
+    thread receives the signal: Pool.terminate() then waited forever (seen as a hung test run). The
+    workers take the default action, which ends them from any thread."""
+    import signal
+
+    from megallama.executors import LocalExecutor
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        with worker_results(_sigterm_action, iter(range(4)), 2, _init, (0,)) as results:
+            assert list(results) == [True] * 4
+        assert LocalExecutor(2).run(_sigterm_action, [(0,), (1,)]) == [True, True]
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the parent keeps its own
+    finally:
+        signal.signal(signal.SIGTERM, previous)
