@@ -6,6 +6,8 @@
 #          (bench/gpu_peers.sh; needs .whl/ from `make peer-wheels` in the call's carry)
 #   tests  the CUDA tests (model, DP/optimizer, TP on NCCL, no host syncs under the sync debugger)
 #   mfu    bench/pretrain.py: MFU, and a plain HF bf16 loop for scale
+#   fusion bench/grad_accumulation_fusion.py: the 16×2048 model with and without
+#          --no-gradient-accumulation-fusion
 #   7b     the 7B cut against the peers
 # Each part has its own time bound inside BUDGET seconds (default 540), so a slow part costs only
 # itself. Output under OUT_DIR: the console (gpu_session.txt), the peers' figures and the profile
@@ -29,7 +31,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 part 150 python3 setup.py -q build_ext --inplace
-for name in ${PARTS:-ops peers tests mfu 7b}; do
+for name in ${PARTS:-ops peers tests mfu fusion 7b}; do
     case $name in
     ops) part 90 python3 bench/ops_cuda_check.py --no-build ;;
     peers)
@@ -41,10 +43,12 @@ for name in ${PARTS:-ops peers tests mfu 7b}; do
     tests) part 120 python3 -m pytest -q -p no:cacheprovider tests/model/test_cuda.py tests/distributed/test_cuda.py \
         tests/parallel/test_cuda.py tests/training/test_host_syncs.py::test_cuda_iterations_that_do_not_log_never_synchronise ;;
     mfu) part 120 python3 bench/pretrain.py --rounds 1 ;;
+    fusion) part 150 python3 bench/grad_accumulation_fusion.py --rounds 2 --iters 10 \
+        --json "$OUT/grad_accumulation_fusion.json" ;;
     # Each side builds ~3.7B parameters (17 blocks on an H200) and torchtitan compiles them: 150 s
     # was too little for the three; six iterations keep three timed.
     7b) part 300 env SHAPES=7b-cut-s2048 ITERS=6 bash bench/gpu_peers.sh "$OUT/peers_7b_cut" ;;
-    *) echo "!!! unknown part $name (ops, peers, tests, mfu, 7b)"; status=1 ;;
+    *) echo "!!! unknown part $name (ops, peers, tests, mfu, fusion, 7b)"; status=1 ;;
     esac
 done
 echo "=== done at $SECONDS s"

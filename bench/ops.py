@@ -4,6 +4,8 @@ Each op runs through autograd both ways: ours (the C++ kernels behind autograd F
 plain-torch form of megallama.ops.reference differentiated by autograd. The two sides alternate
 within one run and each reports its median step time; the figure is the ratio reference / ours
 (>1: ours is faster). Also printed: the activation bytes each side's autograd graph saves.
+Last, the loss's fused cross-entropy unit gradient (a raw in-place kernel, no autograd) on a chunk
+of logits against its plain-torch form.
 
     python bench/ops.py              # the model bench's shapes and a 7B-sized layer, 2 threads
 """
@@ -80,6 +82,20 @@ def _rope_case(batch_seq, hidden, ffn, heads, head_dim, dtype):
 
 CASES = {"rms_norm": _rms_case, "swiglu": _swiglu_case, "rotary": _rope_case}
 
+# (tokens, vocabulary): a chunk of the loss's logits at LLaMA's vocabulary
+CROSS_ENTROPY_SHAPE = (2048, 32000)
+
+
+def _cross_entropy_case(dtype):
+    # Both sides rewrite the same logits over and over: after the first call they hold gradients
+    # in [-1, 1], which cost the same to process as fresh logits.
+    tokens, vocab = CROSS_ENTROPY_SHAPE
+    logits = (3 * torch.randn(tokens, vocab)).to(dtype)
+    target = torch.randint(0, vocab, (tokens,))
+    target[::50] = -100
+    return (lambda: ops.cross_entropy_unit_grad_(logits, target, -100),
+            lambda: ops.cross_entropy_unit_grad_ref(logits, target, -100))
+
 
 def saved_bytes(forward):
     """Bytes of the distinct tensors the autograd graph of ``forward()`` saves."""
@@ -140,6 +156,14 @@ def main():
                                                   "saved_mb_ours": mb_ours, "saved_mb_ref": mb_ref}
             rows.append(ratio_row(f"fused {op_name} fwd+bwd, {shape_name}, CPU {args.dtype}", "speed",
                                   "plain torch (autograd)", t_ref / t_ours))
+    tokens, vocab = CROSS_ENTROPY_SHAPE
+    t_ours, t_ref = time_pair(*_cross_entropy_case(dtype), args.rounds, args.reps)
+    shape_name = f"{tokens}x{vocab}"
+    print(f"{shape_name:<9} {'xent':<9} {t_ours * 1e3:9.3f} {t_ref * 1e3:9.3f} {t_ref / t_ours:7.2f}x "
+          f"{'-':>14} {'-':>7}")
+    details[f"{shape_name} cross_entropy_unit_grad"] = {"ours_ms": t_ours * 1e3, "ref_ms": t_ref * 1e3}
+    rows.append(ratio_row(f"fused cross-entropy unit grad (in place), {shape_name}, CPU {args.dtype}", "speed",
+                          "plain torch", t_ref / t_ours))
     write_json(args.json, rows, details)
 
 

@@ -4,8 +4,10 @@ Builds the extension in place (setup.py build_ext, only csrc/ops unless --all-ex
 checks every fused op on CUDA tensors against the plain-torch reference forms in fp32 and bf16
 (forward and backward, odd and strided shapes, rows that start off the 16-byte grid and so take
 the kernels' one-element-per-access path, raw kernel callers with strided output buffers,
-determinism of grad_weight, gradcheck in fp64), and times each op's fwd+bwd against the
-reference differentiated by autograd. Last, each raw kernel at the 16×2048 training shape against
+determinism of grad_weight, gradcheck in fp64), the in-place cross-entropy unit gradient (fp32,
+bf16, fp16 against the fp32 reference, fp64 against autograd) and the weight-gradient
+accumulation into an fp32 buffer, and times each op's fwd+bwd against the reference
+differentiated by autograd. Last, each raw kernel at the 16×2048 training shape against
 the memory bandwidth a device copy of the same bytes reaches (CUDA events, median of 50): the
 kernels are bandwidth-bound, so that fraction is how close they are to their floor.
 Prints a PASS/FAIL table; exits 1 if any check fails.
@@ -25,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # assert_close tolerances. The CUDA build uses --use_fast_math (approximate exp, sqrt, division),
 # so fp32 gets a little more room than the CPU tests give.
-TOL = {"float32": dict(rtol=1e-4, atol=1e-5), "bfloat16": dict(rtol=1.6e-2, atol=1e-2)}
+TOL = {"float32": dict(rtol=1e-4, atol=1e-5), "bfloat16": dict(rtol=1.6e-2, atol=1e-2),
+       "float16": dict(rtol=2e-3, atol=1e-3)}
 TOL_SUM = {"float32": dict(rtol=1e-4, atol=1e-4), "bfloat16": dict(rtol=2e-2, atol=2e-2)}
 
 
@@ -181,6 +184,77 @@ def define_checks(checks, ops, torch, dev):
     checks.run("gradcheck float64 (all Functions)", gradchecks)
 
 
+def define_loss_checks(checks, ops, torch, dev):
+    """The cross-entropy unit gradient and the fp32 weight-gradient accumulation."""
+    import torch.nn.functional as F
+
+    def cross_entropy(dname, rows, classes, offset):
+        dt = getattr(torch, dname)
+        # Rows of a wider buffer starting `offset` elements in: odd offsets leave the 16-byte grid.
+        buf = 3 * torch.randn(rows, classes + 16, device=dev)
+        buf[1, classes // 2 + 1:] = float("-inf")  # a masked tail
+        target = torch.randint(0, max(1, classes // 2), (rows,), device=dev)
+        target[::3] = -100
+        logits = buf.to(dt)[:, offset:offset + classes]
+        ref = logits.to(torch.float32, copy=True)  # the reference computes on it in place
+        ref_loss = ops.cross_entropy_unit_grad_ref(ref, target, -100)
+        loss = ops.cross_entropy_unit_grad_(logits, target, -100)
+        assert loss.dtype == torch.float32, f"loss is {loss.dtype}"
+        assert_all_close([loss, logits.float()], [ref_loss, ref], [TOL["float32"], TOL[dname]])
+
+    for dname in ("float32", "bfloat16", "float16"):
+        for rows, classes, offset in [(64, 32000, 0), (64, 32000, 8), (9, 1000, 1), (5, 7, 0), (4, 1, 0)]:
+            checks.run(f"cross_entropy {dname} {rows}x{classes} offset {offset}",
+                       lambda dname=dname, rows=rows, classes=classes, offset=offset:
+                       cross_entropy(dname, rows, classes, offset))
+
+    def cross_entropy_float64_autograd():
+        logits = torch.randn(6, 37, device=dev, dtype=torch.float64, requires_grad=True)
+        target = torch.randint(0, 37, (6,), device=dev)
+        target[2] = -100
+        loss = F.cross_entropy(logits, target, ignore_index=-100, reduction="none")
+        loss.backward(torch.ones_like(loss))
+        grad = logits.detach().clone()
+        ours = ops.cross_entropy_unit_grad_(grad, target, -100)
+        assert_all_close([ours, grad], [loss.detach(), logits.grad], dict(rtol=1e-10, atol=1e-12))
+
+    checks.run("cross_entropy float64 equals autograd's gradient", cross_entropy_float64_autograd)
+
+    def wgrad(dname, tokens, out, inp):
+        dt = getattr(torch, dname)
+        x = torch.randn(tokens, inp + 3, device=dev).to(dt)[:, 3:]  # strided rows
+        grad_out = [torch.randn(tokens, out, device=dev).to(dt) for _ in range(2)]
+        main_grad = torch.randn(out, inp, device=dev)
+        want = main_grad + sum(g.float().t() @ x.float() for g in grad_out)
+        for g in grad_out:  # accumulates twice
+            ops.wgrad_accumulate_(main_grad, g, x)
+        fused = dev.type == "cuda" and ops.has_fp32_wgrad_gemm()
+        # Without the fused gemm a 16-bit product is added: bf16-sized errors.
+        rtol, atol = (1e-3, 1e-3) if fused else (1.6e-2, 2.5e-2)
+        torch.testing.assert_close(main_grad, want, rtol=rtol, atol=atol * tokens ** 0.5)
+        if fused:
+            # The product accumulated in fp32: far closer than a 16-bit product added afterwards.
+            rounded = torch.randn(out, inp, device=dev)
+            direct = rounded.clone()
+            ops.wgrad_accumulate_(direct, grad_out[0], x)
+            exact = rounded + grad_out[0].float().t() @ x.float()
+            rounded.add_(grad_out[0].t() @ x)
+            assert (direct - exact).abs().max() < (rounded - exact).abs().max() / 4, "no fp32 accumulation"
+
+    for dname in ("bfloat16", "float16"):
+        for tokens, out, inp in [(4096, 1024, 2048), (37, 19, 11)]:
+            checks.run(f"wgrad_accumulate {dname} into float32 {tokens}x{out}x{inp}",
+                       lambda dname=dname, tokens=tokens, out=out, inp=inp: wgrad(dname, tokens, out, inp))
+
+    def fp32_gemm_built():
+        version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+        assert ops.has_fp32_wgrad_gemm() == (version >= (2, 8)), \
+            f"has_fp32_wgrad_gemm() is {ops.has_fp32_wgrad_gemm()} with torch {torch.__version__}"
+
+    if dev.type == "cuda":
+        checks.run("wgrad_accumulate uses the fp32-output addmm (torch >= 2.8)", fp32_gemm_built)
+
+
 def time_ops(ops, torch, dev, reps):
     """Median ms of fwd+bwd per op, ours vs the reference under autograd, alternated."""
     shapes = {"small": ((4, 256), 256, 688, 4, 64), "7b-layer": ((1, 2048), 4096, 11008, 32, 128)}
@@ -247,6 +321,8 @@ def kernel_bandwidth(ops, torch, dev, reps=50):
     qkv = torch.randn(4, 2048, 3 * heads * head_dim, device=dev, dtype=dt)
     q = qkv[..., :heads * head_dim].view(4, 2048, heads, head_dim)
     cos, sin = ops.rope_cos_sin(2048, head_dim, device=dev)
+    logits = torch.randn(rows, 32000, device=dev, dtype=dt)
+    target = torch.randint(0, 32000, (rows,), device=dev)
     size = x.numel() * 2  # bytes of one [rows, hidden] bf16 tensor
     cases = {  # name: (call, bytes moved)
         "rms_norm fwd": (lambda: ops.rms_norm_forward(x, w, 1e-6), 2 * size),
@@ -254,6 +330,9 @@ def kernel_bandwidth(ops, torch, dev, reps=50):
         "swiglu fwd": (lambda: ops.swiglu_forward(ab), 3 * rows * ffn * 2),
         "swiglu bwd": (lambda: ops.swiglu_backward(g_ffn, ab), 5 * rows * ffn * 2),
         "rotary (q)": (lambda: ops.rope_forward(q, cos, sin), 2 * q.numel() * 2),
+        # in place, the logits read once more (from L2, mostly) and not counted
+        "cross_entropy (V=32000)": (lambda: ops.cross_entropy_unit_grad_(logits, target, -100),
+                                    2 * logits.numel() * 2),
     }
 
     def median_ms(fn):
@@ -312,6 +391,7 @@ def main():
     runnable = dev.type != "cuda" or ops.has_cuda()
     if runnable:
         define_checks(checks, ops, torch, dev)
+        define_loss_checks(checks, ops, torch, dev)
     failed = checks.report()
     if runnable:
         time_ops(ops, torch, dev, args.reps)

@@ -36,6 +36,7 @@ BENCHMARKS = {
     "zero_overlap": [],
     "pipeline": [],
     "pretrain": [],
+    "grad_accumulation_fusion": [],
     "generate": [],
     "finetune": ["--threads", "2"],  # both cores, as the other benchmarks; each side alternates step by step
     "data": [],
@@ -48,7 +49,8 @@ SCRIPTS = {"clean_ray": "clean"}  # results stored under a name of their own, ma
 # Measured on a lent GPU machine by bench/gpu_session.sh (no GPU here): NAME → its JSON under the
 # session's output folder, stored by --store-gpu and shown in the table with the others.
 GPU_RESULTS = {"pretrain_gpu_peers": "peers_16x2048/pretrain_gpu_peers.json",
-               "pretrain_gpu_peers_7b": "peers_7b_cut/pretrain_gpu_peers.json"}
+               "pretrain_gpu_peers_7b": "peers_7b_cut/pretrain_gpu_peers.json",
+               "grad_accumulation_fusion_gpu": "grad_accumulation_fusion.json"}
 
 
 def machine() -> str:

@@ -7,7 +7,7 @@
 # Layout: the planner's first choice for 2048 A100-80GB at micro-batch 1 (tests/planning checks it):
 #   python tools/plan.py --model-size 65b --gpus 2048 --train-tokens 1.4e12 --micro-batch-size 1
 #   → TP=4 (16 heads per rank) PP=8 interleaved in 10 chunks of 1 layer per rank, sequence
-#     parallelism, distributed optimizer, DP=64 (32 micro-batches, a multiple of PP): 23.0 GB per
+#     parallelism, distributed optimizer, DP=64 (32 micro-batches, a multiple of PP): 22.8 GB per
 #     GPU; 296 tokens/s/GPU, 27 days (the planner without this codebase's exposed communication:
 #     add --overlap-communication, ≈ 359 tokens/s/GPU).
 MODEL_SIZE=65b LR=1.5e-4 TRAIN_ITERS=333787 TP=4 PP=8

@@ -86,7 +86,7 @@ class _QKVRotary(torch.autograd.Function):
             reduction = ctx.column.start_input_grad_reduction((grad_qkv @ wqkv).view(b, s, -1))
         grad_w = None
         if gather is not None:
-            grad_w = grad_qkv.t() @ gather.wait().reshape(b * s, -1)
+            grad_w = parallel.weight_grad(wqkv, grad_qkv, gather.wait().reshape(b * s, -1), ctx.column.fusable_wgrad)
             if ctx.column.has_replicas:
                 grad_w = ctx.column.split.sum_over_replicas(
                     grad_w, parallel.get_tensor_model_parallel_rank(), parallel.get_tensor_model_parallel_world_size(),
@@ -121,11 +121,11 @@ class _SwiGLUFeedForward(torch.autograd.Function):
         grad_out = grad_out.reshape(tokens, -1)
         ab = ab.view(tokens, -1)
         act = ops.swiglu_forward(ab)
-        grad_w2 = grad_out.t() @ act
+        grad_w2 = parallel.weight_grad(w2, grad_out, act)
         del act
         grad_ab = ops.swiglu_backward(grad_out @ w2, ab)
         reduction = ctx.column.start_input_grad_reduction((grad_ab @ w13).view(*lead_shape, -1))
-        grad_w13 = grad_ab.t() @ gather.wait().reshape(tokens, -1)
+        grad_w13 = parallel.weight_grad(w13, grad_ab, gather.wait().reshape(tokens, -1), ctx.column.fusable_wgrad)
         return reduction.wait(), grad_w13, grad_w2, None
 
 
@@ -138,32 +138,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hn, weight, target, ignore_index, chunk_tokens):
+    def forward(ctx, hn, weight, target, ignore_index, chunk_tokens, fusable_wgrad):
         tokens = hn.shape[0]
-        acc_dtype = torch.promote_types(hn.dtype, torch.float32)
-        loss = torch.empty(tokens, dtype=acc_dtype, device=hn.device)
-        single_chunk = tokens <= chunk_tokens  # then the chunk's buffer is kept as is, no copy
-        unit_grad = None if single_chunk else torch.empty(tokens, weight.shape[0], dtype=hn.dtype, device=hn.device)
-        valid = target != ignore_index
-        safe_target = torch.where(valid, target, torch.zeros_like(target))
+        loss = torch.empty(tokens, dtype=torch.promote_types(hn.dtype, torch.float32), device=hn.device)
+        unit_grad = torch.empty(tokens, weight.shape[0], dtype=hn.dtype, device=hn.device)
         for start in range(0, tokens, chunk_tokens):
             rows = slice(start, min(start + chunk_tokens, tokens))
-            logits = (hn[rows] @ weight.t()).to(acc_dtype)
-            tgt = safe_target[rows, None]
-            keep = valid[rows, None].to(acc_dtype)
-            target_logit = logits.gather(1, tgt)
-            row_max = logits.amax(dim=-1, keepdim=True)
-            # One exp pass serves both the log-sum-exp and the softmax (in place on the logits).
-            probs = logits.sub_(row_max).exp_()
-            sum_exp = probs.sum(dim=-1, keepdim=True)
-            loss[rows] = ((row_max + sum_exp.log() - target_logit) * keep).squeeze(1)
-            probs.mul_(keep / sum_exp).scatter_add_(1, tgt, -keep)
-            if single_chunk:
-                unit_grad = probs.to(hn.dtype)
-            else:
-                unit_grad[rows] = probs
+            # The chunk's logits are made in the buffer kept for backward and turned into the unit
+            # gradient there by one fused kernel (max and sum of exp in fp32, then the gradient):
+            # no fp32 copy of the logits, no pass per elementwise op.
+            logits = torch.mm(hn[rows], weight.t(), out=unit_grad[rows])
+            loss[rows] = ops.cross_entropy_unit_grad_(logits, target[rows], ignore_index)
         ctx.save_for_backward(hn, weight, unit_grad)
-        ctx.chunk_tokens = chunk_tokens
+        ctx.chunk_tokens, ctx.fusable_wgrad = chunk_tokens, fusable_wgrad
         return loss
 
     @staticmethod
@@ -171,22 +158,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hn, weight, unit_grad = ctx.saved_tensors
         grad_hn = torch.empty_like(hn) if ctx.needs_input_grad[0] else None
         grad_w = None
+        # With gradient-accumulation fusion every chunk's product goes into main_grad directly.
+        signal = parallel.main_grad_signal(weight, ctx.fusable_wgrad) if ctx.needs_input_grad[1] else None
         for start in range(0, hn.shape[0], ctx.chunk_tokens):
             rows = slice(start, min(start + ctx.chunk_tokens, hn.shape[0]))
             grad_logits = unit_grad[rows] * grad_loss[rows, None].to(unit_grad.dtype)
             if grad_hn is not None:
                 torch.mm(grad_logits, weight, out=grad_hn[rows])
-            if ctx.needs_input_grad[1]:
+            if signal is not None:
+                ops.wgrad_accumulate_(weight.main_grad, grad_logits, hn[rows])
+            elif ctx.needs_input_grad[1]:
                 chunk_grad_w = grad_logits.t() @ hn[rows]
                 grad_w = chunk_grad_w if grad_w is None else grad_w.add_(chunk_grad_w)
-        return grad_hn, grad_w, None, None, None
+        if signal is not None:
+            signal()
+        return grad_hn, grad_w, None, None, None, None
 
 
 def linear_cross_entropy(hn: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         ignore_index: int = -100, chunk_tokens: int = 4096) -> torch.Tensor:
+                         ignore_index: int = -100, chunk_tokens: int = 4096,
+                         fusable_wgrad: bool = False) -> torch.Tensor:
     """Per-token cross-entropy of the logits ``hn @ weight.T`` (``[tokens]``, float32 or wider).
 
     ``target == ignore_index`` gives loss 0 and no gradient; other targets must be in range.
+    ``fusable_wgrad``: ``weight`` is used nowhere else, so its gradient may go straight into its
+    ``main_grad`` (:func:`megallama.parallel.weight_grad`).
     """
     if hn.dim() != 2 or target.shape != hn.shape[:1]:
         raise ValueError(f"linear_cross_entropy wants hn [tokens, hidden] and target [tokens], "
@@ -196,7 +192,7 @@ def linear_cross_entropy(hn: torch.Tensor, weight: torch.Tensor, target: torch.T
         if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= weight.shape[0]):
             raise ValueError(f"target ids must lie in [0, {weight.shape[0]}) (or be {ignore_index}); "
                              f"got range [{int(valid.min())}, {int(valid.max())}]")
-    return _LinearCrossEntropy.apply(hn, weight, target, ignore_index, chunk_tokens)
+    return _LinearCrossEntropy.apply(hn, weight, target, ignore_index, chunk_tokens, fusable_wgrad)
 
 
 class RMSNorm(nn.Module):
@@ -253,7 +249,7 @@ class Attention(nn.Module):
             # its output in the same layout, so the reshape for wo is free.
             out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), documents)
             out = out.transpose(1, 2).reshape(*q.shape[:2], -1)
-        return _row_parallel_sum(self.wo, F.linear(out, self.wo.weight))
+        return _row_parallel_sum(self.wo, parallel.linear(out, self.wo.weight))
 
     def _attend_with_cache(self, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            cache: LayerKVCache) -> torch.Tensor:
@@ -385,6 +381,7 @@ class LlamaModel(nn.Module):
                 self.output = _linear(parallel.ColumnParallelLinear, table["tok_embeddings.weight"], config,
                                       gather_output=True, device="meta")
                 self.output.weight = self.tok_embeddings.weight
+                self.output.fusable_wgrad = False  # the embedding's gradient is the sum of two uses
             else:  # untied, or the tied head's copy on a last pipeline stage
                 self.output = _linear(parallel.ColumnParallelLinear, table["output.weight"], config, gather_output=True)
         if config.tie_word_embeddings and pre_process != post_process:
@@ -511,7 +508,8 @@ class LlamaModel(nn.Module):
         if parallel.get_tensor_model_parallel_world_size() > 1:
             logits = self.output.local_output(h)  # this rank's vocabulary
             return parallel.vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size)
-        loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output.weight, labels.reshape(-1))
+        loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output.weight, labels.reshape(-1),
+                                    fusable_wgrad=self.output.fusable_wgrad)
         return loss.view(labels.shape)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:

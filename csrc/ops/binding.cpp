@@ -2,7 +2,9 @@
 // CPU kernels or (when built with MEGALLAMA_WITH_CUDA) the CUDA kernels.
 #include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
+#include <torch/version.h>
 
+#include <atomic>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -181,6 +183,106 @@ void rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   }
 }
 
+// The two ops below also take float16 (a float16 model's logits and gradients).
+void check_float16_or_wider(const at::Tensor& t, const char* op, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
+              ": ", name, " must be float32, float64, bfloat16 or float16, got ", st);
+}
+
+void check_matrix(const at::Tensor& t, const char* op, const char* name, const char* shape) {
+  TORCH_CHECK(t.defined() && t.dim() == 2, op, ": ", name, " must be 2-D ", shape, ", got shape ",
+              t.defined() ? t.sizes() : at::IntArrayRef{});
+  check_float16_or_wider(t, op, name);
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name, " must be contiguous in its last "
+              "dimension (stride 1), got shape ", t.sizes(), " with strides ", t.strides(),
+              "; rows may be strided but not the elements of a row");
+}
+
+// In place: logits becomes the gradient of the per-row loss for a unit upstream gradient.
+at::Tensor cross_entropy_unit_grad(at::Tensor logits, const at::Tensor& target, int64_t ignore_index) {
+  const char* op = "cross_entropy_unit_grad";
+  check_matrix(logits, op, "logits", "[tokens, classes]");
+  TORCH_CHECK(logits.size(1) > 0, op, ": logits has no classes (its last dimension is empty)");
+  TORCH_CHECK(target.defined() && target.scalar_type() == at::kLong, op, ": target must be int64, got ",
+              target.defined() ? target.scalar_type() : at::ScalarType::Undefined);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op, ": target must have shape [",
+              logits.size(0), "] (one class per row of logits, shape ", logits.sizes(), "), got ",
+              target.sizes());
+  check_same_device(logits, target, op, "logits", "target");
+  at::assert_no_internal_overlap(logits);
+  const at::Tensor tgt = target.contiguous();
+  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(acc_dtype(logits.scalar_type())));
+  if (logits.size(0) == 0) return loss;
+  if (backend_of(logits, op) == Backend::kCpu) {
+    cross_entropy_unit_grad_cpu(logits, tgt, ignore_index, loss);
+  } else {
+#ifdef MEGALLAMA_WITH_CUDA
+    cross_entropy_unit_grad_cuda(logits, tgt, ignore_index, loss);
+#endif
+  }
+  return loss;
+}
+
+// addmm with an fp32 output from 16-bit matrices (CUDA; torch >= 2.8): the product is accumulated into
+// an fp32 buffer by the GEMM itself. Through the dispatcher, so no cuBLAS header or symbol is needed.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define MEGALLAMA_HAS_FP32_OUTPUT_ADDMM 1
+std::atomic<bool> fp32_output_addmm_usable{true};
+#endif
+
+// main_grad += grad_out^T @ x. Same dtypes: addmm_. 16-bit inputs into an fp32 main_grad: off the CPU
+// (CUDA; meta for shape checks) the fp32-output addmm where torch has it, else a 16-bit product is added.
+void wgrad_accumulate(at::Tensor main_grad, const at::Tensor& grad_out, const at::Tensor& x) {
+  const char* op = "wgrad_accumulate";
+  check_matrix(grad_out, op, "grad_out", "[tokens, out]");
+  check_matrix(x, op, "x", "[tokens, in]");
+  check_same_device(grad_out, x, op, "grad_out", "x");
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out is ", grad_out.scalar_type(),
+              " but x is ", x.scalar_type(), "; they must have the same dtype");
+  TORCH_CHECK(grad_out.size(0) == x.size(0), op, ": grad_out (shape ", grad_out.sizes(), ") and x (shape ",
+              x.sizes(), ") must have the same number of rows (tokens)");
+  TORCH_CHECK(main_grad.defined(), op, ": main_grad is undefined");
+  check_same_device(main_grad, x, op, "main_grad", "x");
+  TORCH_CHECK(main_grad.dim() == 2 && main_grad.size(0) == grad_out.size(1) && main_grad.size(1) == x.size(1),
+              op, ": main_grad must have shape [out, in] = [", grad_out.size(1), ", ", x.size(1), "], got ",
+              main_grad.sizes());
+  TORCH_CHECK(main_grad.scalar_type() == at::kFloat || main_grad.scalar_type() == x.scalar_type(), op,
+              ": main_grad must be float32 or the inputs' dtype (", x.scalar_type(), "), got ",
+              main_grad.scalar_type());
+  TORCH_CHECK(main_grad.is_contiguous(), op, ": main_grad must be contiguous");
+  at::assert_no_overlap(main_grad, grad_out);
+  at::assert_no_overlap(main_grad, x);
+  if (main_grad.scalar_type() == x.scalar_type()) {
+    main_grad.addmm_(grad_out.t(), x);
+    return;
+  }
+#ifdef MEGALLAMA_HAS_FP32_OUTPUT_ADDMM
+  if (fp32_output_addmm_usable && !x.is_cpu() &&
+      (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf)) {
+    try {
+      at::addmm_out(main_grad, main_grad, grad_out.t(), x, at::kFloat);
+      return;
+    } catch (const c10::Error& error) {
+      // A torch whose checks refuse this mix (raised before any kernel runs, main_grad untouched):
+      // training goes on unfused rather than stopping.
+      fp32_output_addmm_usable = false;
+      TORCH_WARN(op, ": torch's fp32-output addmm refused 16-bit inputs into a float32 main_grad (",
+                 error.what_without_backtrace(), "); adding 16-bit products instead");
+    }
+  }
+#endif
+  main_grad.add_(at::mm(grad_out.t(), x));
+}
+
+bool has_fp32_wgrad_gemm() {
+#ifdef MEGALLAMA_HAS_FP32_OUTPUT_ADDMM
+  return fp32_output_addmm_usable;
+#else
+  return false;
+#endif
+}
+
 bool has_cuda() {
 #ifdef MEGALLAMA_WITH_CUDA
   return true;
@@ -194,7 +296,8 @@ bool has_cuda() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace megallama_ops;
-  m.doc() = "megallama fused ops: RMSNorm, SwiGLU, rotary embedding (CPU, and CUDA when built)";
+  m.doc() = "megallama fused ops: RMSNorm, SwiGLU, rotary embedding, cross-entropy unit gradient, "
+            "weight-gradient accumulation (CPU, and CUDA when built)";
   m.def("rms_norm_fwd", &rms_norm_fwd, "(x [..., h], weight [h], eps) -> (y, rstd [...])",
         py::arg("x"), py::arg("weight"), py::arg("eps"));
   m.def("rms_norm_bwd", &rms_norm_bwd,
@@ -207,5 +310,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(x [b, s, h, d], cos [s, d/2], sin [s, d/2], out [b, s, h, d], inverse): writes into out "
         "the rotate-half rotation of x by +theta (or -theta when inverse)",
         py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out"), py::arg("inverse"));
+  m.def("cross_entropy_unit_grad", &cross_entropy_unit_grad,
+        "(logits [T, V], target int64 [T], ignore_index) -> loss [T] (float32; float64 for float64 "
+        "logits): overwrites logits with softmax(logits) - onehot(target), zero rows where ignored",
+        py::arg("logits"), py::arg("target"), py::arg("ignore_index"));
+  m.def("wgrad_accumulate", &wgrad_accumulate,
+        "(main_grad [out, in], grad_out [T, out], x [T, in]): main_grad += grad_out^T @ x",
+        py::arg("main_grad"), py::arg("grad_out"), py::arg("x"));
+  m.def("has_fp32_wgrad_gemm", &has_fp32_wgrad_gemm,
+        "whether wgrad_accumulate adds 16-bit CUDA products straight into an fp32 main_grad (fp32-output addmm)");
   m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");
 }

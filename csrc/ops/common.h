@@ -94,6 +94,16 @@ inline at::ScalarType acc_dtype(at::ScalarType st) {
   return st == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The same as a C++ type, for the kernels (CPU and CUDA).
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
 // Calls f(T{}, W{}) for the supported (input, weight) dtype pairs.
 template <typename F>
 inline void dispatch_x_weight(const at::Tensor& x, const at::Tensor& weight, const char* op, F&& f) {

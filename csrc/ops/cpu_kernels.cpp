@@ -1,4 +1,5 @@
-// CPU kernels of megallama._ops: RMSNorm, SwiGLU and rotary embedding, forward and backward.
+// CPU kernels of megallama._ops: RMSNorm, SwiGLU and rotary embedding, forward and backward, and the
+// fused cross-entropy unit gradient.
 //
 // Rows are spread over threads with at::parallel_for; the inner loops over a row are plain loops
 // marked `omp simd` that the compiler vectorises (-O3 -march=native). bfloat16 is converted to and
@@ -8,21 +9,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 #include "common.h"
 #include "kernels.h"
 
 namespace megallama_ops {
 namespace {
-
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
 
 inline float load(const float* p, int64_t i) { return p[i]; }
 inline double load(const double* p, int64_t i) { return p[i]; }
@@ -33,6 +27,8 @@ inline float load(const c10::BFloat16* p, int64_t i) {
   return f;
 }
 
+inline float load(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
 inline void store(double* p, int64_t i, double v) { p[i] = v; }
 inline void store(c10::BFloat16* p, int64_t i, float v) {
@@ -42,6 +38,7 @@ inline void store(c10::BFloat16* p, int64_t i, float v) {
   const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
   reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(v != v ? 0x7fc0u : rounded);
 }
+inline void store(c10::Half* p, int64_t i, float v) { p[i] = c10::Half(v); }
 
 // expf that the compiler can vectorise (libm's expf is a call it will not vectorise without
 // -ffast-math, nor a float->int conversion without -fno-trapping-math). Cephes' method:
@@ -68,6 +65,11 @@ inline float exp_vec(float x) {
   std::memcpy(&scale, &e, sizeof(scale));
   return p * scale;
 }
+
+// exp for the softmax: below exp_vec's clamp the true value is under float's smallest normal, and
+// a masked logit (-inf) must give exactly 0, not exp(-87).
+inline float exp_or_zero(float x) { return x < -87.0f ? 0.0f : exp_vec(x); }
+inline double exp_or_zero(double x) { return std::exp(x); }
 
 inline float sigmoid(float v) { return 1.0f / (1.0f + exp_vec(-v)); }
 inline double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
@@ -284,6 +286,55 @@ void rope_kernel(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
   });
 }
 
+// One row of the cross-entropy unit gradient: returns the loss and overwrites l with softmax(l) -
+// onehot(t). exp(l - max) is computed once, into the fp32 (fp64) scratch e, which the row (V=32000:
+// 128 KB) shares with l in L2.
+template <typename T, typename A>
+inline A cross_entropy_row(T* __restrict l, A* __restrict e, int64_t v, int64_t t) {
+  const A target_logit = load(l, t);
+  A m = -std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < v; ++j) m = std::max(m, A(load(l, j)));
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < v; ++j) {
+    e[j] = exp_or_zero(A(load(l, j)) - m);
+    s += e[j];
+  }
+  const A inv_s = A(1) / s;
+#pragma omp simd
+  for (int64_t j = 0; j < v; ++j) store(l, j, e[j] * inv_s);
+  store(l, t, e[t] * inv_s - A(1));
+  return m + std::log(s) - target_logit;
+}
+
+template <typename T>
+void cross_entropy_unit_grad_kernel(at::Tensor& logits, const at::Tensor& target,
+                                    int64_t ignore_index, at::Tensor& loss) {
+  using A = typename Acc<T>::type;
+  const int64_t rows = logits.size(0), v = logits.size(1), stride = logits.stride(0);
+  const int64_t* tp = target.data_ptr<int64_t>();
+  // All targets are checked before any row is overwritten: an error leaves the logits as they were.
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(tp[r] == ignore_index || (tp[r] >= 0 && tp[r] < v), "cross_entropy_unit_grad: target[",
+                r, "] = ", tp[r], " is outside [0, ", v, ") and is not ignore_index (", ignore_index, ")");
+  }
+  T* lp = logits.data_ptr<T>();
+  A* loss_p = loss.data_ptr<A>();
+  at::parallel_for(0, rows, row_grain(v), [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch(v);
+    for (int64_t r = begin; r < end; ++r) {
+      T* row = lp + r * stride;
+      if (tp[r] == ignore_index) {
+        std::fill(row, row + v, T(0));
+        loss_p[r] = A(0);
+      } else {
+        loss_p[r] = cross_entropy_row<T, A>(row, scratch.data(), v, tp[r]);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void rms_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& y,
@@ -316,6 +367,17 @@ void rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
               bool inverse) {
   dispatch_float(x.scalar_type(), "rope_apply",
                  [&](auto t) { rope_kernel<decltype(t)>(x, cos, sin, out, inverse); });
+}
+
+void cross_entropy_unit_grad_cpu(at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
+                                 at::Tensor& loss) {
+  switch (logits.scalar_type()) {
+    case at::kHalf: cross_entropy_unit_grad_kernel<c10::Half>(logits, target, ignore_index, loss); break;
+    default:
+      dispatch_float(logits.scalar_type(), "cross_entropy_unit_grad", [&](auto t) {
+        cross_entropy_unit_grad_kernel<decltype(t)>(logits, target, ignore_index, loss);
+      });
+  }
 }
 
 }  // namespace megallama_ops

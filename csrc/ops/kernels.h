@@ -20,6 +20,11 @@ void swiglu_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& a, const at::T
 // x, out: [b, s, h, d]; cos, sin: float32 [s, d/2]. Rotate-half pairs (i, i + d/2).
 void rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& out,
               bool inverse);
+// logits [T, V] (also float16; row stride free) is overwritten with softmax - onehot(target), or
+// zeros where target == ignore_index; loss [T] (accumulation dtype) gets logsumexp - l[target], or
+// 0. target: contiguous int64 [T].
+void cross_entropy_unit_grad_cpu(at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
+                                 at::Tensor& loss);
 
 #ifdef MEGALLAMA_WITH_CUDA
 void rms_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& y,
@@ -31,6 +36,8 @@ void swiglu_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& a, const at::
                      at::Tensor& grad_a, at::Tensor& grad_b);
 void rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& out,
                bool inverse);
+void cross_entropy_unit_grad_cuda(at::Tensor& logits, const at::Tensor& target,
+                                  int64_t ignore_index, at::Tensor& loss);
 #endif
 
 }  // namespace megallama_ops

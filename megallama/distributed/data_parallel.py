@@ -2,7 +2,9 @@
 
 :class:`DistributedDataParallel` gives every parameter a ``main_grad``: a view into one contiguous
 fp32 buffer (whatever the parameter's dtype, so bf16 training accumulates gradients in fp32).
-Autograd's per-parameter gradient is added into ``main_grad`` as soon as it is produced; when every
+Autograd's per-parameter gradient is added into ``main_grad`` as soon as it is produced (or, with
+``gradient_accumulation_fusion``, the layers' hand-written backwards multiply straight into it:
+:func:`megallama.parallel.layers.weight_grad`); when every
 parameter of a bucket has its gradient for the last micro-batch, the bucket's collective starts
 asynchronously while backward continues on the earlier layers. Buckets are filled in reverse
 parameter order, the order backward produces gradients.
@@ -20,6 +22,7 @@ pre-hook of the first module that reads its parameters, so they hide behind the 
 for all of them, for whatever reads the parameters outside a forward (checkpoint saves).
 """
 import contextlib
+import functools
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -59,11 +62,17 @@ class DistributedDataParallel(torch.nn.Module):
         overlap_param_gather: leave the optimizer's parameter all-gathers in flight until the
             forward needs their parameters (needs ``use_distributed_optimizer``); otherwise each
             is waited for in the optimizer step.
+        gradient_accumulation_fusion: let the weight-gradient products of megallama's linear layers
+            accumulate into ``main_grad`` themselves (fp32 output of the GEMM on CUDA) instead of
+            producing a gradient in the parameter's dtype that a hook then adds: Megatron's
+            ``--gradient-accumulation-fusion``. Each parameter gets ``signal_main_grad_added``,
+            which such a backward calls in place of returning the gradient.
     """
 
     def __init__(self, module: torch.nn.Module, data_parallel_group: Optional[dist.ProcessGroup] = None,
                  use_distributed_optimizer: bool = False, bucket_size: int = DEFAULT_BUCKET_SIZE,
-                 overlap_grad_reduce: bool = True, overlap_param_gather: bool = False):
+                 overlap_grad_reduce: bool = True, overlap_param_gather: bool = False,
+                 gradient_accumulation_fusion: bool = False):
         super().__init__()
         if data_parallel_group is None:
             from megallama.parallel import state
@@ -80,6 +89,7 @@ class DistributedDataParallel(torch.nn.Module):
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_grad_reduce = overlap_grad_reduce
         self.overlap_param_gather = overlap_param_gather
+        self.gradient_accumulation_fusion = gradient_accumulation_fusion
         self._sync_enabled = True
         self._timeout = default_group_timeout()
         self._reduces_scatter_in_place = dist.get_backend(data_parallel_group) == "nccl"
@@ -117,6 +127,8 @@ class DistributedDataParallel(torch.nn.Module):
                 self._bucket_of[p] = bucket
                 p.main_grad = self.grad_buffer[pos:pos + p.numel()].view(p.shape)
                 p.register_post_accumulate_grad_hook(self._grad_ready)
+                if gradient_accumulation_fusion:
+                    p.signal_main_grad_added = functools.partial(self._main_grad_ready, p)
                 pos += p.numel()
         # The order the forward needs the buckets in: the order their all-gathers are started.
         self.param_gather_order: List[_Bucket] = list(reversed(self.buckets))
@@ -201,12 +213,21 @@ class DistributedDataParallel(torch.nn.Module):
     # --- gradient flow ----------------------------------------------------------------------------
 
     def _grad_ready(self, param: torch.nn.Parameter) -> None:
+        if param.grad is None:  # a fused backward added it and signalled (autograd still runs this hook)
+            return
         param.main_grad.add_(param.grad)
         param.grad = None
+        self._main_grad_ready(param)
+
+    def _main_grad_ready(self, param: torch.nn.Parameter) -> None:
+        """``param``'s gradient of this micro-batch is in its ``main_grad``."""
         if not self._sync_enabled:
             return
         bucket = self._bucket_of[param]
         bucket.pending -= 1
+        if bucket.pending < 0:  # its bucket may have been reduced before its last gradient came
+            raise RuntimeError("DistributedDataParallel: a parameter's gradient was reported twice in one backward "
+                               "(a weight used twice must not add into main_grad itself: weight_grad(fusable=False))")
         if bucket.pending == 0 and self.overlap_grad_reduce and bucket is not self._shared_bucket:
             self._start_reduce(bucket)
 

@@ -45,6 +45,7 @@ class OptimizerConfig:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = False
+    gradient_accumulation_fusion: bool = True  # a DDP option (weight_grad), kept with the others
 
     def __post_init__(self):
         if self.overlap_param_gather and not self.use_distributed_optimizer:

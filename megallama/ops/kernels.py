@@ -53,6 +53,37 @@ def swiglu_backward(grad_out, ab):
     return torch.cat(ref.swiglu_bwd_ref(grad_out, ab[..., :f], ab[..., f:]), dim=-1)
 
 
+def cross_entropy_unit_grad_(logits, target, ignore_index):
+    """Fused softmax cross-entropy, in place: overwrites ``logits`` [T, V] (float32, bfloat16,
+    float16 or float64; stride 1 in the last dim, rows may be strided) with ``softmax(logits) -
+    onehot(target)``, the loss's gradient for a unit upstream gradient, in its own dtype, and
+    returns the per-row loss ``logsumexp - logits[target]``, a new [T] float32 tensor (float64 for
+    float64 logits). Rows whose int64 target is ``ignore_index`` get loss 0 and a zero row; any
+    other target must lie in [0, V) (a RuntimeError on CPU, a device assert on CUDA)."""
+    if _use_kernel(logits):
+        return _ops.cross_entropy_unit_grad(logits, target, int(ignore_index))
+    return ref.cross_entropy_unit_grad_ref(logits, target, ignore_index)
+
+
+def has_fp32_wgrad_gemm():
+    """Whether :func:`wgrad_accumulate_` adds bfloat16/float16 CUDA products straight into a
+    float32 ``main_grad`` (torch's addmm with an fp32 output: built against torch >= 2.8, and not
+    refused by it since; a refusal is warned about once and the 16-bit product added instead)."""
+    return bool(_ops.has_fp32_wgrad_gemm())
+
+
+def wgrad_accumulate_(main_grad, grad_out, x):
+    """``main_grad += grad_out.T @ x`` for grad_out [T, out] and x [T, in] (one dtype, stride 1 in
+    the last dim) into main_grad [out, in] (contiguous; float32 or the inputs' dtype): a weight's
+    gradient accumulated over micro-batches. With 16-bit CUDA inputs and a float32 main_grad the
+    GEMM accumulates the product into it in fp32 when :func:`has_fp32_wgrad_gemm`; otherwise the
+    16-bit product is made, then added."""
+    if _use_kernel(x):
+        _ops.wgrad_accumulate(main_grad, grad_out, x)
+    else:
+        ref.wgrad_accumulate_ref(main_grad, grad_out, x)
+
+
 def _packed_half(ab):
     if ab.shape[-1] % 2:
         raise ValueError("swiglu: the packed tensor's last dim holds [a, b] and must be even, "

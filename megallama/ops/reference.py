@@ -66,3 +66,34 @@ def rope_ref(x, cos, sin, inverse=False):
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (xf * c + rotated * s).to(x.dtype)
+
+
+def cross_entropy_unit_grad_ref(logits, target, ignore_index):
+    """In place: overwrites ``logits`` [T, V] with ``softmax(logits) - onehot(target)`` (the
+    gradient of the per-row cross-entropy for a unit upstream gradient) and returns the per-row
+    loss ``logsumexp(logits) - logits[target]`` (float32; float64 for float64 logits). Rows whose
+    target is ``ignore_index`` get loss 0 and a zero row."""
+    acc = _acc(logits)
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target))[:, None]
+    logits_acc = logits.to(acc)  # logits itself when already in acc: then the ops below are in place
+    target_logit = logits_acc.gather(1, safe_target)
+    row_max = logits_acc.amax(dim=-1, keepdim=True)
+    # One exp pass serves both the log-sum-exp and the softmax.
+    probs = logits_acc.sub_(row_max).exp_()
+    sum_exp = probs.sum(dim=-1, keepdim=True)
+    loss = torch.where(valid, (row_max + sum_exp.log() - target_logit).squeeze(1), 0)
+    probs.div_(sum_exp).scatter_add_(1, safe_target, torch.full_like(target_logit, -1))
+    probs.masked_fill_(~valid[:, None], 0)
+    if logits_acc is not logits:
+        logits.copy_(probs)
+    return loss
+
+
+def wgrad_accumulate_ref(main_grad, grad_out, x):
+    """``main_grad += grad_out.T @ x``; a ``main_grad`` wider than the inputs gets their product
+    rounded to the inputs' dtype, then added."""
+    if main_grad.dtype == x.dtype:
+        main_grad.addmm_(grad_out.t(), x)
+    else:
+        main_grad.add_(grad_out.t() @ x)

@@ -7,7 +7,10 @@ from megallama.parallel.layers import (
     gather_like,
     init_method_normal,
     init_parameter_,
+    linear,
+    main_grad_signal,
     shard_like,
+    weight_grad,
 )
 from megallama.parallel.split import TensorSplit, is_tensor_parallel, tp_split_of
 from megallama.parallel.mappings import (

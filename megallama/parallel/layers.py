@@ -9,12 +9,16 @@ sequence.
 
 Initialisation draws the full weight from the default generator and keeps this rank's shard, so a
 model built under TP with ``torch.manual_seed(s)`` holds exactly the serial model's weights.
+
+Weight gradients of the hand-written backwards go through :func:`weight_grad`, which accumulates
+them straight into ``main_grad`` where ``DistributedDataParallel`` fuses gradient accumulation.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megallama import host_checks
+from megallama.ops import kernels
 from megallama.parallel.mappings import (
     PendingCollective,
     gather_from_tensor_model_parallel_region,
@@ -88,6 +92,53 @@ def _split_of(split, dim, size, pad=False):
     return split
 
 
+def main_grad_signal(weight, fusable=True):
+    """What a backward calls after adding ``weight``'s gradient into ``weight.main_grad`` itself:
+    set by ``DistributedDataParallel(gradient_accumulation_fusion=True)``; None where the gradient
+    must be returned instead (no such DDP, or ``fusable`` False: a weight whose gradient has
+    another term, as a tied embedding's, or needs a collective first, as replicated heads')."""
+    return getattr(weight, "signal_main_grad_added", None) if fusable else None
+
+
+def weight_grad(weight, grad_out, x, fusable=True):
+    """The gradient of ``weight`` in ``y = x @ weight.T`` (``grad_out`` [tokens, out], ``x``
+    [tokens, in]) for a backward to return. With gradient-accumulation fusion (see
+    :func:`main_grad_signal`) the product is added into ``weight.main_grad`` by the GEMM itself, in
+    fp32, with no gradient tensor in the weight's dtype and no separate add, and None is returned."""
+    signal = main_grad_signal(weight, fusable)
+    if signal is None:
+        return grad_out.t() @ x
+    kernels.wgrad_accumulate_(weight.main_grad, grad_out, x)
+    signal()
+    return None
+
+
+class _Linear(torch.autograd.Function):
+    """``F.linear(x, weight)`` whose weight gradient goes through :func:`weight_grad`."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad(weight, grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]))
+        return grad_x, grad_w
+
+
+def linear(x, weight):
+    """``F.linear(x, weight)``; under autograd, with gradient-accumulation fusion for a weight that
+    has it (the plain op otherwise: nothing to fuse into)."""
+    if torch.is_grad_enabled() and main_grad_signal(weight) is not None:
+        return _Linear.apply(x, weight)
+    return F.linear(x, weight)
+
+
 class _ColumnParallelMatmul(torch.autograd.Function):
     """``gather(x) @ weight.T`` for a column-parallel ``layer``, saving ``x`` as received.
 
@@ -109,7 +160,8 @@ class _ColumnParallelMatmul(torch.autograd.Function):
         grad_w = None
         if gather is not None:
             total = gather.wait()
-            grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ total.reshape(-1, total.shape[-1])
+            grad_w = weight_grad(weight, grad_y.reshape(-1, grad_y.shape[-1]), total.reshape(-1, total.shape[-1]),
+                                 ctx.layer.fusable_wgrad)
         return (reduction.wait() if reduction is not None else None), grad_w, None
 
 
@@ -133,6 +185,9 @@ class ColumnParallelLinear(nn.Module):
         # this rank's rows of each fused part, and whether some are another rank's too (KV heads)
         self.local_parts = self.split.local_parts(world_size)
         self.has_replicas = self.split.has_replicas(world_size)
+        # Whether weight_grad may accumulate this weight's gradient into main_grad by itself:
+        # replicated rows need a sum over ranks first; a head tied to the embedding turns it off.
+        self.fusable_wgrad = not self.has_replicas
         self.output_size_per_partition = sum(self.local_parts)
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
@@ -213,7 +268,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x):
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)
-        return self.parallel_output(F.linear(x, self.weight))
+        return self.parallel_output(linear(x, self.weight))
 
     def parallel_output(self, y):
         """Sum this rank's partial product ``y`` with the other ranks' (reduce-scattered along the

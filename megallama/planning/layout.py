@@ -11,12 +11,14 @@ RECOMPUTE_CHOICES = ("none", "selective", "full")
 @dataclass(frozen=True)
 class Workload:
     """The model and the batch every layout must train: ``global_batch_size`` sequences of
-    ``seq_length`` tokens per optimizer step, bf16 (or fp32) weights and activations."""
+    ``seq_length`` tokens per optimizer step, bf16 (or fp32) weights and activations, weight
+    gradients added into the fp32 buffer by their GEMMs (the trainer's default) or made first."""
 
     model: LlamaConfig
     seq_length: int = 2048
     global_batch_size: int = 2048
     bf16: bool = True
+    gradient_accumulation_fusion: bool = True
 
     @property
     def act_bytes(self) -> int:

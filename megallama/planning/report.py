@@ -69,7 +69,8 @@ def pretrain_workload_and_layout(config) -> tuple[Workload, Layout]:
     layout = Layout(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.data_parallel_size,
                     t.micro_batch_size, v, m.sequence_parallel, m.recompute_granularity or "none",
                     config.optimizer.use_distributed_optimizer)
-    return Workload(m, t.seq_length, t.global_batch_size, m.params_dtype == torch.bfloat16), layout
+    return Workload(m, t.seq_length, t.global_batch_size, m.params_dtype == torch.bfloat16,
+                    config.optimizer.gradient_accumulation_fusion), layout
 
 
 def pretrain_memory_estimate(config, device_bytes: float | None,

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "gradients are ready. Megatron's default is off; megallama keeps it on because the result is "
                    "bit-identical either way (only the speed differs); --no-overlap-grad-reduce waits for the "
                    "whole backward, as Megatron without the flag.")
+    g.add_argument("--gradient-accumulation-fusion", action=argparse.BooleanOptionalAction, default=True,
+                   help="Weight-gradient GEMMs add into the fp32 main gradients themselves (Megatron's default); "
+                   "--no-gradient-accumulation-fusion makes a gradient in the weights' dtype, then adds it.")
     g.add_argument("--overlap-param-gather", action="store_true",
                    help="Leave the distributed optimizer's parameter all-gathers in flight until the next forward "
                    "needs each bucket (needs --use-distributed-optimizer and the gradient overlap).")
@@ -328,7 +331,7 @@ def config_from_namespace(ns: argparse.Namespace, world_size: int) -> PretrainCo
             lr=lr, weight_decay=ns.weight_decay, adam_beta1=ns.adam_beta1, adam_beta2=ns.adam_beta2,
             adam_eps=ns.adam_eps, clip_grad=ns.clip_grad, use_distributed_optimizer=ns.use_distributed_optimizer,
             overlap_grad_reduce=ns.overlap_grad_reduce, overlap_param_gather=ns.overlap_param_gather,
-            decoupled_lr=ns.decoupled_lr, decoupled_min_lr=ns.decoupled_min_lr,
+            gradient_accumulation_fusion=ns.gradient_accumulation_fusion, decoupled_lr=ns.decoupled_lr, decoupled_min_lr=ns.decoupled_min_lr,
         ),
         lr_schedule=LRScheduleArgs(
             min_lr=ns.min_lr if ns.min_lr is not None else 0.1 * lr, lr_decay_style=ns.lr_decay_style, **lr_lengths,

@@ -319,7 +319,8 @@ class Trainer:
         o = config.optimizer
         self.chunks = [DistributedDataParallel(c, use_distributed_optimizer=o.use_distributed_optimizer,
                                                overlap_grad_reduce=o.overlap_grad_reduce,
-                                               overlap_param_gather=o.overlap_param_gather)
+                                               overlap_param_gather=o.overlap_param_gather,
+                                               gradient_accumulation_fusion=o.gradient_accumulation_fusion)
                        for c in chunks]
         self.optimizer = build_optimizer(config.optimizer, self.chunks)
         if loaded:

@@ -73,13 +73,14 @@ def make_stage(cfg: LlamaConfig, spec, full: dict) -> LlamaModel:
     """One stage's model holding this TP rank's shard of the full weights ``full``."""
     m = LlamaModel(cfg, pre_process=spec.pre_process, post_process=spec.post_process,
                    layer_ids=spec.layer_ids)
-    own = dict(m.named_parameters())
+    own = dict(m.named_parameters(remove_duplicate=False))  # a tied head's name too
     m.load_state_dict({k: parallel.shard_like(own[k], v) for k, v in full.items() if k in own})
     return m
 
 
 def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distributed_opt: bool,
-                 steps: int, bucket_size: int = 3000, inject_inf_at=None, forward_step=None):
+                 steps: int, bucket_size: int = 3000, inject_inf_at=None, forward_step=None,
+                 gradient_accumulation_fusion: bool = False):
     """Train on this rank's share; returns {"losses", "norms", "applied", "params"}.
 
     ``inject_inf_at=(step, pp_rank)`` puts an inf into one gradient of that stage at that step.
@@ -89,8 +90,8 @@ def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distr
     try:
         dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
 
-        chunks = [DistributedDataParallel(m, use_distributed_optimizer=distributed_opt,
-                                          bucket_size=bucket_size)
+        chunks = [DistributedDataParallel(m, use_distributed_optimizer=distributed_opt, bucket_size=bucket_size,
+                                          gradient_accumulation_fusion=gradient_accumulation_fusion)
                   for m in build_model_chunks(lambda spec: make_stage(cfg, spec, full), cfg, vp)]
         optimizer = build_optimizer(OptimizerConfig(use_distributed_optimizer=distributed_opt, **OPT),
                                     chunks)
@@ -116,7 +117,7 @@ def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distr
             out["applied"].append(applied)
         # Full tensors (gathered over TP), comparable with the serial model's.
         out["params"] = {k: parallel.gather_like(p, p.detach()).clone()
-                         for c in chunks for k, p in c.module.named_parameters()}
+                         for c in chunks for k, p in c.module.named_parameters(remove_duplicate=False)}
         out["tp_rank"] = state.get_tensor_model_parallel_rank()
         out["dp_rank"] = dp_rank
         return out

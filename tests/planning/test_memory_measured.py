@@ -28,7 +28,7 @@ MODEL = dict(num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_si
 GLOBAL_BATCH = 8
 
 
-def flags(layout: Layout, seq: int, bf16: bool) -> list:
+def flags(layout: Layout, seq: int, bf16: bool, fusion: bool = True) -> list:
     f = ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4", "--ffn-hidden-size", "352",
          "--untie-embeddings-and-output-weights",
          "--vocab-size", "1000", "--seq-length", str(seq), "--mock-data", "--global-batch-size", str(GLOBAL_BATCH),
@@ -40,12 +40,13 @@ def flags(layout: Layout, seq: int, bf16: bool) -> list:
     f += ["--sequence-parallel"] * layout.sequence_parallel + ["--bf16"] * bf16
     f += ["--use-distributed-optimizer"] * layout.distributed_optimizer
     f += ["--recompute-granularity", "full"] * layout.full_recompute
+    f += ["--no-gradient-accumulation-fusion"] * (not fusion)
     return f
 
 
-def predicted(layout: Layout, seq: int, bf16: bool) -> list:
+def predicted(layout: Layout, seq: int, bf16: bool, fusion: bool = True) -> list:
     """(peak, static bytes) of every pipeline rank."""
-    workload = Workload(LlamaConfig(**MODEL, max_position_embeddings=seq), seq, GLOBAL_BATCH, bf16)
+    workload = Workload(LlamaConfig(**MODEL, max_position_embeddings=seq), seq, GLOBAL_BATCH, bf16, fusion)
     return [(r.total, r.weights + r.gradients + r.main_weights + r.optimizer_states + r.data)
             for r in training_memory(workload, layout, staged_reduce_scatter=True)]  # gloo copies its input
 
@@ -54,10 +55,11 @@ def _measure(layout_flags, world_size):
     return train_and_measure(layout_flags, world_size)
 
 
-# name: (layout, sequence length, bf16)
+# name: (layout, sequence length, bf16[, gradient-accumulation fusion: default on])
 LAYOUTS = {
     "serial": (Layout(micro_batch_size=2), 128, False),
     "serial-bf16": (Layout(micro_batch_size=2), 128, True),
+    "serial-bf16-unfused": (Layout(micro_batch_size=2), 128, True, False),
     "serial-full-recompute": (Layout(micro_batch_size=2, recompute="full"), 128, False),
     "tp2": (Layout(tp=2, micro_batch_size=2), 128, False),
     "tp2-sp": (Layout(tp=2, micro_batch_size=2, sequence_parallel=True), 512, False),
@@ -68,8 +70,8 @@ LAYOUTS = {
 }
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_peak_memory_within_ten_percent(name):
-    layout, seq, bf16 = LAYOUTS[name]
-    run_flags = flags(layout, seq, bf16)
+    layout, seq, bf16, *fusion = LAYOUTS[name]
+    run_flags = flags(layout, seq, bf16, *fusion)
     if layout.world_size == 1:
         before = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -80,7 +82,7 @@ def test_peak_memory_within_ten_percent(name):
             torch.set_num_threads(before)
     else:
         results = run_distributed(_measure, layout.world_size, run_flags, layout.world_size, timeout=240)
-    expected = predicted(layout, seq, bf16)
+    expected = predicted(layout, seq, bf16, *fusion)
     for r in results:
         want, static = expected[r["pipeline_rank"]]
         carries_over = layout.distributed_optimizer

@@ -215,6 +215,8 @@ def test_overlap_flags_reach_the_optimizer_config():
     assert parse("--no-overlap-grad-reduce").optimizer.overlap_grad_reduce is False
     o = parse("--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather").optimizer
     assert (o.use_distributed_optimizer, o.overlap_grad_reduce, o.overlap_param_gather) == (True, True, True)
+    assert parse().optimizer.gradient_accumulation_fusion is True  # Megatron's default
+    assert parse("--no-gradient-accumulation-fusion").optimizer.gradient_accumulation_fusion is False
 
 
 def test_accepted_megatron_flags_set_what_they_mean(capsys):

@@ -195,6 +195,15 @@ def test_full_recompute_gives_the_same_losses(serial, capsys):
     assert_curve(losses, serial["losses"], range(1, 4), rtol=1e-6)
 
 
+def test_gradient_accumulation_fusion_changes_nothing_but_where_gradients_are_added(serial, capsys):
+    # fp32: the fused GEMM adds into the buffer what the unfused one adds after it (equal curves);
+    # bf16 on CPU: the same bf16 product, added the same way
+    unfused = run_serial(capsys, "--train-iters", "3", "--no-gradient-accumulation-fusion")
+    assert_curve(unfused, serial["losses"], range(1, 4), rtol=1e-6)
+    fused_bf16 = run_serial(capsys, "--bf16", "--train-iters", "3")
+    assert run_serial(capsys, "--bf16", "--train-iters", "3", "--no-gradient-accumulation-fusion") == fused_bf16
+
+
 def test_bf16_tracks_fp32_and_resumes_exactly(serial, capsys, tmp_path):
     bf16 = run_serial(capsys, "--bf16", "--train-iters", "4", "--save", str(tmp_path), "--save-interval", "2")
     assert_curve(bf16, serial["losses"], range(1, 5), rtol=2e-2)
