@@ -43,7 +43,7 @@ for name in ${PARTS:-ops peers tests mfu fusion 7b}; do
     tests) part 120 python3 -m pytest -q -p no:cacheprovider tests/model/test_cuda.py tests/distributed/test_cuda.py \
         tests/parallel/test_cuda.py tests/training/test_host_syncs.py::test_cuda_iterations_that_do_not_log_never_synchronise ;;
     mfu) part 120 python3 bench/pretrain.py --rounds 1 ;;
-    fusion) part 150 python3 bench/grad_accumulation_fusion.py --rounds 2 --iters 10 \
+    fusion) part 100 python3 bench/grad_accumulation_fusion.py --rounds 1 --iters 10 \
         --json "$OUT/grad_accumulation_fusion.json" ;;
     # Each side builds ~3.7B parameters (17 blocks on an H200) and torchtitan compiles them: 150 s
     # was too little for the three; six iterations keep three timed.

@@ -134,7 +134,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     Logits are made a chunk of tokens at a time; the forward turns each chunk into the loss's
     gradient for a unit upstream gradient (softmax minus one-hot) and keeps only that, so the
-    backward is a scale and two matrix multiplies: no logits, log-softmax or second softmax.
+    backward is two matrix multiplies: no logits, log-softmax or second softmax.
     """
 
     @staticmethod
@@ -160,15 +160,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = None
         # With gradient-accumulation fusion every chunk's product goes into main_grad directly.
         signal = parallel.main_grad_signal(weight, ctx.fusable_wgrad) if ctx.needs_input_grad[1] else None
+        # The upstream gradient scales each token's row of the unit gradient: applied to the
+        # hidden-wide operands instead (diag(g)·U·W = diag(g)·(U·W), (diag(g)·U)ᵀ·hn = Uᵀ·(diag(g)·hn)),
+        # so no vocabulary-wide scaled copy is made.
+        scale = grad_loss.to(hn.dtype)[:, None]
         for start in range(0, hn.shape[0], ctx.chunk_tokens):
             rows = slice(start, min(start + ctx.chunk_tokens, hn.shape[0]))
-            grad_logits = unit_grad[rows] * grad_loss[rows, None].to(unit_grad.dtype)
             if grad_hn is not None:
-                torch.mm(grad_logits, weight, out=grad_hn[rows])
+                torch.mm(unit_grad[rows], weight, out=grad_hn[rows]).mul_(scale[rows])
+            if not ctx.needs_input_grad[1]:
+                continue
+            scaled_hn = hn[rows] * scale[rows]
             if signal is not None:
-                ops.wgrad_accumulate_(weight.main_grad, grad_logits, hn[rows])
-            elif ctx.needs_input_grad[1]:
-                chunk_grad_w = grad_logits.t() @ hn[rows]
+                ops.wgrad_accumulate_(weight.main_grad, unit_grad[rows], scaled_hn)
+            else:
+                chunk_grad_w = unit_grad[rows].t() @ scaled_hn
                 grad_w = chunk_grad_w if grad_w is None else grad_w.add_(chunk_grad_w)
         if signal is not None:
             signal()

@@ -137,11 +137,11 @@ def head_working_bytes(workload: Workload, layout: Layout, tokens: int) -> float
     h = m.hidden_size
     if t == 1:
         # The forward works in the unit-gradient buffer it saves (the fused loss kernel); the
-        # backward scales a chunk of it and, unfused, sums the chunks' weight gradients in a second
-        # buffer.
+        # backward makes the input's gradient, a chunk of scaled inputs and, unfused, the weight's
+        # gradient, summed over chunks in a second buffer.
         chunk = min(tokens, LOSS_CHUNK_TOKENS)
         weight_grads = 0 if workload.gradient_accumulation_fusion else min(2, -(-tokens // chunk))
-        return chunk * m.vocab_size * a + tokens * h * a + weight_grads * m.vocab_size * h * a
+        return (chunk + tokens) * h * a + weight_grads * m.vocab_size * h * a
     vocab = _padded_vocab(workload, t) // t
     forward = tokens * vocab * a
     weight_grad = 0 if workload.gradient_accumulation_fusion else vocab * h * a
