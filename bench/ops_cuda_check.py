@@ -5,8 +5,9 @@ checks every fused op on CUDA tensors against the plain-torch reference forms in
 (forward and backward, odd and strided shapes, rows that start off the 16-byte grid and so take
 the kernels' one-element-per-access path, raw kernel callers with strided output buffers,
 determinism of grad_weight, gradcheck in fp64), the in-place cross-entropy unit gradient (fp32,
-bf16, fp16 against the fp32 reference, fp64 against autograd) and the weight-gradient
-accumulation into an fp32 buffer, and times each op's fwd+bwd against the reference
+bf16, fp16 against the fp32 reference, fp64 against autograd), its two vocabulary-parallel phases
+(against their references, and composed over two ranks against the single-rank op) and the
+weight-gradient accumulation into an fp32 buffer, and times each op's fwd+bwd against the reference
 differentiated by autograd. Last, each raw kernel at the 16×2048 training shape against
 the memory bandwidth a device copy of the same bytes reaches (CUDA events, median of 50): the
 kernels are bandwidth-bound, so that fraction is how close they are to their floor.
@@ -220,6 +221,75 @@ def define_loss_checks(checks, ops, torch, dev):
 
     checks.run("cross_entropy float64 equals autograd's gradient", cross_entropy_float64_autograd)
 
+    def vocab_parallel_phases(dname, rows, width, valid, offset):
+        dt = getattr(torch, dname)
+        buf = 3 * torch.randn(rows, width + 16, device=dev)
+        buf[:, offset + valid:] = float("nan")  # padding columns must take no part
+        buf[1, :offset + valid // 2] = float("-inf")
+        target = torch.randint(0, max(1, valid), (rows,), device=dev) if valid else \
+            torch.full((rows,), -1, device=dev)
+        target[::3] = -1
+        logits = buf.to(dt)[:, offset:offset + width]
+        stats = ops.cross_entropy_partials(logits, target, valid)
+        ref_stats = ops.cross_entropy_partials_ref(logits, target, valid)
+        assert_all_close([stats], [ref_stats], TOL["float32"])
+        row_max = stats[:, 0].contiguous()
+        row_scale = torch.where(target >= 0, 1 / stats[:, 1], 0)
+        ref = logits.clone()
+        ops.cross_entropy_grad_from_stats_ref_(ref, target, valid, row_max, row_scale)
+        ops.cross_entropy_grad_from_stats_(logits, target, valid, row_max, row_scale)
+        assert torch.isfinite(logits).all(), "non-finite gradient"
+        assert_all_close([logits.float()], [ref.float()], TOL[dname])
+
+    # (rows, local width, valid columns, offset): a pack cut by valid_columns, whole packs, rows off
+    # the 16-byte grid, no valid column at all, one column
+    for dname in ("float32", "bfloat16", "float16"):
+        for rows, width, valid, offset in [(64, 16000, 15997, 0), (64, 16000, 16000, 8), (9, 1000, 997, 1),
+                                           (5, 7, 4, 0), (4, 8, 0, 0), (4, 1, 1, 0)]:
+            checks.run(f"cross_entropy vocab-parallel phases {dname} {rows}x{width} valid {valid} "
+                       f"offset {offset}", lambda dname=dname, rows=rows, width=width, valid=valid, offset=offset:
+                       vocab_parallel_phases(dname, rows, width, valid, offset))
+
+    def vocab_parallel_composes(dname, vocab, width):
+        """Two ranks' phases, all-reduced by hand, against the single-rank op on the whole rows."""
+        dt = getattr(torch, dname)
+        rows = 24
+        logits = (3 * torch.randn(rows, vocab, device=dev, dtype=torch.float64)).to(dt)
+        logits[5] = float("-inf")
+        target = torch.randint(0, vocab, (rows,), device=dev)
+        target[::4] = target[5] = -100
+        target[2] = vocab - 1
+        parts, stats = [], []
+        for r in range(2):
+            start = r * width
+            valid = min(max(vocab - start, 0), width)
+            local = torch.full((rows, width), float("nan"), device=dev, dtype=dt)
+            local[:, :valid] = logits[:, start:start + valid]
+            shifted = target - start
+            mine = (target != -100) & (shifted >= 0) & (shifted < valid)
+            parts.append((local, torch.where(mine, shifted, -1), valid))
+            stats.append(ops.cross_entropy_partials(*parts[-1]))
+        stats = torch.stack(stats)
+        row_max = stats[:, :, 0].amax(0)
+        counts = target != -100
+        sum_exp = (stats[:, :, 1] * (stats[:, :, 0] - row_max).exp()).sum(0)
+        loss = torch.where(counts, row_max + sum_exp.log() - stats[:, :, 2].sum(0), 0)
+        scale = torch.where(counts, 1 / sum_exp, 0)
+        for local, local_target, valid in parts:
+            ops.cross_entropy_grad_from_stats_(local, local_target, valid, row_max, scale)
+        grad = torch.cat([p[0] for p in parts], 1)
+        assert not grad[:, vocab:].any(), "padding columns not zeroed"
+        want_grad = logits.clone()
+        want_loss = ops.cross_entropy_unit_grad_(want_grad, target, -100)
+        fp64 = dict(rtol=1e-10, atol=1e-12)
+        tols = [fp64, fp64] if dname == "float64" else [TOL["float32"], TOL[dname]]
+        assert_all_close([loss, grad[:, :vocab]], [want_loss, want_grad], tols)
+
+    for dname in ("float32", "bfloat16", "float64"):
+        for vocab, width in [(32000, 16008), (13, 7), (2, 3)]:
+            checks.run(f"cross_entropy vocab-parallel {dname} V={vocab} over 2 ranks of {width}",
+                       lambda dname=dname, vocab=vocab, width=width: vocab_parallel_composes(dname, vocab, width))
+
     def wgrad(dname, tokens, out, inp):
         dt = getattr(torch, dname)
         x = torch.randn(tokens, inp + 3, device=dev).to(dt)[:, 3:]  # strided rows
@@ -323,6 +393,10 @@ def kernel_bandwidth(ops, torch, dev, reps=50):
     cos, sin = ops.rope_cos_sin(2048, head_dim, device=dev)
     logits = torch.randn(rows, 32000, device=dev, dtype=dt)
     target = torch.randint(0, 32000, (rows,), device=dev)
+    half = logits[:, :16000].contiguous()
+    half_target = torch.where(target < 16000, target, -1)
+    half_max = torch.zeros(rows, device=dev)
+    half_scale = torch.full((rows,), 1 / 32000, device=dev)
     size = x.numel() * 2  # bytes of one [rows, hidden] bf16 tensor
     cases = {  # name: (call, bytes moved)
         "rms_norm fwd": (lambda: ops.rms_norm_forward(x, w, 1e-6), 2 * size),
@@ -333,6 +407,12 @@ def kernel_bandwidth(ops, torch, dev, reps=50):
         # in place, the logits read once more (from L2, mostly) and not counted
         "cross_entropy (V=32000)": (lambda: ops.cross_entropy_unit_grad_(logits, target, -100),
                                     2 * logits.numel() * 2),
+        # TP=2's half of the vocabulary: phase 1 reads it, phase 2 reads and writes it
+        "ce partials (Vl=16000)": (lambda: ops.cross_entropy_partials(half, half_target, 16000),
+                                   half.numel() * 2),
+        "ce grad_from_stats (Vl=16000)": (lambda: ops.cross_entropy_grad_from_stats_(half, half_target, 16000,
+                                                                                    half_max, half_scale),
+                                          2 * half.numel() * 2),
     }
 
     def median_ms(fn):

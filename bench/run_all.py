@@ -37,6 +37,7 @@ BENCHMARKS = {
     "pipeline": [],
     "pretrain": [],
     "grad_accumulation_fusion": [],
+    "vocab_parallel_loss": [],
     "generate": [],
     "finetune": ["--threads", "2"],  # both cores, as the other benchmarks; each side alternates step by step
     "data": [],

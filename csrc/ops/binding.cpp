@@ -199,17 +199,21 @@ void check_matrix(const at::Tensor& t, const char* op, const char* name, const c
               "; rows may be strided but not the elements of a row");
 }
 
+void check_target(const at::Tensor& logits, const at::Tensor& target, const char* op, const char* name) {
+  TORCH_CHECK(target.defined() && target.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
+              target.defined() ? target.scalar_type() : at::ScalarType::Undefined);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op, ": ", name, " must have shape [",
+              logits.size(0), "] (one class per row of logits, shape ", logits.sizes(), "), got ",
+              target.sizes());
+  check_same_device(logits, target, op, "logits", name);
+}
+
 // In place: logits becomes the gradient of the per-row loss for a unit upstream gradient.
 at::Tensor cross_entropy_unit_grad(at::Tensor logits, const at::Tensor& target, int64_t ignore_index) {
   const char* op = "cross_entropy_unit_grad";
   check_matrix(logits, op, "logits", "[tokens, classes]");
   TORCH_CHECK(logits.size(1) > 0, op, ": logits has no classes (its last dimension is empty)");
-  TORCH_CHECK(target.defined() && target.scalar_type() == at::kLong, op, ": target must be int64, got ",
-              target.defined() ? target.scalar_type() : at::ScalarType::Undefined);
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op, ": target must have shape [",
-              logits.size(0), "] (one class per row of logits, shape ", logits.sizes(), "), got ",
-              target.sizes());
-  check_same_device(logits, target, op, "logits", "target");
+  check_target(logits, target, op, "target");
   at::assert_no_internal_overlap(logits);
   const at::Tensor tgt = target.contiguous();
   at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(acc_dtype(logits.scalar_type())));
@@ -222,6 +226,63 @@ at::Tensor cross_entropy_unit_grad(at::Tensor logits, const at::Tensor& target, 
 #endif
   }
   return loss;
+}
+
+// The checks shared by the two vocabulary-parallel phases below.
+void check_local_logits(const at::Tensor& logits, const at::Tensor& target_local, int64_t valid_columns,
+                        const char* op) {
+  check_matrix(logits, op, "logits", "[tokens, local classes]");
+  check_target(logits, target_local, op, "target_local");
+  TORCH_CHECK(valid_columns >= 0 && valid_columns <= logits.size(1), op, ": valid_columns must lie in [0, ",
+              logits.size(1), "] (logits has shape ", logits.sizes(), "), got ", valid_columns);
+}
+
+// Phase 1 of the cross-entropy over vocabulary-parallel logits: per row statistics of this rank's
+// columns, which the caller all-reduces (max of maxes, sums rescaled to it, target logits added).
+at::Tensor cross_entropy_partials(const at::Tensor& logits, const at::Tensor& target_local,
+                                  int64_t valid_columns) {
+  const char* op = "cross_entropy_partials";
+  check_local_logits(logits, target_local, valid_columns, op);
+  const at::Tensor tgt = target_local.contiguous();
+  at::Tensor stats = at::empty({logits.size(0), 3}, logits.options().dtype(acc_dtype(logits.scalar_type())));
+  if (logits.size(0) == 0) return stats;
+  if (backend_of(logits, op) == Backend::kCpu) {
+    cross_entropy_partials_cpu(logits, tgt, valid_columns, stats);
+  } else {
+#ifdef MEGALLAMA_WITH_CUDA
+    cross_entropy_partials_cuda(logits, tgt, valid_columns, stats);
+#endif
+  }
+  return stats;
+}
+
+// Phase 2, in place: this rank's columns of the unit gradient from the all-reduced row statistics.
+void cross_entropy_grad_from_stats(at::Tensor logits, const at::Tensor& target_local, int64_t valid_columns,
+                                   const at::Tensor& row_max, const at::Tensor& row_scale) {
+  const char* op = "cross_entropy_grad_from_stats";
+  check_local_logits(logits, target_local, valid_columns, op);
+  const auto acc = acc_dtype(logits.scalar_type());
+  for (const auto* t : {&row_max, &row_scale}) {
+    const char* name = t == &row_max ? "row_max" : "row_scale";
+    TORCH_CHECK(t->defined() && t->dim() == 1 && t->size(0) == logits.size(0), op, ": ", name,
+                " must have shape [", logits.size(0), "] (one value per row of logits), got ",
+                t->defined() ? t->sizes() : at::IntArrayRef{});
+    TORCH_CHECK(t->scalar_type() == acc, op, ": ", name, " must be ", acc, " for ", logits.scalar_type(),
+                " logits, got ", t->scalar_type());
+    TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
+    check_same_device(logits, *t, op, "logits", name);
+    at::assert_no_overlap(logits, *t);
+  }
+  at::assert_no_internal_overlap(logits);
+  const at::Tensor tgt = target_local.contiguous();
+  if (logits.numel() == 0) return;
+  if (backend_of(logits, op) == Backend::kCpu) {
+    cross_entropy_grad_from_stats_cpu(logits, tgt, valid_columns, row_max, row_scale);
+  } else {
+#ifdef MEGALLAMA_WITH_CUDA
+    cross_entropy_grad_from_stats_cuda(logits, tgt, valid_columns, row_max, row_scale);
+#endif
+  }
 }
 
 // addmm with an fp32 output from 16-bit matrices (CUDA; torch >= 2.8): the product is accumulated into
@@ -296,7 +357,8 @@ bool has_cuda() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace megallama_ops;
-  m.doc() = "megallama fused ops: RMSNorm, SwiGLU, rotary embedding, cross-entropy unit gradient, "
+  m.doc() = "megallama fused ops: RMSNorm, SwiGLU, rotary embedding, cross-entropy unit gradient "
+            "(whole or vocabulary-parallel), "
             "weight-gradient accumulation (CPU, and CUDA when built)";
   m.def("rms_norm_fwd", &rms_norm_fwd, "(x [..., h], weight [h], eps) -> (y, rstd [...])",
         py::arg("x"), py::arg("weight"), py::arg("eps"));
@@ -314,6 +376,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(logits [T, V], target int64 [T], ignore_index) -> loss [T] (float32; float64 for float64 "
         "logits): overwrites logits with softmax(logits) - onehot(target), zero rows where ignored",
         py::arg("logits"), py::arg("target"), py::arg("ignore_index"));
+  m.def("cross_entropy_partials", &cross_entropy_partials,
+        "(logits [T, Vl], target_local int64 [T], valid_columns) -> stats [T, 3] (float32; float64 "
+        "for float64 logits): per row max and sum of exp(l - max) over columns [0, valid_columns), "
+        "and l[target_local] (0 where target_local is -1)",
+        py::arg("logits"), py::arg("target_local"), py::arg("valid_columns"));
+  m.def("cross_entropy_grad_from_stats", &cross_entropy_grad_from_stats,
+        "(logits [T, Vl], target_local int64 [T], valid_columns, row_max [T], row_scale [T]): "
+        "overwrites logits with exp(l - row_max) * row_scale - onehot(target_local), zero from "
+        "valid_columns on",
+        py::arg("logits"), py::arg("target_local"), py::arg("valid_columns"), py::arg("row_max"),
+        py::arg("row_scale"));
   m.def("wgrad_accumulate", &wgrad_accumulate,
         "(main_grad [out, in], grad_out [T, out], x [T, in]): main_grad += grad_out^T @ x",
         py::arg("main_grad"), py::arg("grad_out"), py::arg("x"));

@@ -1,5 +1,5 @@
-// CPU kernels of megallama._ops: RMSNorm, SwiGLU and rotary embedding, forward and backward, and the
-// fused cross-entropy unit gradient.
+// CPU kernels of megallama._ops: RMSNorm, SwiGLU and rotary embedding, forward and backward, the
+// fused cross-entropy unit gradient and its two phases for vocabulary-parallel logits.
 //
 // Rows are spread over threads with at::parallel_for; the inner loops over a row are plain loops
 // marked `omp simd` that the compiler vectorises (-O3 -march=native). bfloat16 is converted to and
@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -81,6 +82,16 @@ void dispatch_float(at::ScalarType st, const char* op, F&& f) {
     case at::kDouble: f(double{}); break;
     case at::kBFloat16: f(c10::BFloat16{}); break;
     default: TORCH_CHECK(false, op, ": unsupported dtype ", st);
+  }
+}
+
+// The cross-entropy kernels also take float16 (a float16 model's logits).
+template <typename F>
+void dispatch_float16_or_wider(at::ScalarType st, const char* op, F&& f) {
+  if (st == at::kHalf) {
+    f(c10::Half{});
+  } else {
+    dispatch_float(st, op, std::forward<F>(f));
   }
 }
 
@@ -286,26 +297,69 @@ void rope_kernel(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
   });
 }
 
-// One row of the cross-entropy unit gradient: returns the loss and overwrites l with softmax(l) -
-// onehot(t). exp(l - max) is computed once, into the fp32 (fp64) scratch e, which the row (V=32000:
-// 128 KB) shares with l in L2.
+// Max of l[0, v) (-inf when v == 0): exact whatever order the vectoriser takes.
 template <typename T, typename A>
-inline A cross_entropy_row(T* __restrict l, A* __restrict e, int64_t v, int64_t t) {
-  const A target_logit = load(l, t);
+inline A row_max(const T* __restrict l, int64_t v) {
   A m = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < v; ++j) m = std::max(m, A(load(l, j)));
+  return m;
+}
+
+// The sum over the row of exp(l - m), each term also stored in the scratch e: the same loop summing
+// alone ran 6x slower in float here (GCC's vectorisation of it).
+template <typename T, typename A>
+inline A row_exp_sum(const T* __restrict l, A* __restrict e, int64_t v, A m) {
   A s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < v; ++j) {
     e[j] = exp_or_zero(A(load(l, j)) - m);
     s += e[j];
   }
+  return s;
+}
+
+// One row of the cross-entropy unit gradient: returns the loss and overwrites l with softmax(l) -
+// onehot(t). exp(l - max) is computed once, into the fp32 (fp64) scratch e, which the row (V=32000:
+// 128 KB) shares with l in L2.
+template <typename T, typename A>
+inline A cross_entropy_row(T* __restrict l, A* __restrict e, int64_t v, int64_t t) {
+  const A target_logit = load(l, t);
+  const A m = row_max<T, A>(l, v);
+  const A s = row_exp_sum<T, A>(l, e, v, m);
   const A inv_s = A(1) / s;
 #pragma omp simd
   for (int64_t j = 0; j < v; ++j) store(l, j, e[j] * inv_s);
   store(l, t, e[t] * inv_s - A(1));
   return m + std::log(s) - target_logit;
+}
+
+// (max, sum of exp(l - max), l[t] or 0 when t == -1) over the v valid columns of one row.
+template <typename T, typename A>
+inline void cross_entropy_partials_row(const T* __restrict l, A* __restrict e, A* __restrict out,
+                                       int64_t v, int64_t t) {
+  const A m = row_max<T, A>(l, v);
+  // -inf: nothing counts (exp(-inf + inf) would be NaN)
+  const A s = m != -std::numeric_limits<A>::infinity() ? row_exp_sum<T, A>(l, e, v, m) : A(0);
+  out[0] = m;
+  out[1] = s;
+  out[2] = t >= 0 ? A(load(l, t)) : A(0);
+}
+
+// Overwrites the n columns of l with exp(l - m) * scale - onehot(t) over the v valid ones, 0
+// beyond. A zero scale (an ignored row, where m may be -inf) gives the bare -onehot without
+// evaluating exp, so non-finite logits there cannot leave NaN behind.
+template <typename T, typename A>
+inline void cross_entropy_grad_row(T* __restrict l, int64_t n, int64_t v, int64_t t, A m, A scale) {
+  const A target_p = t >= 0 && scale != A(0) ? exp_or_zero(A(load(l, t)) - m) * scale : A(0);
+  if (scale == A(0)) {
+    std::fill(l, l + v, T(0));
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < v; ++j) store(l, j, exp_or_zero(A(load(l, j)) - m) * scale);
+  }
+  std::fill(l + v, l + n, T(0));
+  if (t >= 0) store(l, t, target_p - A(1));
 }
 
 template <typename T>
@@ -331,6 +385,50 @@ void cross_entropy_unit_grad_kernel(at::Tensor& logits, const at::Tensor& target
       } else {
         loss_p[r] = cross_entropy_row<T, A>(row, scratch.data(), v, tp[r]);
       }
+    }
+  });
+}
+
+// Shared by the two vocabulary-parallel kernels: checked before anything is written, so that an
+// error leaves the logits as they were.
+inline void check_local_targets(const int64_t* tp, int64_t rows, int64_t valid, const char* op) {
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(tp[r] >= -1 && tp[r] < valid, op, ": target_local[", r, "] = ", tp[r],
+                " is outside [-1, ", valid, ") (-1: not this rank's, or ignored)");
+  }
+}
+
+template <typename T>
+void cross_entropy_partials_kernel(const at::Tensor& logits, const at::Tensor& target,
+                                   int64_t valid, at::Tensor& stats) {
+  using A = typename Acc<T>::type;
+  const int64_t rows = logits.size(0), stride = logits.stride(0);
+  const int64_t* tp = target.data_ptr<int64_t>();
+  check_local_targets(tp, rows, valid, "cross_entropy_partials");
+  const T* lp = logits.data_ptr<T>();
+  A* sp = stats.data_ptr<A>();
+  at::parallel_for(0, rows, row_grain(valid), [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch(valid);
+    for (int64_t r = begin; r < end; ++r) {
+      cross_entropy_partials_row<T, A>(lp + r * stride, scratch.data(), sp + 3 * r, valid, tp[r]);
+    }
+  });
+}
+
+template <typename T>
+void cross_entropy_grad_from_stats_kernel(at::Tensor& logits, const at::Tensor& target,
+                                          int64_t valid, const at::Tensor& row_max,
+                                          const at::Tensor& row_scale) {
+  using A = typename Acc<T>::type;
+  const int64_t rows = logits.size(0), n = logits.size(1), stride = logits.stride(0);
+  const int64_t* tp = target.data_ptr<int64_t>();
+  check_local_targets(tp, rows, valid, "cross_entropy_grad_from_stats");
+  T* lp = logits.data_ptr<T>();
+  const A* mp = row_max.data_ptr<A>();
+  const A* scp = row_scale.data_ptr<A>();
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      cross_entropy_grad_row<T, A>(lp + r * stride, n, valid, tp[r], mp[r], scp[r]);
     }
   });
 }
@@ -371,13 +469,25 @@ void rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
 
 void cross_entropy_unit_grad_cpu(at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
                                  at::Tensor& loss) {
-  switch (logits.scalar_type()) {
-    case at::kHalf: cross_entropy_unit_grad_kernel<c10::Half>(logits, target, ignore_index, loss); break;
-    default:
-      dispatch_float(logits.scalar_type(), "cross_entropy_unit_grad", [&](auto t) {
-        cross_entropy_unit_grad_kernel<decltype(t)>(logits, target, ignore_index, loss);
-      });
-  }
+  dispatch_float16_or_wider(logits.scalar_type(), "cross_entropy_unit_grad", [&](auto t) {
+    cross_entropy_unit_grad_kernel<decltype(t)>(logits, target, ignore_index, loss);
+  });
+}
+
+void cross_entropy_partials_cpu(const at::Tensor& logits, const at::Tensor& target_local,
+                                int64_t valid_columns, at::Tensor& stats) {
+  dispatch_float16_or_wider(logits.scalar_type(), "cross_entropy_partials", [&](auto t) {
+    cross_entropy_partials_kernel<decltype(t)>(logits, target_local, valid_columns, stats);
+  });
+}
+
+void cross_entropy_grad_from_stats_cpu(at::Tensor& logits, const at::Tensor& target_local,
+                                       int64_t valid_columns, const at::Tensor& row_max,
+                                       const at::Tensor& row_scale) {
+  dispatch_float16_or_wider(logits.scalar_type(), "cross_entropy_grad_from_stats", [&](auto t) {
+    cross_entropy_grad_from_stats_kernel<decltype(t)>(logits, target_local, valid_columns, row_max,
+                                                      row_scale);
+  });
 }
 
 }  // namespace megallama_ops

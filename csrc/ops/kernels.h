@@ -25,6 +25,17 @@ void rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
 // 0. target: contiguous int64 [T].
 void cross_entropy_unit_grad_cpu(at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
                                  at::Tensor& loss);
+// The same for logits [T, Vl] split along the vocabulary (the caller all-reduces in between). Only
+// columns [0, valid_columns) take part; target_local (contiguous int64 [T]) is a column among them,
+// or -1. Partials: stats (accumulation dtype, contiguous [T, 3]) gets per row (max, sum of
+// exp(l - max), l[target_local] or 0); max -inf and sum 0 when no column counts.
+void cross_entropy_partials_cpu(const at::Tensor& logits, const at::Tensor& target_local,
+                                int64_t valid_columns, at::Tensor& stats);
+// In place: valid columns become exp(l - row_max) * row_scale - onehot(target_local), the others 0;
+// a row_scale of 0 leaves only the -onehot. row_max, row_scale: accumulation dtype, contiguous [T].
+void cross_entropy_grad_from_stats_cpu(at::Tensor& logits, const at::Tensor& target_local,
+                                       int64_t valid_columns, const at::Tensor& row_max,
+                                       const at::Tensor& row_scale);
 
 #ifdef MEGALLAMA_WITH_CUDA
 void rms_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& y,
@@ -38,6 +49,11 @@ void rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin
                bool inverse);
 void cross_entropy_unit_grad_cuda(at::Tensor& logits, const at::Tensor& target,
                                   int64_t ignore_index, at::Tensor& loss);
+void cross_entropy_partials_cuda(const at::Tensor& logits, const at::Tensor& target_local,
+                                 int64_t valid_columns, at::Tensor& stats);
+void cross_entropy_grad_from_stats_cuda(at::Tensor& logits, const at::Tensor& target_local,
+                                        int64_t valid_columns, const at::Tensor& row_max,
+                                        const at::Tensor& row_scale);
 #endif
 
 }  // namespace megallama_ops

@@ -65,6 +65,33 @@ def cross_entropy_unit_grad_(logits, target, ignore_index):
     return ref.cross_entropy_unit_grad_ref(logits, target, ignore_index)
 
 
+def cross_entropy_partials(logits, target_local, valid_columns):
+    """Phase 1 of the cross-entropy over logits split along the vocabulary across tensor-parallel
+    ranks: for this rank's ``logits`` [T, Vl] (dtypes and layout as :func:`cross_entropy_unit_grad_`),
+    of which only the first ``valid_columns`` columns are vocabulary (the rest padding), returns a
+    new contiguous [T, 3] float32 tensor (float64 for float64 logits) of per-row (max, sum of
+    exp(logit - max), the logit at ``target_local``): max -inf and sum 0 where ``valid_columns`` is
+    0, target logit 0 where the int64 ``target_local`` is -1 (the target is another rank's, or the
+    row is ignored). Any other target_local must lie in [0, valid_columns) (a RuntimeError on CPU, a
+    device assert on CUDA). The caller all-reduces these: M = max of maxes, S = sum of sums times
+    exp(max - M), the target logits summed; the loss is M + log S - target logit."""
+    if _use_kernel(logits):
+        return _ops.cross_entropy_partials(logits, target_local, int(valid_columns))
+    return ref.cross_entropy_partials_ref(logits, target_local, valid_columns)
+
+
+def cross_entropy_grad_from_stats_(logits, target_local, valid_columns, row_max, row_scale):
+    """Phase 2, in place: overwrites this rank's ``logits`` [T, Vl] with ``exp(logits - row_max) *
+    row_scale - onehot(target_local)`` in its first ``valid_columns`` columns and zeros in the rest,
+    in its own dtype. ``row_max`` and ``row_scale`` are contiguous [T] float32 (float64 for float64
+    logits): the global max and 1 / the global sum of a row that counts; an ignored row is given
+    scale 0 and target_local -1 and becomes zeros, whatever its max (-inf too) and logits."""
+    if _use_kernel(logits):
+        _ops.cross_entropy_grad_from_stats(logits, target_local, int(valid_columns), row_max, row_scale)
+    else:
+        ref.cross_entropy_grad_from_stats_ref_(logits, target_local, valid_columns, row_max, row_scale)
+
+
 def has_fp32_wgrad_gemm():
     """Whether :func:`wgrad_accumulate_` adds bfloat16/float16 CUDA products straight into a
     float32 ``main_grad`` (torch's addmm with an fp32 output: built against torch >= 2.8, and not

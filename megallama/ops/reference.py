@@ -90,6 +90,44 @@ def cross_entropy_unit_grad_ref(logits, target, ignore_index):
     return loss
 
 
+def cross_entropy_partials_ref(logits, target_local, valid_columns):
+    """Per-row ``(max, sum of exp(logits - max), logits[target_local])`` over the first
+    ``valid_columns`` columns of ``logits`` [T, Vl], as a [T, 3] tensor (float32; float64 for
+    float64 logits): max -inf and sum 0 when no column counts, target logit 0 where target_local is
+    -1."""
+    acc = _acc(logits)
+    stats = torch.zeros(logits.shape[0], 3, dtype=acc, device=logits.device)
+    if valid_columns == 0:
+        stats[:, 0] = float("-inf")
+        return stats
+    x = logits[:, :valid_columns].to(acc)
+    row_max = x.amax(dim=-1)
+    # A row of -inf only sums exp(-inf - 0) = 0, not exp(-inf + inf) = NaN.
+    shift = torch.where(row_max == float("-inf"), 0, row_max)
+    has_target = target_local >= 0
+    picked = x.gather(1, torch.where(has_target, target_local, 0)[:, None]).squeeze(1)
+    stats[:, 0] = row_max
+    stats[:, 1] = (x - shift[:, None]).exp().sum(dim=-1)
+    stats[:, 2] = torch.where(has_target, picked, 0)
+    return stats
+
+
+def cross_entropy_grad_from_stats_ref_(logits, target_local, valid_columns, row_max, row_scale):
+    """In place: the first ``valid_columns`` columns of ``logits`` [T, Vl] become ``exp(logits -
+    row_max) * row_scale - onehot(target_local)`` (no one-hot where target_local is -1), the rest 0.
+    Rows with a zero scale keep only their one-hot: no exp there, so a -inf max or non-finite logits
+    leave no NaN."""
+    if valid_columns:
+        live = (row_scale != 0)[:, None]
+        probs = (logits[:, :valid_columns].to(row_max.dtype) - row_max[:, None]).exp() * row_scale[:, None]
+        grad = torch.where(live, probs, 0)
+        has_target = target_local >= 0
+        onehot = -has_target.to(grad.dtype)[:, None]
+        grad.scatter_add_(1, torch.where(has_target, target_local, 0)[:, None], onehot)
+        logits[:, :valid_columns] = grad
+    logits[:, valid_columns:] = 0
+
+
 def wgrad_accumulate_ref(main_grad, grad_out, x):
     """``main_grad += grad_out.T @ x``; a ``main_grad`` wider than the inputs gets their product
     rounded to the inputs' dtype, then added."""

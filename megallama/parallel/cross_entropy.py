@@ -1,14 +1,16 @@
 """Cross-entropy over logits split along the vocabulary, without ever gathering them.
 
-Each rank holds logits[..., its vocabulary range]. Three all-reduces over the tensor-parallel group
-give the global max (for stability), the target's logit (held by one rank, zeros elsewhere) and the
-sum of exponentials: loss = log(sum exp(z - max)) - (z_target - max). The backward is local:
-softmax minus the one-hot target, on this rank's columns.
+Each rank holds logits[..., its vocabulary range]. A fused kernel gives each row's local max, sum of
+exponentials (relative to that max) and, on the rank holding it, the target's logit; two all-reduces
+over the tensor-parallel group make them global (the max, then the rescaled sums and the target
+logit together): loss = max + log(sum exp(z - max)) - z_target. A second kernel turns a copy of this
+rank's logits, in their dtype, into the loss's gradient for a unit upstream gradient (softmax minus
+the one-hot target on this rank's columns), which is all the backward keeps.
 """
 import torch
 import torch.distributed as dist
 
-from megallama import host_checks
+from megallama import host_checks, ops
 
 from megallama.parallel.state import (
     get_tensor_model_parallel_group,
@@ -26,8 +28,7 @@ def _all_reduce(x, op):
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_local, target, vocab_size, ignore_index):
-        logits = logits_local.float()  # a copy when the logits are low precision; cloned below otherwise
-        local_vocab = logits.shape[-1]
+        local_vocab = logits_local.shape[-1]
         start = get_tensor_model_parallel_rank() * local_vocab
         full_vocab = local_vocab * get_tensor_model_parallel_world_size()
         vocab_size = full_vocab if vocab_size is None else vocab_size
@@ -43,39 +44,37 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 raise IndexError(f"targets must lie in [0, {vocab_size}) or equal ignore_index; "
                                  f"got {target[bad][:8].tolist()}")
 
-        logits = logits.clone() if logits is logits_local else logits
-        if start + local_vocab > vocab_size:
-            # Padding columns (vocabulary not divisible by TP) must get no probability mass.
-            logits[..., max(0, vocab_size - start):] = float("-inf")
-        logits_max = _all_reduce(logits.amax(dim=-1), dist.ReduceOp.MAX)
-        logits -= logits_max.unsqueeze(-1)
+        # Padding columns (vocabulary not divisible by TP) take no part: the kernels stop before them.
+        valid_columns = min(max(vocab_size - start, 0), local_vocab)
+        grad = logits_local.reshape(-1, local_vocab).clone(memory_format=torch.contiguous_format)
+        valid = valid.reshape(-1)
+        local_target = target.reshape(-1) - start
+        on_this_rank = valid & (local_target >= 0) & (local_target < valid_columns)
+        local_target = local_target.masked_fill(~on_this_rank, -1)
 
-        local_target = target - start
-        on_this_rank = valid & (local_target >= 0) & (local_target < local_vocab)
-        local_target = local_target.masked_fill(~on_this_rank, 0)
-        target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-        target_logit = _all_reduce(target_logit.masked_fill(~on_this_rank, 0.0), dist.ReduceOp.SUM)
-
-        exp_logits = logits.exp_()
-        sum_exp = _all_reduce(exp_logits.sum(dim=-1), dist.ReduceOp.SUM)
-        loss = (sum_exp.log() - target_logit).masked_fill(~valid, 0.0)
-
-        softmax = exp_logits.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_target, on_this_rank, valid)
-        ctx.input_dtype = logits_local.dtype
-        return loss
+        partials = ops.cross_entropy_partials(grad, local_target, valid_columns)
+        row_max = _all_reduce(partials[:, 0].contiguous(), dist.ReduceOp.MAX)
+        # each rank's sum of exponentials taken to the global max; the target's logit (one rank's)
+        sums = torch.stack([partials[:, 1] * (partials[:, 0] - row_max).exp(), partials[:, 2]])
+        sum_exp, target_logit = _all_reduce(sums, dist.ReduceOp.SUM)
+        loss = (row_max + sum_exp.log() - target_logit).masked_fill(~valid, 0.0)
+        # ignored rows: scale 0 and no target, so their gradient is zero
+        scale = torch.where(valid, sum_exp.reciprocal(), torch.zeros_like(sum_exp))
+        ops.cross_entropy_grad_from_stats_(grad, local_target, valid_columns, row_max, scale)
+        ctx.save_for_backward(grad)
+        ctx.logits_shape = logits_local.shape
+        return loss.view(target.shape)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local_target, on_this_rank, valid = ctx.saved_tensors
-        grad = softmax  # reused in place: backward runs once
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), -on_this_rank.to(grad.dtype).unsqueeze(-1))
-        grad.mul_((grad_loss * valid).unsqueeze(-1))
-        return grad.to(ctx.input_dtype), None, None, None
+        (grad,) = ctx.saved_tensors
+        grad.mul_(grad_loss.reshape(-1, 1).to(grad.dtype))  # in place: backward runs once
+        return grad.view(ctx.logits_shape), None, None, None
 
 
 def vocab_parallel_cross_entropy(logits_local, target, vocab_size=None, ignore_index=-100):
-    """Per-token cross-entropy (float32, shape of ``target``) of vocabulary-split logits.
+    """Per-token cross-entropy (float32, float64 for float64 logits; shape of ``target``) of
+    vocabulary-split logits.
 
     logits_local: [..., V_padded / TP], this rank's columns of the logits.
     target: [...] token ids in [0, vocab_size); positions equal to ``ignore_index`` get loss 0 and

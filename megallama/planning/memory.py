@@ -16,7 +16,7 @@ parallelism splits the rest along the sequence (Megatron keeps only the sequence
 gathered inputs and gathers them again in backward); full recomputation keeps each layer's input
 and rebuilds one layer at a time. "selective" costs nothing here: the attention never stores its
 scores. The head keeps the normed input and, per token, the loss's gradient over the vocabulary
-(``a·V`` serial; ``4·V/TP`` in the vocabulary-parallel loss).
+(``a·V`` serial; ``a·V/TP`` in the vocabulary-parallel loss).
 
 Pipelines hold several micro-batches' activations: rank ``r`` of ``p`` holds ``p − r`` under 1F1B;
 under the interleaved schedule it runs ``2(p − r − 1) + (v − 1)p`` warm-up forwards of chunks of
@@ -126,9 +126,9 @@ def head_activation_bytes(workload: Workload, layout: Layout, tokens: int) -> fl
     norm = tokens * (m.hidden_size * a + 4) / sp
     if t == 1:  # linear_cross_entropy: hn and the loss's gradient in the activation dtype
         return norm + tokens * (m.hidden_size + m.vocab_size) * a
-    # vocabulary-parallel: the normed input as received (the sequence shard under SP), fp32
-    # softmax of this rank's columns, targets and masks
-    return norm + tokens * (m.hidden_size * a / sp + 4 * _padded_vocab(workload, t) / t + 10)
+    # vocabulary-parallel: the normed input as received (the sequence shard under SP) and the
+    # loss's gradient over this rank's columns, in the activation dtype
+    return norm + tokens * (m.hidden_size * a / sp + a * _padded_vocab(workload, t) / t)
 
 
 def head_working_bytes(workload: Workload, layout: Layout, tokens: int) -> float:
@@ -142,10 +142,11 @@ def head_working_bytes(workload: Workload, layout: Layout, tokens: int) -> float
         chunk = min(tokens, LOSS_CHUNK_TOKENS)
         weight_grads = 0 if workload.gradient_accumulation_fusion else min(2, -(-tokens // chunk))
         return (chunk + tokens) * h * a + weight_grads * m.vocab_size * h * a
+    # the logits beside the gradient made from their copy; backward scales that gradient in place
     vocab = _padded_vocab(workload, t) // t
     forward = tokens * vocab * a
     weight_grad = 0 if workload.gradient_accumulation_fusion else vocab * h * a
-    backward = tokens * vocab * a * (a != 4) + tokens * h * a + weight_grad
+    backward = tokens * h * a + weight_grad
     return max(forward, backward)
 
 

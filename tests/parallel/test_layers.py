@@ -153,6 +153,14 @@ def _check_cross_entropy(tp, r):
         loss.backward(g)
         grad_full = torch.cat([ref_logits.grad, torch.zeros(b, s, padded - vocab)], -1)
         close(local.grad, grad_full.chunk(tp, -1)[r], f"cross-entropy vocab {vocab} grad")
+        # bf16 logits: the loss still in fp32, the gradient in bf16
+        local16 = full.chunk(tp, -1)[r].to(torch.bfloat16).requires_grad_()
+        loss16 = mp.vocab_parallel_cross_entropy(local16, target, vocab_size=vocab)
+        loss16.backward(g)
+        assert loss16.dtype == torch.float32 and local16.grad.dtype == torch.bfloat16
+        ref16 = F.cross_entropy(logits.to(torch.bfloat16).float().view(-1, vocab), target.view(-1), reduction="none")
+        torch.testing.assert_close(loss16, ref16.view(b, s), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(local16.grad.float(), grad_full.chunk(tp, -1)[r], rtol=2e-2, atol=1e-2)
     with pytest.raises(IndexError, match=r"targets must lie in \[0, 13\)"):
         mp.vocab_parallel_cross_entropy(local.detach(), torch.full((b, s), 13), vocab_size=13)
 
