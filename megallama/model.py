@@ -512,8 +512,8 @@ class LlamaModel(nn.Module):
         if labels.shape != (h.shape[0], seq_len):
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {(h.shape[0], seq_len)}")
         if parallel.get_tensor_model_parallel_world_size() > 1:
-            logits = self.output.local_output(h)  # this rank's vocabulary
-            return parallel.vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size)
+            # over this rank's vocabulary, the logits never kept beside their gradient
+            return parallel.vocab_parallel_linear_cross_entropy(h, self.output, labels, self.config.vocab_size)
         loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output.weight, labels.reshape(-1),
                                     fusable_wgrad=self.output.fusable_wgrad)
         return loss.view(labels.shape)

@@ -1,5 +1,5 @@
 """Tensor, sequence, pipeline and data parallelism: process groups, split layers, vocab-parallel loss."""
-from megallama.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megallama.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from megallama.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,

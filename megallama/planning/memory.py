@@ -142,12 +142,11 @@ def head_working_bytes(workload: Workload, layout: Layout, tokens: int) -> float
         chunk = min(tokens, LOSS_CHUNK_TOKENS)
         weight_grads = 0 if workload.gradient_accumulation_fusion else min(2, -(-tokens // chunk))
         return (chunk + tokens) * h * a + weight_grads * m.vocab_size * h * a
-    # the logits beside the gradient made from their copy; backward scales that gradient in place
+    # The logits are made in the gradient buffer the head saves; its backward makes the input's
+    # gradient and the scaled input (gathered again first under SP) and, unfused, the weight's.
     vocab = _padded_vocab(workload, t) // t
-    forward = tokens * vocab * a
     weight_grad = 0 if workload.gradient_accumulation_fusion else vocab * h * a
-    backward = tokens * h * a + weight_grad
-    return max(forward, backward)
+    return (2 + layout.sequence_parallel) * tokens * h * a + weight_grad
 
 
 def layer_working_bytes(workload: Workload, layout: Layout, tokens: int) -> float:
