@@ -89,7 +89,6 @@ class DistributedDataParallel(torch.nn.Module):
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_grad_reduce = overlap_grad_reduce
         self.overlap_param_gather = overlap_param_gather
-        self.gradient_accumulation_fusion = gradient_accumulation_fusion
         self._sync_enabled = True
         self._timeout = default_group_timeout()
         self._reduces_scatter_in_place = dist.get_backend(data_parallel_group) == "nccl"

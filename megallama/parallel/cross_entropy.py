@@ -3,9 +3,11 @@
 Each rank holds logits[..., its vocabulary range]. A fused kernel gives each row's local max, sum of
 exponentials (relative to that max) and, on the rank holding it, the target's logit; two all-reduces
 over the tensor-parallel group make them global (the max, then the rescaled sums and the target
-logit together): loss = max + log(sum exp(z - max)) - z_target. A second kernel turns a copy of this
-rank's logits, in their dtype, into the loss's gradient for a unit upstream gradient (softmax minus
-the one-hot target on this rank's columns), which is all the backward keeps.
+logit together): loss = max + log(sum exp(z - max)) - z_target. A second kernel turns this rank's
+logits, in their dtype, into the loss's gradient for a unit upstream gradient (softmax minus the
+one-hot target on this rank's columns), which is all the backward keeps: a copy of the logits given
+to ``vocab_parallel_cross_entropy``; the logits themselves in ``vocab_parallel_linear_cross_entropy``,
+which makes them.
 """
 import torch
 import torch.distributed as dist
