@@ -14,8 +14,9 @@ rank ``i`` receives the summed gradient of the ``i``-th equal slice of each buck
 fp32 main parameters and AdamW state it owns (ZeRO-1). Buckets are padded to a multiple of the DP
 size so the slices are equal.
 
-With the distributed optimizer the new parameters come back by an all-gather of each bucket's
-slices (:meth:`DistributedDataParallel.start_param_gather`). With ``overlap_param_gather`` those
+With the distributed optimizer a bucket's parameters are views of one buffer, and the new
+parameters come back by an in-place all-gather of its slices into it
+(:meth:`DistributedDataParallel.start_param_gather`). With ``overlap_param_gather`` those
 all-gathers are left in flight after the optimizer step and each is waited for in the forward
 pre-hook of the first module that reads its parameters, so they hide behind the next forward
 (Megatron's ``--overlap-param-gather``); :meth:`~DistributedDataParallel.finish_param_sync` waits
@@ -46,7 +47,8 @@ class _Bucket:
         self.pending = len(params)
         self.work = None
         self.send_buffer = None
-        self.param_gather = None  # (work, gathered bucket, this rank's shard) of new parameters in flight
+        self.param_data = None    # with the distributed optimizer: the parameters' storage, padded
+        self.param_gather = None  # the all-gather of new parameters into param_data, in flight
 
 
 class DistributedDataParallel(torch.nn.Module):
@@ -129,6 +131,8 @@ class DistributedDataParallel(torch.nn.Module):
                 if gradient_accumulation_fusion:
                     p.signal_main_grad_added = functools.partial(self._main_grad_ready, p)
                 pos += p.numel()
+            if use_distributed_optimizer:
+                self._share_param_storage(bucket)
         # The order the forward needs the buckets in: the order their all-gathers are started.
         self.param_gather_order: List[_Bucket] = list(reversed(self.buckets))
         if overlap_param_gather:
@@ -149,24 +153,37 @@ class DistributedDataParallel(torch.nn.Module):
 
         megallama's modules read their children's weights directly (the fused attention and MLP,
         the loss on ``output.weight``), so a submodule waits for its whole subtree. The wrapped
-        module itself waits only for its own parameters and its leaf children's (embedding, final
-        norm, output layer), so that each layer's gather stays in flight until that layer runs.
+        module's own leaf children are waited for where the forward reaches them, in the order the
+        children are registered (the order they run): those before its first child with children
+        of its own (the embedding) in its pre-hook, those after its last (final norm, output layer)
+        in the pre-hook of the first of them, which runs right before the head reads the output
+        weight. So every layer's gather, and the output layer's, stays in flight until needed.
         """
-        order: List[_Bucket] = []
+        hooks: List[Tuple[torch.nn.Module, List[torch.nn.Parameter]]] = []
+        trailing_hook = []
         for module in self.module.modules():
-            if module is self.module:
-                leaves = [c for c in module.children() if next(c.children(), None) is None]
-                params = [*module.parameters(recurse=False), *(p for c in leaves for p in c.parameters())]
-            else:
-                params = list(module.parameters())
-            buckets: List[_Bucket] = []
+            if module is not self.module:
+                hooks.append((module, list(module.parameters())))
+                continue
+            children = list(module.children())
+            nested = [i for i, c in enumerate(children) if next(c.children(), None) is not None]
+            leading = children[:nested[0]] if nested else children
+            trailing = children[nested[-1] + 1:] if nested else []
+            hooks.append((module, [*module.parameters(recurse=False), *(p for c in leading for p in c.parameters())]))
+            if trailing:
+                trailing_hook.append((trailing[0], [p for c in trailing for p in c.parameters()]))
+        order: List[_Bucket] = []
+        waited: Dict[torch.nn.Module, List[_Bucket]] = {}
+        for module, params in hooks + trailing_hook:
+            buckets = waited.setdefault(module, [])
             for p in params:
                 bucket = self._bucket_of.get(p)
                 if bucket is not None and all(bucket is not b for b in buckets):
                     buckets.append(bucket)
+            order += [b for b in buckets if all(b is not o for o in order)]
+        for module, buckets in waited.items():
             if buckets:
                 module.register_forward_pre_hook(self._param_gather_hook(buckets))
-            order += [b for b in buckets if all(b is not o for o in order)]
         self.param_gather_order = order + [b for b in self.param_gather_order if all(b is not o for o in order)]
 
     def _param_gather_hook(self, buckets: List[_Bucket]):
@@ -175,33 +192,50 @@ class DistributedDataParallel(torch.nn.Module):
                 self.wait_param_gather(bucket)
         return hook
 
-    def start_param_gather(self, bucket: _Bucket, shard: torch.Tensor) -> None:
-        """All-gather ``bucket``'s new parameters from every DP rank's ``shard`` (this rank's slice
-        of the bucket, in the parameters' dtype) and, unless ``overlap_param_gather``, wait."""
-        self.wait_param_gather(bucket)  # one no forward waited for (unused parameters) lands first
+    def _share_param_storage(self, bucket: _Bucket) -> None:
+        """Make ``bucket``'s parameters views of one padded buffer, which the parameter all-gather
+        then fills in place: nothing is copied after it, parameter by parameter (Megatron's param
+        buffer)."""
+        dtypes = {p.dtype for p in bucket.params}
+        if len(dtypes) > 1:
+            raise ValueError(f"a gradient bucket mixes parameter dtypes {dtypes}; the "
+                             "distributed optimizer all-gathers a bucket in one dtype")
+        bucket.param_data = torch.zeros(bucket.padded, dtype=bucket.params[0].dtype, device=bucket.params[0].device)
+        with torch.no_grad():
+            for p in bucket.params:
+                lo, hi = self.param_range[p]
+                view = bucket.param_data[lo - bucket.start:hi - bucket.start].view(p.shape)
+                view.copy_(p)
+                p.data = view
+
+    def param_shard(self, bucket: _Bucket) -> torch.Tensor:
+        """This rank's slice of ``bucket``'s parameters (distributed optimizer), for the optimizer
+        to write its new values into before :meth:`start_param_gather`. A gather of the bucket
+        still in flight (parameters no forward read) lands first: it writes the same memory."""
+        self.wait_param_gather(bucket)
+        start, end = self.shard_range(bucket)
+        return bucket.param_data[start - bucket.start:end - bucket.start]
+
+    def start_param_gather(self, bucket: _Bucket) -> None:
+        """All-gather ``bucket``'s parameters from every DP rank's :meth:`param_shard` into the
+        parameters themselves and, unless ``overlap_param_gather``, wait."""
         if self.dp_size == 1:
-            bucket.param_gather = (_DoneWork(), shard, shard)
-        else:
-            gathered = shard.new_empty(bucket.padded)
-            # Synchronous unless overlapped: an asynchronous gloo collective's buffers are released
-            # later, on gloo's worker thread, and would stay allocated into the next step.
-            work = all_gather_single(gathered, shard, group=self.data_parallel_group,
-                                     async_op=self.overlap_param_gather)
-            bucket.param_gather = (work or _DoneWork(), gathered, shard)  # the shard must outlive the collective
+            return
+        start, end = self.shard_range(bucket)
+        # In place: each rank's input is its own slice of the output, as NCCL documents and as
+        # gloo gathers correctly (tests/distributed/test_overlap.py compares to a serial run).
+        work = all_gather_single(bucket.param_data, bucket.param_data[start - bucket.start:end - bucket.start],
+                                 group=self.data_parallel_group, async_op=self.overlap_param_gather)
+        bucket.param_gather = work
         if not self.overlap_param_gather:
             self.wait_param_gather(bucket)
 
     def wait_param_gather(self, bucket: _Bucket) -> None:
-        """Wait for ``bucket``'s parameter all-gather, if one is in flight, and copy it into the parameters."""
+        """Wait for ``bucket``'s parameter all-gather, if one is in flight."""
         if bucket.param_gather is None:
             return
-        work, gathered, _ = bucket.param_gather
+        work, bucket.param_gather = bucket.param_gather, None
         wait(work, self._timeout)
-        bucket.param_gather = None
-        with torch.no_grad():
-            for p in bucket.params:
-                lo, hi = self.param_range[p]
-                p.data.copy_(gathered[lo - bucket.start:hi - bucket.start].view_as(p))
 
     def finish_param_sync(self) -> None:
         """Complete every parameter all-gather in flight: call before reading the parameters

@@ -223,10 +223,6 @@ class DistributedOptimizer(_OptimizerBase):
         entries = []
         for chunk in self.model_chunks:
             for bucket in chunk.buckets:
-                dtypes = {p.dtype for p in bucket.params}
-                if len(dtypes) > 1:
-                    raise ValueError(f"a gradient bucket mixes parameter dtypes {dtypes}; the "
-                                     "distributed optimizer all-gathers a bucket in one dtype")
                 s_lo, s_hi = chunk.shard_range(bucket)
                 for p in bucket.params:
                     p_lo, p_hi = chunk.param_range[p]
@@ -241,17 +237,15 @@ class DistributedOptimizer(_OptimizerBase):
             self._entries_of.setdefault(e.param, []).append(e)
         return entries
 
-    def _main_shard(self, chunk: DistributedDataParallel, bucket) -> torch.Tensor:
-        """This rank's slice of ``bucket``: its main parameters in the model's dtype (zero padding)."""
-        s_lo, s_hi = chunk.shard_range(bucket)
-        shard = torch.zeros(s_hi - s_lo, dtype=bucket.params[0].dtype, device=chunk.grad_buffer.device)
-        for p in bucket.params:
-            p_lo, _ = chunk.param_range[p]
-            for e in self._entries_of.get(p, []):
-                shard[p_lo + e.lo - s_lo:p_lo + e.hi - s_lo] = e.main.detach()
-        return shard
-
     def _write_back(self) -> None:
+        """Each bucket's main parameters, in the model's dtype, into this rank's slice of its
+        parameters; then the all-gather of the slices."""
         for chunk in self.model_chunks:
             for bucket in chunk.param_gather_order:
-                chunk.start_param_gather(bucket, self._main_shard(chunk, bucket))
+                shard = chunk.param_shard(bucket)
+                s_lo, _ = chunk.shard_range(bucket)
+                for p in bucket.params:
+                    p_lo, _ = chunk.param_range[p]
+                    for e in self._entries_of.get(p, []):
+                        shard[p_lo + e.lo - s_lo:p_lo + e.hi - s_lo].copy_(e.main.detach())
+                chunk.start_param_gather(bucket)

@@ -22,18 +22,17 @@ Pipelines hold several micro-batches' activations: rank ``r`` of ``p`` holds ``p
 under the interleaved schedule it runs ``2(p − r − 1) + (v − 1)p`` warm-up forwards of chunks of
 ``L/(pv)`` layers before its first backward (all ``m·v`` of them when ``m = p``).
 
-The peak is the largest of three moments: the turn from forward to backward (activations in
-flight plus the head's or a layer's working buffers); with the distributed optimizer over gloo
+The peak is the larger of two moments: the turn from forward to backward (activations in flight
+plus the head's or a layer's working buffers) and, with the distributed optimizer over gloo
 (``staged_reduce_scatter``), the end of backward, where the reduce-scatter keeps a staging copy of
 every gradient bucket (4 B per parameter) until the step finishes the sync (NCCL reduces in place:
-no copy); and the weight write-back, which all-gathers a bucket.
+no copy). The weight write-back all-gathers into the parameters themselves: no buffer.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 
-from megallama.distributed.data_parallel import DEFAULT_BUCKET_SIZE as DDP_BUCKET_ELEMENTS
 from megallama.planning.layout import Layout, Workload
 
 LOSS_CHUNK_TOKENS = 4096  # megallama.model.linear_cross_entropy's default chunk
@@ -91,13 +90,6 @@ def rank_parameters(workload: Workload, layout: Layout, rank: int) -> int:
         if not (m.tie_word_embeddings and rank == 0):
             n += vocab_rows
     return n
-
-
-def largest_parameter(workload: Workload, layout: Layout) -> int:
-    m = workload.model
-    vocab = _padded_vocab(workload, layout.tp) // layout.tp * m.hidden_size
-    q, kv = attention_widths(workload, layout.tp)
-    return max(vocab, 2 * m.ffn_hidden_size * m.hidden_size // layout.tp, (q + 2 * kv) * m.hidden_size)
 
 
 def layer_activation_bytes(workload: Workload, layout: Layout, tokens: int) -> float:
@@ -213,10 +205,6 @@ def rank_memory(workload: Workload, layout: Layout, rank: int, staged_reduce_sca
         # one micro-batch's activations are freed.
         moments.append(("end of backward (reduce-scatter staging buffers)",
                         activations * (len(chunks) - 1) / len(chunks), 4.0 * params))
-    if layout.distributed_optimizer and layout.dp > 1:
-        # The step all-gathers the new weights a bucket at a time: this rank's slice and the whole.
-        bucket = min(params, DDP_BUCKET_ELEMENTS + largest_parameter(workload, layout))
-        moments.append(("optimizer write-back (all-gather of a bucket)", 0.0, bucket * a * (1 + 1 / layout.dp)))
     moment, activations, working = max(moments, key=lambda m: m[1] + m[2])
     total = static + activations + working
     return RankMemory(rank, params, weights, gradients, main_weights, optimizer_states, activations,

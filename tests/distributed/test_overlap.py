@@ -1,6 +1,8 @@
 """``overlap_param_gather`` / ``overlap_grad_reduce`` change when collectives are waited for, never
 what is computed: a tiny LLaMA trained with ZeRO-1 over DP 2 (and TP 2 x DP 2) gives bit-identical
-losses and parameters with the overlaps on and off."""
+losses and parameters with the overlaps on and off. With the overlap the output layer's gather is
+still in flight when the last layer starts (it is waited for at the final norm), and the
+parameters are views of their bucket's buffer, which the gathers fill in place."""
 import pytest
 import torch
 
@@ -31,9 +33,19 @@ def _train(cfg, full, tp, overlap_grad_reduce, overlap_param_gather):
         config = OptimizerConfig(use_distributed_optimizer=True, overlap_grad_reduce=overlap_grad_reduce,
                                  overlap_param_gather=overlap_param_gather, **H.OPT)
         optimizer = build_optimizer(config, [chunk])
+        for bucket in chunk.buckets:
+            for p in bucket.params:
+                assert p.untyped_storage().data_ptr() == bucket.param_data.untyped_storage().data_ptr()
+        output_bucket = next(b for b in chunk.buckets if any(p is model.output.weight for p in b.params))
+        # (at TP=2 the output layer's shard shares its bucket with the last layer's parameters)
+        output_alone = all(p is model.output.weight or p is model.norm.weight for p in output_bucket.params)
+        output_in_flight = []  # at the start of the last layer, each forward
+        last_layer = list(model.layers.values())[-1]
+        last_layer.register_forward_pre_hook(lambda *_: output_in_flight.append(output_bucket.param_gather is not None))
         per_rank = H.GLOBAL_BATCH // dp
-        losses, in_flight = [], []
+        losses, in_flight, output_late = [], [], []
         for step in range(STEPS):
+            output_in_flight.clear()
             tokens, labels = H.batch(step)
             mine = [(tokens[i:i + MICRO_BATCH], labels[i:i + MICRO_BATCH])
                     for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank, MICRO_BATCH)]
@@ -45,6 +57,7 @@ def _train(cfg, full, tp, overlap_grad_reduce, overlap_param_gather):
             applied, _ = optimizer.step()
             assert applied
             losses.append(float(global_mean_loss(step_losses)))
+            output_late.append(output_in_flight[0])
             in_flight.append(sum(b.param_gather is not None for b in chunk.buckets))
         # An evaluation forward right after a step waits for the gathers through the hooks.
         tokens, labels = H.batch(STEPS)
@@ -54,7 +67,8 @@ def _train(cfg, full, tp, overlap_grad_reduce, overlap_param_gather):
         optimizer.finish_param_sync()
         assert all(b.param_gather is None for b in chunk.buckets)
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        return {"losses": losses, "eval_loss": eval_loss, "in_flight": in_flight,
+        return {"losses": losses, "eval_loss": eval_loss, "in_flight": in_flight, "output_late": output_late,
+                "output_alone": output_alone,
                 "num_buckets": len(chunk.buckets), "params": params}
     finally:
         state.destroy_model_parallel()
@@ -78,11 +92,16 @@ def _assert_identical(per_rank):
             # Not vacuous: with the overlap every bucket's gather is left to the next forward.
             expected = run["num_buckets"] if overlap_param_gather else 0
             assert run["in_flight"] == [expected] * STEPS, variant
+            # The first forward has nothing in flight; each later one has the output layer's gather.
+            late = overlap_param_gather and run["output_alone"]
+            assert run["output_late"] == [False] + [late] * (STEPS - 1), variant
         assert reference["num_buckets"] > 3
 
 
 def test_overlap_is_bit_identical_zero1_dp2():
-    _assert_identical(run_distributed(_compare_variants, 2, 1, timeout=240.0))
+    per_rank = run_distributed(_compare_variants, 2, 1, timeout=240.0)
+    _assert_identical(per_rank)
+    assert all(run["output_alone"] for runs in per_rank for run in runs)
 
 
 def test_overlap_is_bit_identical_tp2_dp2():
