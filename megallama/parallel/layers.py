@@ -165,7 +165,21 @@ class _ColumnParallelMatmul(torch.autograd.Function):
         return (reduction.wait() if reduction is not None else None), grad_w, None
 
 
-class ColumnParallelLinear(nn.Module):
+class _ShardedWeight(nn.Module):
+    """A layer whose ``weight`` is this rank's shard of a full tensor (how it is split: the
+    parameter's own attributes, read by :func:`shard_like` and :func:`gather_like`)."""
+
+    def load_full_weight(self, full):
+        """Copy this rank's shard of the full weight."""
+        with torch.no_grad():
+            self.weight.copy_(shard_like(self.weight, full))
+
+    def full_weight(self):
+        """The full weight, gathered from every rank."""
+        return gather_like(self.weight, self.weight.detach())
+
+
+class ColumnParallelLinear(_ShardedWeight):
     """y = x W^T with W split along its output rows: this rank computes y[..., its columns].
 
     gather_output: all-gather the columns so that every rank returns the full y.
@@ -228,21 +242,12 @@ class ColumnParallelLinear(nn.Module):
             y = self.split.rank_major_to_full(y, get_tensor_model_parallel_world_size(), dim=-1)
         return y
 
-    def load_full_weight(self, full):
-        """Copy this rank's shard of the full [output_size, input_size] weight."""
-        with torch.no_grad():
-            self.weight.copy_(shard_like(self.weight, full))
-
-    def full_weight(self):
-        """The full [output_size, input_size] weight, gathered from every rank."""
-        return gather_like(self.weight, self.weight.detach())
-
     def extra_repr(self):
         return (f"in={self.input_size}, out={self.output_size} ({self.output_size_per_partition} on this rank), "
                 f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardedWeight):
     """y = x W^T with W split along its input columns: this rank's partial products are summed.
 
     input_is_parallel: the input already holds this rank's slice of the last dimension (the output
@@ -277,19 +282,12 @@ class RowParallelLinear(nn.Module):
             return reduce_scatter_to_sequence_parallel_region(y, self.sequence_dim)
         return reduce_from_tensor_model_parallel_region(y)
 
-    def load_full_weight(self, full):
-        with torch.no_grad():
-            self.weight.copy_(shard_like(self.weight, full))
-
-    def full_weight(self):
-        return gather_like(self.weight, self.weight.detach())
-
     def extra_repr(self):
         return (f"in={self.input_size} ({self.input_size_per_partition} on this rank), out={self.output_size}, "
                 f"sequence_parallel={self.sequence_parallel}")
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(_ShardedWeight):
     """Embedding table split along the vocabulary: each rank looks up the ids in its range (zeros
     elsewhere) and the ranks' results are summed. A vocabulary not divisible by TP is padded with
     zero rows that no valid id reaches.
@@ -331,13 +329,6 @@ class VocabParallelEmbedding(nn.Module):
         if self.sequence_parallel:
             return reduce_scatter_to_sequence_parallel_region(out, self.sequence_dim)
         return reduce_from_tensor_model_parallel_region(out)
-
-    def load_full_weight(self, full):
-        with torch.no_grad():
-            self.weight.copy_(shard_like(self.weight, full))
-
-    def full_weight(self):
-        return gather_like(self.weight, self.weight.detach())
 
     def extra_repr(self):
         return (f"{self.num_embeddings}, {self.embedding_dim} ({self.num_embeddings_per_partition} rows on "

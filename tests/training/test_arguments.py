@@ -85,7 +85,7 @@ def test_missing_data_and_oversized_tokenizer_vocabulary(tmp_path, monkeypatch):
         (tmp_path / ("corpus_text_document" + ext)).write_bytes(b"")
     model = tmp_path / "tok.model"
     model.write_bytes(b"")
-    monkeypatch.setattr("megallama.training.arguments.sentencepiece_vocab_size", lambda path: 32003)
+    monkeypatch.setattr("megallama.training.input_checks.sentencepiece_vocab_size", lambda path: 32003)
     with pytest.raises(ConfigError, match="has 32003 tokens, more than --vocab-size 32000"):
         parse_args([*base, "--data-path", prefix, "--tokenizer-model", str(model), "--vocab-size", "32000"], env={})
     c = parse_args([*base, "--data-path", prefix, "--tokenizer-model", str(model)], env={})
@@ -154,7 +154,7 @@ def test_make_vocab_size_divisible_by_pads_as_megatron_and_only_when_given():
 def test_padding_applies_to_the_tokenizers_vocabulary_too(tmp_path, monkeypatch):
     model = tmp_path / "tok.model"
     model.write_bytes(b"")
-    monkeypatch.setattr("megallama.training.arguments.sentencepiece_vocab_size", lambda path: 32003)
+    monkeypatch.setattr("megallama.training.input_checks.sentencepiece_vocab_size", lambda path: 32003)
     c = parse("--tokenizer-model", str(model), "--make-vocab-size-divisible-by", "128")
     assert c.model.vocab_size == 32128
 
