@@ -123,3 +123,13 @@ def _mismatched_overlap():
 
 def test_optimizer_config_must_match_the_chunks():
     run_distributed(_mismatched_overlap, 1)
+
+
+def _mixed_dtype_bucket():
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="a gradient bucket mixes parameter dtypes"):
+        DistributedDataParallel(module, use_distributed_optimizer=True)
+
+
+def test_a_bucket_of_two_dtypes_is_refused_by_the_distributed_optimizer():
+    run_distributed(_mixed_dtype_bucket, 1)
