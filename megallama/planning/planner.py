@@ -35,6 +35,7 @@ class PlanRequest:
     tensor_parallel: tuple | None = None
     pipeline_parallel: tuple | None = None
     micro_batch_sizes: tuple = MICRO_BATCH_CHOICES
+    overlap_param_gather: bool = False  # pretrain's --overlap-param-gather (implied by overlap_communication)
 
     @property
     def usable_bytes(self) -> float:
@@ -108,7 +109,7 @@ def evaluate(request: PlanRequest, layout: Layout) -> Candidate:
     c = request.calibration
     memory = training_memory(request.workload, layout)
     time = step_time(request.workload, layout, request.gpu, c.mfu.value, c.bubble_1f1b.value,
-                     c.bubble_interleaved.value, request.overlap_communication)
+                     c.bubble_interleaved.value, request.overlap_communication, request.overlap_param_gather)
     per_gpu = time.tokens_per_s_per_gpu
     return Candidate(layout, memory, time, request.train_tokens / (per_gpu * layout.world_size) / 86400,
                      request.train_tokens / per_gpu / 3600)

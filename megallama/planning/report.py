@@ -30,7 +30,8 @@ def format_plan(p: Plan, top: int) -> str:
              f"pipeline bubble ×{cal.bubble_1f1b.value:.2f} (1F1B), ×{cal.bubble_interleaved.value:.2f} "
              f"(interleaved): bench/results/pipeline.json",
              "communication " + ("overlapped with compute (--overlap-communication)" if r.overlap_communication
-                                 else "exposed, as this codebase runs it")]
+                                 else "exposed but the weight all-gather, as pretrain --overlap-param-gather runs it"
+                                 if r.overlap_param_gather else "exposed, as this codebase runs it by default")]
     if not p.fitting:
         return "\n".join(lines + ["", p.explain_no_fit()])
     lines += ["", f"{len(p.fitting)} of {p.considered} layouts fit; the {min(top, len(p.fitting))} fastest:", ""]

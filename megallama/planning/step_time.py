@@ -17,7 +17,8 @@ Per micro-batch on the slowest pipeline stage (the last: it also runs the output
 Step = micro-batches × that, plus the pipeline bubble ``(p−1)`` (1F1B) or ``(p−1)/v`` (interleaved)
 micro-batch times scaled by the measured bubble factor; plus the data-parallel gradient reduction
 not hidden behind the last micro-batch's backward (buckets start as they fill), the distributed
-optimizer's weight all-gather (not overlapped here), and the optimizer step at the HBM bandwidth.
+optimizer's weight all-gather (exposed, or with ``--overlap-param-gather`` what the first
+micro-batch's forward does not hide), and the optimizer step at the HBM bandwidth.
 """
 from __future__ import annotations
 
@@ -102,11 +103,12 @@ def tensor_parallel_seconds(workload: Workload, layout: Layout, gpu: GpuSpec, to
 
 def step_time(workload: Workload, layout: Layout, gpu: GpuSpec, mfu: float,
               bubble_1f1b: float = 1.0, bubble_interleaved: float = 1.0,
-              overlap_communication: bool = False) -> StepTime:
+              overlap_communication: bool = False, overlap_param_gather: bool = False) -> StepTime:
     """``overlap_communication``: model an implementation that hides the tensor-parallel
     collectives behind the matrix multiplies and the weight all-gather behind the next forward
     (the paper's §2.4, Megatron's ``--tp-comm-overlap --overlap-param-gather``); this codebase
-    does neither, so its own runs are planned without."""
+    runs its TP collectives between the multiplies. ``overlap_param_gather``: the weight
+    all-gather alone hidden, as ``pretrain --overlap-param-gather`` runs it."""
     m, a, t, p, v = workload.model, workload.act_bytes, layout.tp, layout.pp, layout.virtual
     b = layout.micro_batch_size
     tokens = b * workload.seq_length
@@ -149,7 +151,8 @@ def step_time(workload: Workload, layout: Layout, gpu: GpuSpec, mfu: float,
         dp_exposed = max(last_bucket, reduce - backward_window)
         if layout.distributed_optimizer:
             gather = a * params * ring
-            dp_exposed += max(0.0, gather - compute / 3) if overlap_communication else gather
+            hidden = overlap_communication or overlap_param_gather
+            dp_exposed += max(0.0, gather - compute / 3) if hidden else gather
     owned = params / (layout.dp if layout.distributed_optimizer else 1)
     optimizer = (4 * params + OPTIMIZER_BYTES_PER_OWNED_PARAM * owned + a * params) / (gpu.hbm_gb_s * 1e9)
     total = n_micro * per_micro + bubble + dp_exposed + optimizer

@@ -7,9 +7,10 @@ the same work. Tensor-parallel and sequence-parallel runs start every iteration 
 one started (the buffers of the asynchronous collectives in ``megallama.parallel.mappings`` are
 freed on this thread once gloo's worker has let go of them, so the profiler records every free:
 tests/parallel/test_sp_memory.py checks it). Distributed-optimizer runs still keep bytes from one
-iteration into the next: their last reduce-scatter staging copy and weight all-gather buffers are
-still referenced by gloo when the next step starts, and dropped later on gloo's worker thread,
-where the profiler does not record the free (a gloo detail, in megallama/distributed). For those,
+iteration into the next: their last reduce-scatter staging copy is still referenced by gloo when
+the next step starts (the weight all-gathers write into the parameters: no buffer), and dropped
+later on gloo's worker thread, where the profiler does not record the free (a gloo detail, in
+megallama/distributed). For those,
 what is allocated when an iteration starts beyond the model's static state (weights, gradients,
 optimizer state, the step's tokens) is taken off that iteration's peak: it is not part of the
 step, and the model predicts no backend's late frees.

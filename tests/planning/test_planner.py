@@ -53,6 +53,20 @@ def test_this_codebase_without_overlap_is_planned_slower(calibration):
     assert exposed.time.data_parallel_exposed + exposed.time.tensor_parallel > 0
 
 
+def test_overlap_param_gather_hides_only_the_weight_all_gather():
+    """pretrain --overlap-param-gather: the weight all-gather behind the first forward, as
+    --overlap-communication models it, and the TP collectives still exposed."""
+    workload = Workload(LlamaConfig.preset("65b"), 2048, 2048, bf16=True)
+    layout = Layout(tp=8, pp=1, dp=256, micro_batch_size=4, sequence_parallel=True, distributed_optimizer=True)
+    gpu = gpu_spec("a100-80gb")
+    exposed, param_gather, both = (step_time(workload, layout, gpu, 0.5, overlap_communication=c,
+                                             overlap_param_gather=g) for c, g in ((False, False), (False, True),
+                                                                                  (True, False)))
+    assert param_gather.data_parallel_exposed < exposed.data_parallel_exposed
+    assert param_gather.data_parallel_exposed == both.data_parallel_exposed
+    assert param_gather.tensor_parallel == exposed.tensor_parallel > both.tensor_parallel
+
+
 def test_calibrated_mfu_reproduces_the_measured_gpu_run(calibration):
     measured = read_gpu_measurement(DEFAULT_RESULTS)
     workload = Workload(measured.model, measured.seq_length, measured.global_batch_size, bf16=True)
