@@ -2,6 +2,7 @@
 ``megallama.pretrain`` prints and stops on."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -92,9 +93,14 @@ def test_example_script_layout_is_the_planners_choice(tmp_path, script, nodes):
     workload, layout = pretrain_workload_and_layout(config)
     request = PlanRequest(workload, gpu_spec("a100-80gb"), nodes * 8, 1e12, load_calibration(),
                           micro_batch_sizes=(config.training.micro_batch_size,))
-    best = plan(request).fitting[0].layout
+    first = plan(request).fitting[0]
+    best = first.layout
     # selective recomputation is no recomputation here: compare what the trainer does
     assert best == layout.__class__(**{**layout.to_dict(), "recompute": "none"}), (best, layout)
+    # and the memory the script's comment quotes is the planner's today
+    with open(os.path.join(ROOT, "examples", script)) as f:
+        quoted = re.search(r"(\d+\.\d) GB per\s*(?:#\s*)?GPU", f.read())
+    assert quoted and float(quoted.group(1)) == round(first.peak.total / 1e9, 1), (quoted, first.peak.total)
 
 
 def test_pretrain_estimate_and_early_stop():
