@@ -111,7 +111,7 @@ class SentencePieceTokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
-    def _encode_keys(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _encode_keys(self, keys: list[str], num_threads: int | None) -> tuple[np.ndarray, np.ndarray]:
         """SentencePiece ids of each chunk key, back to back, and the count per key.
 
         A key is the chunk as SentencePiece sees it inside its text: it starts with a space (with
@@ -129,7 +129,7 @@ class SentencePieceTokenizer:
         lengths = np.zeros(len(keys), dtype=np.int64)
         is_alone = np.zeros(len(keys), dtype=bool)
         is_alone[alone] = True
-        alone_ids = self._encode_one_by_one([keys[i] for i in alone])
+        alone_ids = self._encode_one_by_one([keys[i] for i in alone], num_threads)
         lengths[alone] = [len(ids) for ids in alone_ids]
         joined_keys = [k for k, a in zip(keys, is_alone) if not a]
         joined_flat = np.zeros(0, dtype=np.int32)
@@ -139,7 +139,8 @@ class SentencePieceTokenizer:
                       for i in range(0, len(joined_keys), _KEYS_PER_TEXT)]
             if self.add_dummy_prefix:
                 groups = [g[1:] for g in groups]
-            ids = np.fromiter(itertools.chain.from_iterable(self.sp.encode(groups)), dtype=np.int32)
+            ids = np.fromiter(itertools.chain.from_iterable(self.sp.encode(groups, num_threads=num_threads)),
+                              dtype=np.int32)
             sep = self._separator_ids
             ends = np.flatnonzero(ids == sep[-1])  # the separator's byte id: one before each key
             if len(ends) != len(joined_keys):
@@ -159,19 +160,19 @@ class SentencePieceTokenizer:
                                            count=int(from_alone.sum()))
         return flat, lengths
 
-    def _encode_one_by_one(self, keys: list[str]) -> list[list[int]]:
+    def _encode_one_by_one(self, keys: list[str], num_threads: int | None) -> list[list[int]]:
         """Each key as its own SentencePiece text (one batched call)."""
         if not keys:
             return []
         if not self.add_dummy_prefix:
-            return self.sp.encode(keys)
+            return self.sp.encode(keys, num_threads=num_threads)
         # A key inside a word (starting with a barrier) is encoded after the dummy prefix's lone
         # space, whose ids are then dropped; any other key drops its first space, which the dummy
         # prefix puts back.
         inside = [k[0] in self.barriers for k in keys]
         texts = [k if i else k[1:] for k, i in zip(keys, inside)]
         out = []
-        for key, text, is_inside, ids in zip(keys, texts, inside, self.sp.encode(texts)):
+        for key, text, is_inside, ids in zip(keys, texts, inside, self.sp.encode(texts, num_threads=num_threads)):
             if is_inside:
                 if ids[:len(self._lone_space)] != self._lone_space:
                     raise RuntimeError(f"unexpected ids {ids} for chunk {key!r}")
@@ -204,10 +205,12 @@ class SentencePieceTokenizer:
             return None
         return sep
 
-    def encode_batch(self, texts: list[str], append_eod: bool = False, num_threads: int = 1):
+    def encode_batch(self, texts: list[str], append_eod: bool = False, num_threads: int | None = None):
         """Ids of every text as one flat int32 array and the per-text counts (int64).
 
         With ``append_eod`` each text's ids end with ``eos_id``. Identical to SentencePiece's ids.
+        ``num_threads``: SentencePiece's threads (None: its default, every core; 1 in each of
+        several worker processes, which share the cores already).
         """
         if not self.supports_chunk_cache:
             ids = self.sp.encode(list(texts), num_threads=num_threads)
@@ -218,7 +221,7 @@ class SentencePieceTokenizer:
             return flat, counts
         misses = self._cache.scan(list(texts))
         if misses:
-            key_ids, key_lengths = self._encode_keys(misses)
+            key_ids, key_lengths = self._encode_keys(misses, num_threads)
         else:
             key_ids, key_lengths = np.zeros(0, np.int32), np.zeros(0, np.int64)
         return self._cache.finish(key_ids, key_lengths, self.eos_id if append_eod else -1)
@@ -254,7 +257,7 @@ class NullTokenizer:
     def decode(self, ids) -> str:
         return " ".join(str(int(i)) for i in ids)
 
-    def encode_batch(self, texts: list[str], append_eod: bool = False, num_threads: int = 1):
+    def encode_batch(self, texts: list[str], append_eod: bool = False, num_threads: int | None = None):
         ids = [self.encode(t) + ([self.eos_id] if append_eod else []) for t in texts]
         counts = np.array([len(i) for i in ids], dtype=np.int64)
         flat = np.array([t for i in ids for t in i], dtype=np.int32)
@@ -336,7 +339,7 @@ class HuggingFaceTokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.tokenizer.id_to_token(int(i))
 
-    def encode_batch(self, texts: list[str], append_eod: bool = False, num_threads: int = 1):
+    def encode_batch(self, texts: list[str], append_eod: bool = False, num_threads: int | None = None):
         """Ids of every text as one flat int32 array and the per-text counts (int64); with
         ``append_eod`` each text's ids end with ``eos_id``. ``num_threads`` is not used: the
         ``tokenizers`` library picks its own threads (TOKENIZERS_PARALLELISM / RAYON_NUM_THREADS)."""

@@ -55,6 +55,17 @@ def dataset_exists(prefix: str) -> bool:
     return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
 
 
+def as_token_dtype(tokens: np.ndarray, dtype) -> np.ndarray:
+    """``tokens`` in a dataset's ``dtype``, refusing ids it cannot hold (a plain cast would wrap)."""
+    if tokens.dtype == dtype:
+        return tokens
+    if tokens.size and np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        if tokens.min() < info.min or tokens.max() > info.max:
+            raise ValueError(f"token ids {tokens.min()}..{tokens.max()} do not fit the dataset dtype {np.dtype(dtype)}")
+    return tokens.astype(dtype)
+
+
 class IndexedDatasetWriter:
     """Streams token arrays into ``PREFIX.bin`` and writes ``PREFIX.idx`` on :meth:`finalize`.
 
@@ -125,12 +136,7 @@ class IndexedDatasetWriter:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {arr.size} tokens were given")
         if lengths.size and lengths.max() > np.iinfo(np.int32).max:
             raise ValueError("a document exceeds the int32 length field")
-        if arr.dtype != self.dtype:
-            if arr.size and np.issubdtype(self.dtype, np.integer):
-                info = np.iinfo(self.dtype)
-                if arr.min() < info.min or arr.max() > info.max:
-                    raise ValueError(f"token ids {arr.min()}..{arr.max()} do not fit the dataset dtype {self.dtype}")
-            arr = arr.astype(self.dtype)
+        arr = as_token_dtype(arr, self.dtype)
         self._bin.write(arr.tobytes())
         first = len(self.sequence_lengths)
         self.sequence_lengths.frombytes(lengths.astype(np.int32).tobytes())

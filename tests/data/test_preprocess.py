@@ -1,5 +1,5 @@
 """tools/preprocess_data.py: Megatron-readable output, skip accounting, strict mode, workers,
-compressed inputs, atomic outputs, bounded read-ahead."""
+compressed inputs, atomic outputs."""
 import filecmp
 import gzip
 import json
@@ -9,7 +9,6 @@ import pytest
 import zstandard
 
 from megallama.data import preprocess as pp
-from megallama.data.workers import bounded_imap
 from megallama.tokenizer import SentencePieceTokenizer
 from tests.data.helpers import load_tool
 
@@ -73,8 +72,9 @@ def test_two_workers_write_the_same_bytes_and_keys_get_own_outputs(tmp_path, tin
     assert len(titles) == len(inputs)
 
 
-def test_strict_fails_naming_file_and_line(tmp_path, tiny_tokenizer, inputs, capsys):
-    assert run(tmp_path, tiny_tokenizer, "strict", "--strict") == 1
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_strict_fails_naming_file_and_line(tmp_path, tiny_tokenizer, inputs, capsys, workers):
+    assert run(tmp_path, tiny_tokenizer, "strict", "--strict", "--workers", workers) == 1
     assert "part0.jsonl:4: broken JSON" in capsys.readouterr().err
     assert not any(p.name.startswith("strict") for p in tmp_path.iterdir())
 
@@ -95,33 +95,6 @@ def test_a_crash_leaves_no_output(tmp_path, tiny_tokenizer, inputs, monkeypatch)
                       progress=False, batch_lines=100)
     assert len(calls) == 2
     assert not any(p.name.startswith("crash") for p in tmp_path.iterdir())
-
-
-def test_read_ahead_is_bounded():
-    pulled = []
-
-    def tasks():
-        for i in range(50):
-            pulled.append(i)
-            yield i
-
-    class Done:
-        def __init__(self, value):
-            self.value = value
-
-        def get(self):
-            return self.value
-
-    class FakePool:
-        def apply_async(self, fn, args):
-            return Done(args[0])
-
-    consumed = 0
-    for result in bounded_imap(FakePool(), tasks(), 4, fn=lambda task: task):
-        assert result == consumed
-        consumed += 1
-        assert len(pulled) - consumed <= 4
-    assert consumed == 50
 
 
 def test_missing_input_is_a_clear_error(tmp_path, tiny_tokenizer, capsys):

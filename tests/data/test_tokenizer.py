@@ -33,6 +33,25 @@ def test_batch_encode_identical_to_sentencepiece(tiny_tokenizer):
     assert_batch_equals_sentencepiece(tok, docs[::-1])  # second pass: everything from the cache
 
 
+def test_batch_encode_runs_sentencepiece_on_the_threads_asked_for(tiny_tokenizer):
+    """preprocess asks for one thread in each of several workers, which already share the cores."""
+    tok = SentencePieceTokenizer(tiny_tokenizer)
+    docs = varied_text(np.random.default_rng(7), 300, rare=True)  # chunks joined and chunks alone
+    threads = []
+
+    class Recording:
+        def __init__(self, sp):
+            self._sp = sp
+
+        def encode(self, texts, num_threads="not given"):
+            threads.append(num_threads)
+            return self._sp.encode(texts, num_threads=None if num_threads == "not given" else num_threads)
+
+    tok.sp = Recording(tok.sp)
+    tok.encode_batch(docs, num_threads=1)
+    assert len(threads) >= 2 and set(threads) == {1}
+
+
 def test_newline_is_a_barrier_only_when_no_piece_holds_it(tmp_path, tiny_tokenizer, corpus):
     barriers = SentencePieceTokenizer(tiny_tokenizer).barriers
     assert "\n" in barriers  # trained on lines: no piece holds a newline

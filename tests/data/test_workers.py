@@ -65,3 +65,89 @@ def test_workers_end_on_sigterm_whatever_handler_the_parent_has():
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the parent keeps its own
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _slow_first(task: int) -> int:
+    import time
+
+    time.sleep(0.2 if task == 0 else 0.0)  # later tasks finish first: results still come in order
+    return task
+
+
+def test_results_stay_in_order_and_read_ahead_is_bounded():
+    pulled = []
+
+    def tasks():
+        for i in range(30):
+            pulled.append(i)
+            yield i
+
+    consumed = 0
+    with worker_results(_slow_first, tasks(), 2, _init, (0,)) as results:
+        for value in results:
+            assert value == consumed
+            consumed += 1
+            assert len(pulled) - consumed <= 4  # two tasks per worker submitted and not yet yielded
+    assert consumed == 30
+
+
+def _echo_big(task: bytes) -> bytes:
+    return task[::-1] * 2
+
+
+def test_tasks_and_results_larger_than_a_pipe_do_not_deadlock():
+    """The parent sends a worker its next task while that worker may be sending a result."""
+    tasks = [bytes([i]) * (3 << 20) + b"end" for i in range(12)]
+    with worker_results(_echo_big, iter(tasks), 2, _init, (0,)) as results:
+        assert [len(r) for r in results] == [2 * len(t) for t in tasks]
+
+
+def _die(task: int) -> int:
+    if task == 3:
+        os._exit(7)
+    return task
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+    with pytest.raises(RuntimeError, match="terminated abruptly"):
+        with worker_results(_die, iter(range(10)), 2, _init, (0,)) as results:
+            list(results)
+
+
+class _Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("not picklable")
+
+
+def _raise(task: int) -> int:
+    if task == 1:
+        raise ValueError("bad value in task 1")
+    if task == 2:
+        raise _Unpicklable("lock held")
+    return task
+
+
+def test_worker_errors_keep_their_type_and_traceback():
+    with pytest.raises(ValueError, match="bad value in task 1") as info:
+        with worker_results(_raise, iter([0, 1]), 2, _init, (0,)) as results:
+            list(results)
+    assert "_raise" in str(info.value.__cause__)  # where the worker raised
+    with pytest.raises(TypeError, match="not picklable"):  # what stopped the error from being sent back
+        with worker_results(_raise, iter([0, 2]), 2, _init, (0,)) as results:
+            list(results)
+
+
+def _fail_slowly_first(task: int) -> int:
+    import time
+
+    if task == 0:
+        time.sleep(0.3)
+        raise ValueError("first failure")
+    raise ValueError("later failure")
+
+
+def test_the_first_failing_task_in_input_order_is_the_error_raised():
+    """Strict mode must name the first bad line, whichever worker finishes first."""
+    with pytest.raises(ValueError, match="first failure"):
+        with worker_results(_fail_slowly_first, iter(range(4)), 2, _init, (0,)) as results:
+            list(results)
