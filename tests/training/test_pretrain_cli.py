@@ -106,9 +106,10 @@ def test_tensor_pipeline_sequence_parallel_layout_equals_serial(serial, tmp_path
 
 def test_interleaved_zero_layout_equals_serial_and_its_checkpoint_resumes_serially(serial, capsys, tmp_path):
     save = str(tmp_path / "zero")
+    # the weight all-gathers still in flight when iteration 4 saves: the save waits for them
     result = torchrun(*TINY, "--train-iters", str(ITERS), "--pipeline-model-parallel-size", "2",
                       "--num-layers-per-virtual-pipeline-stage", "1", "--use-distributed-optimizer",
-                      "--save", save, "--save-interval", "4")
+                      "--overlap-param-gather", "--save", save, "--save-interval", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_curve(losses_of(result.stdout), serial["losses"], range(1, ITERS + 1))
     # ZeRO shards of DP=2 with two model chunks per rank → one serial process, from iteration 4.
