@@ -1,13 +1,21 @@
 """Measured pipeline bubble of 1F1B and interleaved 1F1B at PP=2 on CPU, against the theory.
 
-Two gloo processes (one thread each) run a LLaMA split into two stages. On every rank the time
-spent waiting in point-to-point exchanges is the bubble (idle) time; the bubble fraction is
+The interleaved schedule is measured twice: "interleaved" with synchronous exchanges
+(``overlap_p2p_comm=False``, one exchange per step waited at once) and "interleaved+overlap" with
+Megatron's overlapped ones (the default: posted after the compute producing them, waited before
+the compute needing them).
+
+Two gloo processes (one thread each) run a LLaMA split into two stages. On every rank the time spent
+in point-to-point exchanges (posting and waiting) is the bubble (idle) time; the bubble fraction is
 idle / total schedule time, averaged over ranks and iterations. Part of that wait is the transfer
 itself (latency, copies), not the schedule: a ping-pong of the same activation measures the cost of
-one exchange, and "net" subtracts (exchanges × that cost). Theory (Narayanan et al. 2021):
-1F1B idles (p − 1) micro-batch slots out of m + p − 1, i.e. (p − 1)/(m + p − 1); interleaving
-with v chunks per rank divides the idle slots by v: ((p − 1)/v)/(m + (p − 1)/v). The two
-schedules are alternated iteration by iteration so machine load hits both alike.
+one exchange, and "net" subtracts (exchanges × that cost). Theory (Narayanan et al. 2021): 1F1B
+idles (p − 1) micro-batch slots out of m + p − 1, i.e. (p − 1)/(m + p − 1); interleaving with v
+chunks per rank divides the idle slots by v: ((p − 1)/v)/(m + (p − 1)/v). Overlap moves the same
+tensors as the synchronous schedule in more, smaller exchanges, so its "net" subtracts the
+synchronous run's exchanges × cost; a transfer hidden behind compute is in no wait, so there "net"
+may still over-subtract: compare iteration times too. The three sides are alternated iteration by
+iteration so machine load hits them alike.
 
     python bench/pipeline.py                       # m = 2, 4, 8 micro-batches, v = 2
     python bench/pipeline.py --microbatches 4 16 --num-layers 16 --virtual-size 4
@@ -26,6 +34,10 @@ import torch.multiprocessing as mp
 from benchlib import add_json_flag, ratio_row, write_json
 
 PP = 2
+# (name, interleaved, overlap_p2p_comm); the first two names are the stored table's rows
+SIDES = (("1F1B", False, True), ("interleaved", True, False), ("interleaved+overlap", True, True))
+# Whose exchange count "net" charges: overlap splits the synchronous schedule's exchanges.
+SAME_TRANSFERS = {"interleaved+overlap": "interleaved"}
 
 
 def parse_args(argv=None):
@@ -38,27 +50,28 @@ def parse_args(argv=None):
     p.add_argument("--microbatches", type=int, nargs="+", default=[2, 4, 8],
                    help="numbers of micro-batches m to measure (even, for the interleaved schedule)")
     p.add_argument("--virtual-size", type=int, default=2, help="model chunks per rank v for interleaving")
-    p.add_argument("--iters", type=int, default=4, help="measured iterations per (m, schedule)")
+    p.add_argument("--iters", type=int, default=10, help="measured iterations per (m, schedule)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured iterations per (m, schedule) first")
     add_json_flag(p)
     return p.parse_args(argv)
 
 
-def _timed_communicate(record):
-    """Patch the communicator so record = [seconds waited, exchanges made]."""
-    from megallama.pipeline.p2p import PipelineCommunicator
+def _timed_p2p(record):
+    """Patch the communicator so record = [seconds spent posting and waiting, exchanges posted]."""
+    from megallama.pipeline.p2p import PendingExchange, PipelineCommunicator
 
-    original = PipelineCommunicator.communicate
+    def timed(original, counts):
+        def method(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                record[0] += time.perf_counter() - start
+                record[1] += counts
+        return method
 
-    def communicate(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            record[0] += time.perf_counter() - start
-            record[1] += 1
-
-    PipelineCommunicator.communicate = communicate
+    PipelineCommunicator.post = timed(PipelineCommunicator.post, 1)
+    PendingExchange.wait = timed(PendingExchange.wait, 0)
 
 
 def _exchange_cost(shape, reps=20):
@@ -101,7 +114,7 @@ def _rank(rank, args, store):
                       num_attention_heads=args.num_attention_heads, vocab_size=512,
                       max_position_embeddings=args.seq_length)
     waited = [0.0, 0]
-    _timed_communicate(waited)
+    _timed_p2p(waited)
     shape = ActivationShape(args.seq_length, args.micro_batch_size, cfg.hidden_size)
     g = torch.Generator().manual_seed(0)
     results = {}
@@ -109,20 +122,24 @@ def _rank(rank, args, store):
         data = [(t[:, :-1], t[:, 1:]) for t in
                 (torch.randint(0, cfg.vocab_size, (args.micro_batch_size, args.seq_length + 1), generator=g)
                  for _ in range(m))]
-        # Both schedules' models are built once; each iteration re-initialises the groups.
+        # Each iteration builds every side's model and re-initialises the groups.
         for it in range(args.warmup + args.iters):
-            for name, vp in (("1F1B", None), ("interleaved", args.virtual_size)):
+            exchanges = {}
+            for name, interleaved, overlap in SIDES:
+                vp = args.virtual_size if interleaved else None
                 chunks = _build(cfg, vp)
                 iters = [iter(data) for _ in chunks] if vp else iter(data)
                 cost = _exchange_cost(shape)
                 dist.barrier()
                 waited[:] = [0.0, 0]
                 start = time.perf_counter()
-                get_forward_backward_func(PP, vp)(llama_forward_step, iters, chunks, m, shape)
+                get_forward_backward_func(PP, vp, overlap)(llama_forward_step, iters, chunks, m, shape)
                 total = time.perf_counter() - start
                 state.destroy_model_parallel()
+                exchanges[name] = waited[1]
+                transfers = exchanges[SAME_TRANSFERS.get(name, name)]
                 if it >= args.warmup:
-                    results.setdefault((m, name), []).append((waited[0], waited[1] * cost, total))
+                    results.setdefault((m, name), []).append((waited[0], transfers * cost, total))
     gathered = [None] * PP
     dist.all_gather_object(gathered, results)
     if rank == 0:
@@ -133,30 +150,32 @@ def _rank(rank, args, store):
 def report(args, per_rank):
     p, v = PP, args.virtual_size
     print(f"PP={p}, v={v}, {args.num_layers} layers, hidden {args.hidden_size}, seq {args.seq_length}, "
-          f"micro-batch {args.micro_batch_size}; bubble = time waiting in p2p / schedule time, "
+          f"micro-batch {args.micro_batch_size}; bubble = time in p2p (posting + waiting) / schedule time, "
           "net = without the measured transfer cost")
-    print(f"{'m':>4} {'schedule':>12} {'bubble':>8} {'net':>8} {'theory':>8} {'time (s)':>9}")
+    print(f"{'m':>4} {'schedule':>20} {'bubble':>8} {'net':>8} {'theory':>8} {'time (s)':>9}")
     rows, details = [], {}
     for m in args.microbatches:
         times = {}
-        for name in ("1F1B", "interleaved"):
+        for name, interleaved, _ in SIDES:
             samples = [s for r in per_rank for s in r[(m, name)]]
             bubble = sum(w / t for w, _, t in samples) / len(samples)
             net = sum(max(0.0, w - c) / t for w, c, t in samples) / len(samples)
-            slots = (p - 1) / (v if name == "interleaved" else 1)
+            slots = (p - 1) / (v if interleaved else 1)
             theory = slots / (m + slots)
             times[name] = sum(t for _, _, t in samples) / len(samples)
-            print(f"{m:>4} {name:>12} {bubble:>8.3f} {net:>8.3f} {theory:>8.3f} {times[name]:>9.3f}")
+            print(f"{m:>4} {name:>20} {bubble:>8.3f} {net:>8.3f} {theory:>8.3f} {times[name]:>9.3f}")
             details[f"m={m} {name}"] = {"bubble": bubble, "net_bubble": net, "theory": theory, "time_s": times[name]}
             if m == max(args.microbatches):
-                theory_name = f"(p−1)/(m+p−1){'/v' if name == 'interleaved' else ''}"
-                rows.append(ratio_row(f"PP=2 {name} (v={v if name == 'interleaved' else 1}), m={m}",
+                theory_name = f"(p−1)/(m+p−1){'/v' if interleaved else ''}"
+                rows.append(ratio_row(f"PP=2 {name} (v={v if interleaved else 1}), m={m}",
                                       "bubble fraction (net of transfers)", f"theory {theory_name} = {theory:.3f}",
                                       net / theory))
-        print(f"{m:>4} {'ratio':>12} interleaved / 1F1B time = {times['interleaved'] / times['1F1B']:.3f}")
-        if m == max(args.microbatches):
-            rows.append(ratio_row(f"PP=2 interleaved vs 1F1B, m={m}", "iteration time", "1F1B",
-                                  times["interleaved"] / times["1F1B"]))
+        for name, peer in (("interleaved", "1F1B"), ("interleaved+overlap", "1F1B"),
+                           ("interleaved+overlap", "interleaved")):
+            print(f"{m:>4} {'ratio':>20} {name} / {peer} time = {times[name] / times[peer]:.3f}")
+            if m == max(args.microbatches):
+                rows.append(ratio_row(f"PP=2 {name} vs {peer}, m={m}", "iteration time", peer,
+                                      times[name] / times[peer]))
     write_json(args.json, rows, details)
 
 

@@ -7,7 +7,7 @@
 #   python tools/plan.py --model-size 33b --gpus 256 --train-tokens 1.4e12 --micro-batch-size 1
 #   → TP=2 (26 heads per rank) PP=2 interleaved in 6 chunks of 5 layers per rank, sequence
 #     parallelism, distributed optimizer, DP=64: 62.4 GB per GPU (weights 16.3 + grads 32.5 + AdamW
-#     1.5 + the first stage's 13 chunk forwards in flight 11.9); 672 tokens/s/GPU.
+#     1.5 + the first stage's 13 chunk forwards in flight 11.9); 675 tokens/s/GPU.
 MODEL_SIZE=33b LR=1.5e-4 TRAIN_ITERS=333787 TP=2 PP=2
 EXTRA_FLAGS="--sequence-parallel --num-layers-per-virtual-pipeline-stage 5"
 source "$(dirname "$0")/pretrain_llama_common.sh"

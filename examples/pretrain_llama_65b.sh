@@ -8,8 +8,8 @@
 #   python tools/plan.py --model-size 65b --gpus 2048 --train-tokens 1.4e12 --micro-batch-size 1
 #   → TP=4 (16 heads per rank) PP=8 interleaved in 10 chunks of 1 layer per rank, sequence
 #     parallelism, distributed optimizer, DP=64 (32 micro-batches, a multiple of PP): 22.8 GB per
-#     GPU; 296 tokens/s/GPU, 27 days (the planner without this codebase's exposed communication:
-#     add --overlap-communication, ≈ 359 tokens/s/GPU).
+#     GPU; 300 tokens/s/GPU, 26 days (the planner without this codebase's exposed communication:
+#     add --overlap-communication, ≈ 329 tokens/s/GPU at micro-batch 1).
 MODEL_SIZE=65b LR=1.5e-4 TRAIN_ITERS=333787 TP=4 PP=8
 EXTRA_FLAGS="--sequence-parallel --num-layers-per-virtual-pipeline-stage 1"
 source "$(dirname "$0")/pretrain_llama_common.sh"

@@ -1,12 +1,14 @@
 """Point-to-point exchange of activations and their gradients between pipeline stages.
 
-Every exchange is one ``batch_isend_irecv`` call that is waited on before returning, so a stage's
-sends and receives of one schedule step are posted together (no ordering deadlock between
-neighbours that both send and receive). Ops are posted in a fixed order — the forward direction
-(send to next, receive from previous) before the backward direction (send to previous, receive
-from next) — and tagged by direction: NCCL matches a group's ops to one peer in posting order and
-gloo matches by tag, so both stay correct when the next and the previous rank are the same process
-(two stages, or the wrap-around of the interleaved schedule).
+Every exchange is one ``batch_isend_irecv`` call, so a stage's sends and receives of one schedule
+step are posted together (no ordering deadlock between neighbours that both send and receive).
+``communicate`` waits for it before returning; ``post`` returns a :class:`PendingExchange` to wait
+later, so that the transfer overlaps compute (the interleaved schedule's ``overlap_p2p_comm``). A
+posted activation must stay unmodified until that wait. Ops are posted in a fixed order — the
+forward direction (send to next, receive from previous) before the backward direction (send to
+previous, receive from next) — and tagged by direction: NCCL matches a group's ops to one peer in
+posting order and gloo matches by tag, so both stay correct when the next and the previous rank are
+the same process (two stages, or the wrap-around of the interleaved schedule).
 
 Receive buffers have the shape the schedule derives from the config (``[micro_batch, seq, hidden]``,
 the sequence divided by TP under sequence parallelism): no shape handshake. Waits are bounded by
@@ -47,6 +49,22 @@ class ActivationShape:
         return (self.micro_batch_size, seq_length, self.hidden_size)
 
 
+class PendingExchange:
+    """A posted exchange; ``wait()`` returns (from_prev, from_next) once every op completed."""
+
+    def __init__(self, works, from_prev: Optional[torch.Tensor], from_next: Optional[torch.Tensor],
+                 timeout):
+        self._works = works
+        self._received = (from_prev, from_next)
+        self._timeout = timeout
+
+    def wait(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        for work in self._works:
+            wait(work, self._timeout)
+        self._works = []
+        return self._received
+
+
 class PipelineCommunicator:
     """Exchanges tensors of one fixed shape with the neighbouring pipeline stages (a ring)."""
 
@@ -81,10 +99,9 @@ class PipelineCommunicator:
                 f"{tensor.dtype}, but the stages exchange {self.tensor_shape} {self.dtype} "
                 "(check seq_length, micro_batch_size, hidden_size, sequence_parallel and dtype)")
 
-    def communicate(self, send_next: Optional[torch.Tensor] = None,
-                    send_prev: Optional[torch.Tensor] = None, recv_prev: bool = False,
-                    recv_next: bool = False) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Send/receive in both directions at once; returns (from_prev, from_next)."""
+    def post(self, send_next: Optional[torch.Tensor] = None, send_prev: Optional[torch.Tensor] = None,
+             recv_prev: bool = False, recv_next: bool = False) -> PendingExchange:
+        """Post sends/receives in both directions at once, without waiting for them."""
         from_prev = self._buffer(requires_grad=True) if recv_prev else None
         from_next = self._buffer(requires_grad=False) if recv_next else None
         ops = []
@@ -100,10 +117,14 @@ class PipelineCommunicator:
                                   self.group, _BACKWARD_TAG))
         if from_next is not None:
             ops.append(dist.P2POp(dist.irecv, from_next.data, self.next_rank, self.group, _BACKWARD_TAG))
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                wait(work, self.timeout)
-        return from_prev, from_next
+        return PendingExchange(dist.batch_isend_irecv(ops) if ops else [], from_prev, from_next,
+                               self.timeout)
+
+    def communicate(self, send_next: Optional[torch.Tensor] = None,
+                    send_prev: Optional[torch.Tensor] = None, recv_prev: bool = False,
+                    recv_next: bool = False) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Send/receive in both directions at once and wait; returns (from_prev, from_next)."""
+        return self.post(send_next, send_prev, recv_prev, recv_next).wait()
 
     def recv_forward(self) -> torch.Tensor:
         return self.communicate(recv_prev=True)[0]

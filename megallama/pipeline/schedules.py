@@ -2,7 +2,7 @@
 
 The schedule API is independent of the training loop (Megatron's shape)::
 
-    fwd_bwd = get_forward_backward_func(pipeline_size, virtual_size)
+    fwd_bwd = get_forward_backward_func(pipeline_size, virtual_size, overlap_p2p_comm=True)
     shape = ActivationShape(seq_length, micro_batch_size, hidden_size, dtype, sequence_parallel)
     losses = fwd_bwd(forward_step_func, data_iterator, model_chunks, num_microbatches, shape,
                      forward_only=False)
@@ -21,29 +21,39 @@ token loss over the global batch, whatever the split into micro-batches, stages 
 returned list holds, on the last pipeline stage, ``{"loss_sum", "num_tokens"}`` per micro-batch (an
 empty list on the other stages).
 
-A stage's output is sent, then its storage is freed (only its autograd node is kept for backward),
-so a stage's last operation must not save its own output for backward (LLaMA's residual add
-saves nothing).
+**Overlapped exchanges.** With ``overlap_p2p_comm`` (Megatron's ``--overlap-p2p-communication``,
+the default) the interleaved schedule posts each exchange right after the compute that produces
+what it sends and waits for it right before the compute that needs what it receives: in the steady
+state the forward-direction exchange overlaps the backward and the backward-direction one the next
+forward. The ops and their order per peer are those of the synchronous schedule (in more, smaller
+batches), so the results are bit-identical.
+
+A stage's output is sent, then, once the send completed, its storage is freed (only its autograd
+node is kept for backward), so a stage's last operation must not save its own output for backward
+(LLaMA's residual add saves nothing).
 
 Model chunks that have a ``no_sync()`` context (:class:`megallama.distributed.DistributedDataParallel`)
 reduce their gradients only during the backward of their last micro-batch.
 """
 import contextlib
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+import functools
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd import Variable
 
-from megallama.pipeline.p2p import ActivationShape, PipelineCommunicator
+from megallama.pipeline.p2p import ActivationShape, PendingExchange, PipelineCommunicator
 
 LossList = List[dict]
 
 
-def get_forward_backward_func(pipeline_size: Optional[int] = None,
-                              virtual_size: Optional[int] = None) -> Callable[..., LossList]:
+def get_forward_backward_func(pipeline_size: Optional[int] = None, virtual_size: Optional[int] = None,
+                              overlap_p2p_comm: bool = True) -> Callable[..., LossList]:
     """The schedule for a pipeline of ``pipeline_size`` ranks with ``virtual_size`` chunks each.
 
-    Sizes default to those of :mod:`megallama.parallel.state`.
+    Sizes default to those of :mod:`megallama.parallel.state`; ``overlap_p2p_comm`` applies to the
+    interleaved schedule only.
     """
     if pipeline_size is None:
         from megallama.parallel import state
@@ -53,7 +63,8 @@ def get_forward_backward_func(pipeline_size: Optional[int] = None,
         if pipeline_size < 2:
             raise ValueError(f"the interleaved schedule (virtual_size={virtual_size}) needs "
                              f"pipeline_model_parallel_size >= 2, got {pipeline_size}")
-        return forward_backward_pipelining_with_interleaving
+        return functools.partial(forward_backward_pipelining_with_interleaving,
+                                 overlap_p2p_comm=overlap_p2p_comm)
     if pipeline_size > 1:
         return forward_backward_pipelining_without_interleaving
     return forward_backward_no_pipelining
@@ -203,11 +214,13 @@ def forward_backward_pipelining_without_interleaving(
 
 def forward_backward_pipelining_with_interleaving(
         forward_step_func, data_iterator: Sequence[Iterator], model_chunks, num_microbatches,
-        shape: ActivationShape, forward_only=False) -> LossList:
+        shape: ActivationShape, forward_only=False, overlap_p2p_comm: bool = True) -> LossList:
     """Interleaved 1F1B (Narayanan et al. 2021) over ``v`` model chunks per rank.
 
     Micro-batches go through the chunks in groups of ``p``; ``data_iterator`` is a list with one
     iterator per chunk. The number of micro-batches must be a multiple of the pipeline size.
+    ``overlap_p2p_comm`` overlaps the exchanges with compute; without it each step ends with one
+    synchronous exchange in both directions.
     """
     from megallama.parallel import state
 
@@ -226,8 +239,18 @@ def forward_backward_pipelining_with_interleaving(
         raise ValueError(f"the interleaved schedule needs a list of {v} data iterators (one per "
                          "model chunk)")
     schedule = _InterleavedSchedule(forward_step_func, data_iterator, model_chunks, num_microbatches,
-                                    comm, forward_only)
+                                    comm, forward_only, overlap_p2p_comm)
     return schedule.run()
+
+
+@dataclass
+class _Exchange:
+    """One exchange of a schedule step: what it sends, and for which chunk each received tensor is."""
+
+    send_next: Optional[torch.Tensor] = None
+    input_chunk: Optional[int] = None  # the chunk whose input arrives from the previous rank
+    send_prev: Optional[torch.Tensor] = None
+    grad_chunk: Optional[int] = None  # the chunk whose output gradient arrives from the next rank
 
 
 class _InterleavedSchedule:
@@ -237,15 +260,21 @@ class _InterleavedSchedule:
     ``chunk_of(k, True)`` on micro-batch ``microbatch_of(k)``; backward step ``k`` runs the chunks in
     reverse order. Per chunk, the queues hold the inputs received (or ``None`` on the first chunk),
     the outputs kept for backward and the output gradients received, oldest first.
+
+    A step states its exchange in two parts (forward direction after its forward, backward direction
+    after its backward). With ``overlap`` each part is posted at once and waited for right before
+    the next compute that needs its direction's tensors; without it the step ends with both parts
+    posted as one exchange and waited for.
     """
 
     def __init__(self, forward_step_func, data_iterators, model_chunks, num_microbatches,
-                 comm: PipelineCommunicator, forward_only: bool):
+                 comm: PipelineCommunicator, forward_only: bool, overlap: bool):
         self.forward_step_func = forward_step_func
         self.data_iterators = data_iterators
         self.model_chunks = model_chunks
         self.comm = comm
         self.forward_only = forward_only
+        self.overlap = overlap
         self.p, self.r, self.v = comm.size, comm.rank, len(model_chunks)
         self.num_microbatches = num_microbatches
         self.total = num_microbatches * self.v
@@ -260,6 +289,9 @@ class _InterleavedSchedule:
         self.inputs: List[List[Optional[torch.Tensor]]] = [[] for _ in range(self.v)]
         self.outputs: List[List[torch.Tensor]] = [[] for _ in range(self.v)]
         self.output_grads: List[List[torch.Tensor]] = [[] for _ in range(self.v)]
+        self.step = _Exchange()  # this step's exchange, not posted yet
+        # Posted, not yet waited: under overlap at most one per direction ("forward", "backward").
+        self.pending: Dict[str, Tuple[PendingExchange, _Exchange]] = {}
 
     # --- chunk and micro-batch arithmetic --------------------------------------------------------
 
@@ -316,63 +348,101 @@ class _InterleavedSchedule:
                                output_grad, sync=self.microbatch_of(k) == self.num_microbatches - 1)
         return None if self.is_first(c) else input_grad
 
+    # --- exchanges ---------------------------------------------------------------------------------
+
+    def exchange_forward(self, output: Optional[torch.Tensor], input_chunk: Optional[int]) -> None:
+        """The step's forward direction: ``output`` to the next rank, an input for ``input_chunk``."""
+        self.step.send_next, self.step.input_chunk = output, input_chunk
+        if self.overlap:
+            self.post("forward")
+
+    def exchange_backward(self, input_grad: Optional[torch.Tensor], grad_chunk: Optional[int]) -> None:
+        """The step's backward direction: ``input_grad`` to the previous rank, an output gradient
+        for ``grad_chunk``."""
+        self.step.send_prev, self.step.grad_chunk = input_grad, grad_chunk
+        if self.overlap:
+            self.post("backward")
+
+    def end_step(self) -> None:
+        """Without overlap, the step's one exchange: both directions posted together and waited."""
+        if not self.overlap:
+            self.post("both")
+            self.complete("both")
+
+    def post(self, direction: str) -> None:
+        """Post the step's exchange stated so far, to be completed under ``direction``."""
+        step, self.step = self.step, _Exchange()
+        if (step.send_next is None and step.send_prev is None and step.input_chunk is None
+                and step.grad_chunk is None):
+            return  # nothing to exchange
+        assert direction not in self.pending, f"a {direction} exchange is already in flight"
+        handle = self.comm.post(send_next=step.send_next, send_prev=step.send_prev,
+                                recv_prev=step.input_chunk is not None,
+                                recv_next=step.grad_chunk is not None)
+        self.pending[direction] = (handle, step)
+
+    def complete(self, direction: str) -> None:
+        """Wait for the exchange in flight in ``direction`` (if any), queue what it brought and free
+        the activation it sent (only now: the send reads that storage until it completes)."""
+        if direction not in self.pending:
+            return
+        handle, step = self.pending.pop(direction)
+        input_tensor, output_grad = handle.wait()
+        if step.input_chunk is not None:
+            self.inputs[step.input_chunk].append(input_tensor)
+        if step.grad_chunk is not None:
+            self.output_grads[step.grad_chunk].append(output_grad)
+        _free_output(step.send_next)
+
+    def recv_chunk(self, k: int, forward: bool, last: bool) -> Optional[int]:
+        """The chunk of the tensor that arrives after step ``k`` (None if none, or ``last`` step)."""
+        recv, chunk = self.next_recv(k, forward)
+        return chunk if recv and not last else None
+
     # --- phases ------------------------------------------------------------------------------------
 
     def run(self) -> LossList:
         self.warmup()
         self.steady()
+        self.complete("forward")  # the last activation sent
         if not self.forward_only:
             self.cooldown()
         return self.losses
 
     def warmup(self) -> None:
         """Forwards only; the last exchange also brings the first backward's gradient."""
-        comm = self.comm
         if self.r != 0:
-            self.inputs[0].append(comm.recv_forward())
+            self.exchange_forward(None, 0)
+            self.end_step()
         for k in range(self.num_warmup):
+            self.complete("forward")
             to_send = self.forward(k)
-            recv_prev, recv_chunk = self.next_recv(k, True)
-            if k == self.total - 1:
-                recv_prev = False
-            if k == self.num_warmup - 1 and not self.forward_only and not self.all_warmup:
-                input_tensor, output_grad = comm.communicate(send_next=to_send, recv_prev=recv_prev,
-                                                             recv_next=self.r != self.p - 1)
-                if output_grad is not None:
-                    self.output_grads[self.v - 1].append(output_grad)
-            else:
-                input_tensor, _ = comm.communicate(send_next=to_send, recv_prev=recv_prev)
-            if recv_prev:
-                self.inputs[recv_chunk].append(input_tensor)
-            _free_output(to_send)
+            self.exchange_forward(to_send, self.recv_chunk(k, True, last=k == self.total - 1))
+            if (k == self.num_warmup - 1 and not self.forward_only and not self.all_warmup
+                    and self.r != self.p - 1):
+                self.exchange_backward(None, self.v - 1)
+            self.end_step()
 
     def steady(self) -> None:
-        """One forward and one backward per step, both directions exchanged at once."""
+        """One forward and one backward per step."""
         for i in range(self.num_steady):
             forward_k = self.num_warmup + i
+            self.complete("forward")
             to_send = self.forward(forward_k)
+            self.exchange_forward(to_send, self.recv_chunk(forward_k, True, last=i == self.num_steady - 1))
+            self.complete("backward")
             grad_to_send = self.backward(i)
-            recv_prev, recv_chunk = self.next_recv(forward_k, True)
-            recv_next, grad_chunk = self.next_recv(i, False)
-            if i == self.num_steady - 1:
-                recv_prev = False
-            input_tensor, output_grad = self.comm.communicate(
-                send_next=to_send, send_prev=grad_to_send, recv_prev=recv_prev, recv_next=recv_next)
-            _free_output(to_send)
-            if recv_prev:
-                self.inputs[recv_chunk].append(input_tensor)
-            if recv_next:
-                self.output_grads[grad_chunk].append(output_grad)
+            self.exchange_backward(grad_to_send, self.recv_chunk(i, False, last=False))
+            self.end_step()
 
     def cooldown(self) -> None:
         """The backwards left after the last forward."""
         if self.all_warmup and self.r != self.p - 1:
-            self.output_grads[self.v - 1].append(self.comm.recv_backward())
+            self.exchange_backward(None, self.v - 1)
+            self.end_step()
         for k in range(self.num_steady, self.total):
+            self.complete("backward")
             grad_to_send = self.backward(k)
-            recv_next, grad_chunk = self.next_recv(k, False)
-            if k == self.total - 1:
-                recv_next = False
-            _, output_grad = self.comm.communicate(send_prev=grad_to_send, recv_next=recv_next)
-            if recv_next:
-                self.output_grads[grad_chunk].append(output_grad)
+            self.exchange_backward(grad_to_send, self.recv_chunk(k, False, last=k == self.total - 1))
+            self.end_step()
+        self.complete("backward")  # the last gradient sent

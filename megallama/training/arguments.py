@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Pipeline stages the layer stack is split into.")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="Layers per model chunk for the interleaved 1F1B schedule; unset = plain 1F1B.")
+    g.add_argument("--overlap-p2p-communication", dest="overlap_p2p_comm",
+                   action=argparse.BooleanOptionalAction, default=True,
+                   help="Interleaved schedule only: post each exchange between pipeline stages right after the "
+                   "compute that produces it and wait for it only before the compute that needs it, so "
+                   "transfers overlap compute (Megatron's default); bit-identical results either way.")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="Shard norm regions' activations along the sequence over the tensor-parallel ranks.")
     g.add_argument("--use-distributed-optimizer", action="store_true",
@@ -309,6 +314,7 @@ def config_from_namespace(ns: argparse.Namespace, world_size: int) -> PretrainCo
         tensor_model_parallel_size=ns.tensor_model_parallel_size,
         pipeline_model_parallel_size=ns.pipeline_model_parallel_size,
         num_layers_per_virtual_pipeline_stage=ns.num_layers_per_virtual_pipeline_stage,
+        overlap_p2p_comm=ns.overlap_p2p_comm,
         world_size=world_size,
         distributed_backend=ns.distributed_backend,
         distributed_timeout_minutes=ns.distributed_timeout_minutes,

@@ -27,6 +27,7 @@ class ParallelArgs:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    overlap_p2p_comm: bool = True  # interleaved schedule: exchanges between stages overlap compute
     world_size: int = 1  # filled from the launcher's WORLD_SIZE when the flags are parsed
     distributed_backend: Optional[str] = None  # None: nccl with CUDA, else gloo
     distributed_timeout_minutes: int = 10

@@ -328,7 +328,7 @@ class Trainer:
         self.schedule = LRSchedule(config.lr_schedule, config.optimizer.lr, config.training.global_batch_size)
         self.batch_schedule = config.batch_schedule
         self.forward_backward = get_forward_backward_func(config.parallel.pipeline_model_parallel_size,
-                                                          virtual_size(config))
+                                                          virtual_size(config), config.parallel.overlap_p2p_comm)
         self.activation_shape = ActivationShape(config.training.seq_length, config.training.micro_batch_size,
                                                 config.model.hidden_size, self.dtype, config.model.sequence_parallel)
         self.is_last_stage = state.is_pipeline_last_stage()

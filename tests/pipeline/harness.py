@@ -80,8 +80,9 @@ def make_stage(cfg: LlamaConfig, spec, full: dict) -> LlamaModel:
 
 def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distributed_opt: bool,
                  steps: int, bucket_size: int = 3000, inject_inf_at=None, forward_step=None,
-                 gradient_accumulation_fusion: bool = False):
-    """Train on this rank's share; returns {"losses", "norms", "applied", "params"}.
+                 gradient_accumulation_fusion: bool = False, overlap_p2p_comm: bool = True):
+    """Train on this rank's share; returns {"losses", "norms", "applied", "params", "grads"} (the
+    last step's local main gradients).
 
     ``inject_inf_at=(step, pp_rank)`` puts an inf into one gradient of that stage at that step.
     """
@@ -95,7 +96,7 @@ def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distr
                   for m in build_model_chunks(lambda spec: make_stage(cfg, spec, full), cfg, vp)]
         optimizer = build_optimizer(OptimizerConfig(use_distributed_optimizer=distributed_opt, **OPT),
                                     chunks)
-        fwd_bwd = get_forward_backward_func(pp, vp)
+        fwd_bwd = get_forward_backward_func(pp, vp, overlap_p2p_comm)
         per_rank = GLOBAL_BATCH // dp
         num_micro = per_rank // micro_batch
         out = {"losses": [], "norms": [], "applied": []}
@@ -118,6 +119,8 @@ def parallel_run(cfg: LlamaConfig, tp: int, pp: int, vp, micro_batch: int, distr
         # Full tensors (gathered over TP), comparable with the serial model's.
         out["params"] = {k: parallel.gather_like(p, p.detach()).clone()
                          for c in chunks for k, p in c.module.named_parameters(remove_duplicate=False)}
+        out["grads"] = {k: p.main_grad.clone() for c in chunks
+                        for k, p in c.module.named_parameters(remove_duplicate=False)}
         out["tp_rank"] = state.get_tensor_model_parallel_rank()
         out["dp_rank"] = dp_rank
         return out
@@ -144,7 +147,17 @@ def check_against_serial(results, serial, rtol=1e-5, atol=1e-6):
     assert any(r["losses"][0] is not None for r in results), "no rank reported losses"
 
 
-def parallel_eval(cfg: LlamaConfig, pp: int, vp, micro_batch: int):
+def check_identical(results, reference):
+    """Every rank's losses, grad norms, last gradients and parameters equal ``reference``'s bit for bit."""
+    for rank, (r, ref) in enumerate(zip(results, reference, strict=True)):
+        assert (r["losses"], r["norms"], r["applied"]) == (ref["losses"], ref["norms"], ref["applied"]), rank
+        for what in ("grads", "params"):
+            assert r[what].keys() == ref[what].keys(), (rank, what)
+            for name, value in r[what].items():
+                assert torch.equal(value, ref[what][name]), f"rank {rank}: {what} of {name} differ"
+
+
+def parallel_eval(cfg: LlamaConfig, pp: int, vp, micro_batch: int, overlap_p2p_comm: bool = True):
     """forward_only over global batch 0 at the initial weights; the global mean loss (last stage)."""
     full = initial_state(cfg)
     state.initialize_model_parallel(1, pp, vp)
@@ -155,7 +168,7 @@ def parallel_eval(cfg: LlamaConfig, pp: int, vp, micro_batch: int):
         mine = [(tokens[i:i + micro_batch], labels[i:i + micro_batch])
                 for i in range(0, GLOBAL_BATCH, micro_batch)]
         data = [iter(mine) for _ in chunks] if vp else iter(mine)
-        losses = get_forward_backward_func(pp, vp)(llama_forward_step, data, chunks, len(mine),
+        losses = get_forward_backward_func(pp, vp, overlap_p2p_comm)(llama_forward_step, data, chunks, len(mine),
                                                    ActivationShape(SEQ, micro_batch, cfg.hidden_size),
                                                    forward_only=True)
         assert all(p.main_grad.abs().sum() == 0 for c in chunks for p in c.module.parameters())

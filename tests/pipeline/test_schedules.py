@@ -1,4 +1,7 @@
-"""Schedules, DDP buckets and optimizers under (TP, PP, DP) layouts equal the serial run (fp32)."""
+"""Schedules, DDP buckets and optimizers under (TP, PP, DP) layouts equal the serial run (fp32).
+
+Every interleaved layout runs with overlapped exchanges (the default) and again with synchronous
+ones (``overlap_p2p_comm=False``): the two must be bit-identical."""
 import pytest
 import torch
 
@@ -9,11 +12,17 @@ from tests.distributed_utils import run_distributed
 from tests.pipeline import harness as H
 
 STEPS = 3
+V3_LAYERS = 6  # interleaving with 3 chunks per rank at PP 2 needs layers divisible by 6
 
 
 @pytest.fixture(scope="module")
 def serial():
     return H.serial_run(H.config(), STEPS)
+
+
+@pytest.fixture(scope="module")
+def serial_v3():
+    return H.serial_run(H.config(num_layers=V3_LAYERS), STEPS)
 
 
 # (tp, pp, virtual, micro_batch, distributed optimizer)
@@ -26,6 +35,7 @@ TWO_RANK_LAYOUTS = [
 FOUR_RANK_LAYOUTS = [
     (1, 4, None, 1, False),   # 1F1B over 4 stages
     (1, 4, 2, 1, False),      # interleaved over 4 stages
+    (1, 4, 2, 2, False),      # interleaved over 4 stages, micro-batches == stages: all warm-up
     (1, 4, None, 4, False),   # 1F1B with fewer micro-batches (2) than stages
     (1, 2, None, 1, False),   # PP 2 × DP 2
     (1, 2, 2, 1, True),       # PP 2 × DP 2, interleaved, distributed optimizer
@@ -44,12 +54,29 @@ TENSOR_PARALLEL_LAYOUTS = [
 ]
 
 
+def _interleaved(layouts):
+    return [i for i, layout in enumerate(layouts) if layout[2]]
+
+
 def _train_layouts(layouts):
-    return [H.parallel_run(H.config(), *layout, STEPS) for layout in layouts]
+    return {"overlap": [H.parallel_run(H.config(), *layout, STEPS) for layout in layouts],
+            "synchronous": [H.parallel_run(H.config(), *layouts[i], STEPS, overlap_p2p_comm=False)
+                            for i in _interleaved(layouts)]}
 
 
 def _train_tensor_parallel_layouts(layouts):
-    return [H.parallel_run(H.config(sequence_parallel=sp), *layout, STEPS) for sp, layout in layouts]
+    def run(sp, layout, overlap):
+        return H.parallel_run(H.config(sequence_parallel=sp), *layout, STEPS, overlap_p2p_comm=overlap)
+    return {"overlap": [run(sp, layout, True) for sp, layout in layouts],
+            "synchronous": [run(*layouts[i], False) for i in _interleaved([lay for _, lay in layouts])]}
+
+
+def _check_layouts(layouts, results, serial):
+    """Each layout equals the serial run; each interleaved one is the same bit for bit without overlap."""
+    for i, _ in enumerate(layouts):
+        H.check_against_serial([r["overlap"][i] for r in results], serial)
+    for j, i in enumerate(_interleaved(layouts)):
+        H.check_identical([r["overlap"][i] for r in results], [r["synchronous"][j] for r in results])
 
 
 class _RecordingForwardStep:
@@ -71,7 +98,10 @@ class _RecordingForwardStep:
 def _schedule_properties():
     cfg = H.config()
     out = {}
-    out["eval"] = [H.parallel_eval(cfg, 2, None, 2), H.parallel_eval(cfg, 2, 2, 1)]
+    # 1F1B; interleaved with overlap, without, and with micro-batches == stages (all warm-up)
+    out["eval"] = [H.parallel_eval(cfg, 2, None, 2), H.parallel_eval(cfg, 2, 2, 1),
+                   H.parallel_eval(cfg, 2, 2, 1, overlap_p2p_comm=False), H.parallel_eval(cfg, 2, 2, 4),
+                   H.parallel_eval(cfg, 2, 2, 4, overlap_p2p_comm=False)]
     state.initialize_model_parallel(1, 2, 2)
     try:
         chunks = build_model_chunks(lambda s: H.LlamaModel(cfg, pre_process=s.pre_process,
@@ -79,11 +109,13 @@ def _schedule_properties():
                                                            layer_ids=s.layer_ids), cfg, 2)
         tokens, labels = H.batch(0)
         data = [(tokens[i:i + 1], labels[i:i + 1]) for i in range(8)]
-        interleaved = get_forward_backward_func(2, 2)
-        step = _RecordingForwardStep()
         shape = ActivationShape(H.SEQ, 1, cfg.hidden_size)
-        interleaved(step, [iter(data), iter(data)], chunks, 8, shape)
-        out["freed_checks"] = step.checked
+        out["freed_checks"] = []
+        for overlap in (True, False):
+            step = _RecordingForwardStep()
+            get_forward_backward_func(2, 2, overlap)(step, [iter(data), iter(data)], chunks, 8, shape)
+            out["freed_checks"].append(step.checked)
+        interleaved = get_forward_backward_func(2, 2)
         errors = []
         for bad in (lambda: interleaved(step, [iter(data), iter(data)], chunks, 3, shape),
                     lambda: interleaved(step, iter(data), chunks, 2, shape),
@@ -121,12 +153,17 @@ def _schedule_properties():
 def _two_rank_work():
     return {"layouts": _train_layouts(TWO_RANK_LAYOUTS), "properties": _schedule_properties(),
             # Full recompute: a sent (freed) output must not be needed by the re-run forward.
-            "recompute": H.parallel_run(H.config(recompute_granularity="full"), 1, 2, 2, 1, False, STEPS)}
+            "recompute": H.parallel_run(H.config(recompute_granularity="full"), 1, 2, 2, 1, False, STEPS),
+            "v3": [H.parallel_run(H.config(num_layers=V3_LAYERS), 1, 2, 3, 1, False, STEPS, overlap_p2p_comm=o)
+                   for o in (True, False)]}
 
 
 def _four_rank_work():
     return {"layouts": _train_layouts(FOUR_RANK_LAYOUTS),
-            "tensor_parallel": _train_tensor_parallel_layouts(TENSOR_PARALLEL_LAYOUTS)}
+            "tensor_parallel": _train_tensor_parallel_layouts(TENSOR_PARALLEL_LAYOUTS),
+            # forward only, interleaved over 4 stages: overlapped, synchronous, all warm-up
+            "eval": [H.parallel_eval(H.config(), 4, 2, mb, overlap_p2p_comm=o) for mb, o in
+                     ((1, True), (1, False), (2, True))]}
 
 
 # One spawn per world size for all checks: starting processes is the expensive part.
@@ -141,20 +178,32 @@ def four_ranks():
 
 
 def test_two_stage_layouts_equal_serial(serial, two_ranks):
-    for i, layout in enumerate(TWO_RANK_LAYOUTS):
-        H.check_against_serial([r["layouts"][i] for r in two_ranks], serial)
+    _check_layouts(TWO_RANK_LAYOUTS, [r["layouts"] for r in two_ranks], serial)
     H.check_against_serial([r["recompute"] for r in two_ranks], serial)
     assert serial[1][0] > H.OPT["clip_grad"], "clipping must be active for the norm to matter"
 
 
+def test_three_chunks_per_rank_equal_serial_with_and_without_overlap(serial_v3, two_ranks):
+    overlap, synchronous = ([r["v3"][i] for r in two_ranks] for i in (0, 1))
+    H.check_against_serial(overlap, serial_v3)
+    H.check_identical(overlap, synchronous)
+
+
 def test_four_rank_layouts_equal_serial(serial, four_ranks):
-    for i, layout in enumerate(FOUR_RANK_LAYOUTS):
-        H.check_against_serial([r["layouts"][i] for r in four_ranks], serial)
+    _check_layouts(FOUR_RANK_LAYOUTS, [r["layouts"] for r in four_ranks], serial)
 
 
 def test_tensor_parallel_layouts_equal_serial(serial, four_ranks):
-    for i, layout in enumerate(TENSOR_PARALLEL_LAYOUTS):
-        H.check_against_serial([r["tensor_parallel"][i] for r in four_ranks], serial)
+    _check_layouts([layout for _, layout in TENSOR_PARALLEL_LAYOUTS], [r["tensor_parallel"] for r in four_ranks],
+                   serial)
+
+
+def test_four_stage_forward_only_equals_serial(four_ranks):
+    expected = H.serial_eval(H.config())
+    assert [r["eval"] for r in four_ranks[:3]] == [[None] * 3] * 3
+    overlap, synchronous, all_warmup = four_ranks[3]["eval"]
+    assert overlap == synchronous == pytest.approx(expected, rel=1e-6)
+    assert all_warmup == pytest.approx(expected, rel=1e-6)
 
 
 def test_schedule_properties(two_ranks):
@@ -162,9 +211,13 @@ def test_schedule_properties(two_ranks):
     expected = H.serial_eval(H.config())
     for value in results[1]["eval"]:  # the last stage reports the loss
         assert value == pytest.approx(expected, rel=1e-6)
-    assert results[0]["eval"] == [None, None]
-    # Rank 0 sends 8 micro-batches × 2 chunks, rank 1 8 × 1 (its last chunk sends nothing).
-    assert results[0]["freed_checks"] > 0 and results[1]["freed_checks"] > 0
+    _, overlap, synchronous, all_warmup, all_warmup_synchronous = results[1]["eval"]
+    assert overlap == synchronous and all_warmup == all_warmup_synchronous
+    assert results[0]["eval"] == [None] * 5
+    # Rank 0 sends 8 micro-batches × 2 chunks, rank 1 8 × 1 (its last chunk sends nothing); with
+    # overlap or without, each is freed before the next forward.
+    for r in results:
+        assert all(checks > 0 for checks in r["freed_checks"])
     for r in results:
         first, second, third = r["errors"]
         assert "micro-batches (3) divisible by pipeline_model_parallel_size (2)" in first

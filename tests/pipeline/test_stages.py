@@ -59,6 +59,10 @@ def test_schedule_choice():
     assert get_forward_backward_func(1, None) is forward_backward_no_pipelining
     assert get_forward_backward_func(2, None) is forward_backward_pipelining_without_interleaving
     assert get_forward_backward_func(2, 1) is forward_backward_pipelining_without_interleaving
-    assert get_forward_backward_func(4, 2) is forward_backward_pipelining_with_interleaving
+    for overlap in (True, False):
+        interleaved = get_forward_backward_func(4, 2, overlap_p2p_comm=overlap)
+        assert interleaved.func is forward_backward_pipelining_with_interleaving
+        assert interleaved.keywords == {"overlap_p2p_comm": overlap}
+    assert get_forward_backward_func(4, 2).keywords == {"overlap_p2p_comm": True}  # Megatron's default
     with pytest.raises(ValueError, match="needs pipeline_model_parallel_size >= 2"):
         get_forward_backward_func(1, 2)

@@ -38,7 +38,10 @@ TIED = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4"
 
 
 def _harness_layouts():
-    return [H.parallel_run(H.config(tie_word_embeddings=True), *layout, STEPS) for layout in LAYOUTS]
+    cfg = H.config(tie_word_embeddings=True)
+    return {"overlap": [H.parallel_run(cfg, *layout, STEPS) for layout in LAYOUTS],
+            # the interleaved layout with synchronous exchanges: bit-identical to the overlapped one
+            "synchronous": H.parallel_run(cfg, *LAYOUTS[1], STEPS, overlap_p2p_comm=False)}
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +52,9 @@ def layouts():
 def test_tied_pipeline_layouts_equal_serial_and_keep_the_copies_equal(layouts):
     serial = H.serial_run(H.config(tie_word_embeddings=True), STEPS)
     assert serial[1][0] > H.OPT["clip_grad"], "clipping must be active for the norm to matter"
+    H.check_identical([r["overlap"][1] for r in layouts], [r["synchronous"] for r in layouts])
     for i, layout in enumerate(LAYOUTS):
-        results = [r[i] for r in layouts]
+        results = [r["overlap"][i] for r in layouts]
         H.check_against_serial(results, serial)
         firsts = {(r["tp_rank"], r["dp_rank"]): r for r in results if "tok_embeddings.weight" in r["params"]}
         lasts = [r for r in results if "output.weight" in r["params"]]

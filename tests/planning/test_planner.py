@@ -75,8 +75,10 @@ def test_calibrated_mfu_reproduces_the_measured_gpu_run(calibration):
     assert predicted.tokens_per_s_per_gpu == pytest.approx(measured.tokens_per_s, rel=1e-9)
     # each constant names the stored result it came from
     assert "pretrain_gpu_h100.txt" in calibration.mfu.source and "66,720" in calibration.mfu.source
-    assert "pipeline.json" in calibration.bubble_1f1b.source
+    assert "pipeline.json" in calibration.bubble_1f1b.source and "1F1B" in calibration.bubble_1f1b.source
+    # the interleaved schedule pretrain runs by default: exchanges overlapped with compute
     assert "pipeline.json" in calibration.bubble_interleaved.source
+    assert "interleaved+overlap" in calibration.bubble_interleaved.source
 
 
 def test_layer_activation_formula_is_what_a_layer_saves():

@@ -219,6 +219,16 @@ def test_overlap_flags_reach_the_optimizer_config():
     assert parse("--no-gradient-accumulation-fusion").optimizer.gradient_accumulation_fusion is False
 
 
+def test_overlap_p2p_communication_parses_both_ways_on_by_default_as_megatron():
+    flags = ("--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+             "--global-batch-size", "2")
+    assert parse(*flags, world_size=2).parallel.overlap_p2p_comm is True
+    assert parse(*flags, "--overlap-p2p-communication", world_size=2).parallel.overlap_p2p_comm is True
+    off = parse(*flags, "--no-overlap-p2p-communication", world_size=2)
+    assert off.parallel.overlap_p2p_comm is False
+    assert PretrainConfig.from_dict(off.to_dict()) == off
+
+
 def test_accepted_megatron_flags_set_what_they_mean(capsys):
     c = parse("--manual-gc", "--manual-gc-interval", "5", "--num-workers", "2", "--use-flash-attn",
               "--use-mcore-models", "--rotary-percent", "1.0", "--cross-entropy-loss-fusion",
