@@ -40,7 +40,7 @@ exec torchrun \
   --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$HF_DIR" \
   --data-path "$DATA_PREFIX" --split 98,2,0 \
   --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --sequence-parallel \
-  --use-distributed-optimizer --bf16 --recompute-granularity selective \
+  --use-distributed-optimizer --overlap-param-gather --bf16 --recompute-granularity selective \
   --micro-batch-size 1 --global-batch-size 64 --train-iters 1000 \
   --lr 2e-5 --min-lr 2e-6 --lr-decay-style cosine --lr-warmup-iters 50 \
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-5 --clip-grad 1.0 \

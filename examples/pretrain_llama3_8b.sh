@@ -12,9 +12,9 @@
 #
 # Layout: the planner's first choice for 64 A100-80GB at micro-batch 1 (tests/planning checks it):
 #   python tools/plan.py --hf-config llama3-8b/config.json --seq-length 8192 --global-batch-size 512 \
-#       --gpus 64 --train-tokens 15e12 --micro-batch-size 1
+#       --gpus 64 --train-tokens 15e12 --micro-batch-size 1 --overlap-param-gather
 #   → TP=2 (within a node) PP=1 DP=32, sequence parallelism, distributed optimizer: 41.4 GB per GPU,
-#     2,437 tokens/s/GPU (TP=1 fits only with pipeline stages, at 2,270).
+#     2,444 tokens/s/GPU (TP=1 fits only with pipeline stages, at 2,299).
 DATA_DIR=${DATA_DIR:-data/llama3}
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-$DATA_DIR/tokenizer}
 MODEL_SIZE=llama3-8b LR=3.0e-4 TRAIN_ITERS=3576279 TP=2 PP=1

@@ -5,10 +5,11 @@
 #   NNODES=256 NODE_RANK=<0..255> MASTER_ADDR=<node 0> MASTER_PORT=6000 GPUS_PER_NODE=8 examples/pretrain_llama_65b.sh
 #
 # Layout: the planner's first choice for 2048 A100-80GB at micro-batch 1 (tests/planning checks it):
-#   python tools/plan.py --model-size 65b --gpus 2048 --train-tokens 1.4e12 --micro-batch-size 1
+#   python tools/plan.py --model-size 65b --gpus 2048 --train-tokens 1.4e12 --micro-batch-size 1 \
+#       --overlap-param-gather
 #   → TP=4 (16 heads per rank) PP=8 interleaved in 10 chunks of 1 layer per rank, sequence
 #     parallelism, distributed optimizer, DP=64 (32 micro-batches, a multiple of PP): 22.8 GB per
-#     GPU; 300 tokens/s/GPU, 26 days (the planner without this codebase's exposed communication:
+#     GPU; 302 tokens/s/GPU, 26 days (the planner without this codebase's exposed communication:
 #     add --overlap-communication, ≈ 329 tokens/s/GPU at micro-batch 1).
 MODEL_SIZE=65b LR=1.5e-4 TRAIN_ITERS=333787 TP=4 PP=8
 EXTRA_FLAGS="--sequence-parallel --num-layers-per-virtual-pipeline-stage 1"

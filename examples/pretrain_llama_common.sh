@@ -49,13 +49,15 @@ DATA_PATH=(
 # gradient accumulation; the distributed optimizer shards the 12 bytes/param of fp32 main weights
 # and Adam moments over DP (so a GPU holds ≈ 2 + 4 + 12/DP bytes per parameter of its shard, plus
 # activations; NCCL reduce-scatters the gradients in place: `python tools/plan.py` has the full count).
+# --overlap-param-gather leaves each step's weight all-gathers in flight until the next forward needs
+# them (Megatron's flag; bit-identical results, no extra memory: they write into the weights).
 exec torchrun \
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
   -m megallama.pretrain \
   --model-size "$MODEL_SIZE" --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH" \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
-  --use-distributed-optimizer --bf16 --recompute-granularity selective \
+  --use-distributed-optimizer --overlap-param-gather --bf16 --recompute-granularity selective \
   --micro-batch-size 1 --global-batch-size "$GLOBAL_BATCH_SIZE" --train-iters "$TRAIN_ITERS" \
   --lr "$LR" --lr-decay-style cosine --lr-warmup-iters 2000 \
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-5 --clip-grad 1.0 \

@@ -91,8 +91,10 @@ def test_example_script_layout_is_the_planners_choice(tmp_path, script, nodes):
     _, flags = launched_flags(tmp_path, script, {"NNODES": str(nodes), "GPUS_PER_NODE": "8"})
     config = parse_args(flags, env={"WORLD_SIZE": str(nodes * 8)}, check_files=False)
     workload, layout = pretrain_workload_and_layout(config)
+    assert config.optimizer.overlap_param_gather  # the scripts hide the weight all-gathers, as planned
     request = PlanRequest(workload, gpu_spec("a100-80gb"), nodes * 8, 1e12, load_calibration(),
-                          micro_batch_sizes=(config.training.micro_batch_size,))
+                          micro_batch_sizes=(config.training.micro_batch_size,),
+                          overlap_param_gather=config.optimizer.overlap_param_gather)
     fitting = plan(request).fitting
     # selective recomputation is no recomputation here: compare what the trainer does
     ran = layout.__class__(**{**layout.to_dict(), "recompute": "none"})
