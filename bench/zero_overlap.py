@@ -80,7 +80,7 @@ def build_side(config: LlamaConfig, overlap: tuple, bucket_size: int):
                                     overlap_param_gather=overlap_param_gather)
     optimizer = build_optimizer(OptimizerConfig(use_distributed_optimizer=True, overlap_grad_reduce=overlap_grad_reduce,
                                                 overlap_param_gather=overlap_param_gather), [chunk])
-    gather = WaitTimer(chunk, "start_param_gather", "wait_param_gather", "param_shard")
+    gather = WaitTimer(chunk, "start_param_gather", "wait_param_gather")
     reduce = WaitTimer(chunk, "finish_grad_sync")
 
     def step(ids, labels):

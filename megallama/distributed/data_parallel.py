@@ -159,22 +159,19 @@ class DistributedDataParallel(torch.nn.Module):
         in the pre-hook of the first of them, which runs right before the head reads the output
         weight. So every layer's gather, and the output layer's, stays in flight until needed.
         """
-        hooks: List[Tuple[torch.nn.Module, List[torch.nn.Parameter]]] = []
-        trailing_hook = []
-        for module in self.module.modules():
-            if module is not self.module:
-                hooks.append((module, list(module.parameters())))
-                continue
-            children = list(module.children())
-            nested = [i for i, c in enumerate(children) if next(c.children(), None) is not None]
-            leading = children[:nested[0]] if nested else children
-            trailing = children[nested[-1] + 1:] if nested else []
-            hooks.append((module, [*module.parameters(recurse=False), *(p for c in leading for p in c.parameters())]))
-            if trailing:
-                trailing_hook.append((trailing[0], [p for c in trailing for p in c.parameters()]))
+        top = self.module
+        children = list(top.children())
+        nested = [i for i, c in enumerate(children) if next(c.children(), None) is not None]
+        leading = children[:nested[0]] if nested else children
+        trailing = children[nested[-1] + 1:] if nested else []
+        # (module, the parameters its pre-hook waits for), in the order the forward reaches them
+        hooks = [(top, [*top.parameters(recurse=False), *(p for c in leading for p in c.parameters())])]
+        hooks += [(m, list(m.parameters())) for m in top.modules() if m is not top]
+        if trailing:
+            hooks.append((trailing[0], [p for c in trailing for p in c.parameters()]))
         order: List[_Bucket] = []
         waited: Dict[torch.nn.Module, List[_Bucket]] = {}
-        for module, params in hooks + trailing_hook:
+        for module, params in hooks:
             buckets = waited.setdefault(module, [])
             for p in params:
                 bucket = self._bucket_of.get(p)
@@ -208,17 +205,10 @@ class DistributedDataParallel(torch.nn.Module):
                 view.copy_(p)
                 p.data = view
 
-    def param_shard(self, bucket: _Bucket) -> torch.Tensor:
-        """This rank's slice of ``bucket``'s parameters (distributed optimizer), for the optimizer
-        to write its new values into before :meth:`start_param_gather`. A gather of the bucket
-        still in flight (parameters no forward read) lands first: it writes the same memory."""
-        self.wait_param_gather(bucket)
-        start, end = self.shard_range(bucket)
-        return bucket.param_data[start - bucket.start:end - bucket.start]
-
     def start_param_gather(self, bucket: _Bucket) -> None:
-        """All-gather ``bucket``'s parameters from every DP rank's :meth:`param_shard` into the
-        parameters themselves and, unless ``overlap_param_gather``, wait."""
+        """All-gather ``bucket``'s parameters from every DP rank's slice of it (its
+        :meth:`shard_range`, which the optimizer has just written) into the parameters themselves
+        and, unless ``overlap_param_gather``, wait."""
         if self.dp_size == 1:
             return
         start, end = self.shard_range(bucket)

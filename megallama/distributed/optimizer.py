@@ -238,14 +238,12 @@ class DistributedOptimizer(_OptimizerBase):
         return entries
 
     def _write_back(self) -> None:
-        """Each bucket's main parameters, in the model's dtype, into this rank's slice of its
-        parameters; then the all-gather of the slices."""
+        """Each bucket's main parameters, in the model's dtype, into the parameters this rank owns
+        (its slice of the bucket's buffer); then the all-gather of the slices."""
         for chunk in self.model_chunks:
             for bucket in chunk.param_gather_order:
-                shard = chunk.param_shard(bucket)
-                s_lo, _ = chunk.shard_range(bucket)
+                chunk.wait_param_gather(bucket)  # one still in flight (nothing read it) writes the same memory
                 for p in bucket.params:
-                    p_lo, _ = chunk.param_range[p]
                     for e in self._entries_of.get(p, []):
-                        shard[p_lo + e.lo - s_lo:p_lo + e.hi - s_lo].copy_(e.main.detach())
+                        p.detach().view(-1)[e.lo:e.hi].copy_(e.main.detach())
                 chunk.start_param_gather(bucket)
