@@ -12,7 +12,7 @@ import glob
 import os
 import tempfile
 from contextlib import contextmanager
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
 
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -38,6 +38,26 @@ def _fsync_dir(folder: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def unique_paths(paths: Iterable[str]) -> list[str]:
+    """`paths` in order, each file once however it is spelled (a/b, ./a/b, a link to it)."""
+    unique, seen = [], set()
+    for p in paths:
+        key = os.path.realpath(p)
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def make_folder(folder: str, flag: str) -> None:
+    """Create ``folder`` (and its parents) for the output ``flag`` names; a file in the way is a
+    one-line ValueError naming the flag, not ``[Errno 17] File exists``."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{flag}: cannot make the folder {folder}: a file is in the way") from None
 
 
 @contextmanager

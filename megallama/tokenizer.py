@@ -61,6 +61,9 @@ class SentencePieceTokenizer:
     """
 
     def __init__(self, model_path: str, cache_entries: int = 1 << 22):
+        if os.path.isdir(model_path):  # "does not exist" would mislead; FileNotFoundError as callers catch that
+            raise FileNotFoundError(f"tokenizer model {model_path} is a folder, not a SentencePiece .model file "
+                                    "(for a Hugging Face tokenizer folder use --tokenizer-type HuggingFaceTokenizer)")
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"tokenizer model {model_path} does not exist")
         self.model_path = model_path

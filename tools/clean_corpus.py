@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR",
                    help="folder for the cleaned JSONL files (one per shard) and the resume state")
     p.add_argument("--report", required=True, metavar="FILE.json",
-                   help="JSON report: input_docs, output_docs and dropped (count per reason)")
+                   help="JSON report: input_docs, output_docs, dropped (count per reason) and "
+                        "shards_without_documents (non-empty input files that gave none: a wrong format?)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="with --executor local: processes working on shards in parallel (default 1; the "
                         "output does not depend on it)")
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 def format_report(report: dict) -> str:
     """Kept/dropped summary, one reason per line, largest first."""
     n = max(report["input_docs"], 1)
-    lines = [f"{report['source']}: {report['input_docs']} documents in {report['shards']} shards",
+    empty = f" ({report['shards_without_documents']} gave none)" if report["shards_without_documents"] else ""
+    lines = [f"{report['source']}: {report['input_docs']} documents in {report['shards']} shards{empty}",
              f"  kept     {report['output_docs']:>10}  ({100 * report['output_docs'] / n:.1f}%)"]
     for reason, count in sorted(report["dropped"].items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"  dropped  {count:>10}  ({100 * count / n:.1f}%)  {reason}")
@@ -87,9 +89,12 @@ def main(argv: list[str] | None = None) -> int:
             report = clean_corpus(source, args.input, args.output, args.report, executor=executor,
                                   dedup_partitions=args.dedup_partitions, keep_rejected=args.keep_rejected,
                                   progress=True)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # OSError: also an unreadable input or an unwritable output
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # finished shards are kept (completion markers): say so instead of a traceback
+        print(f"\ninterrupted: rerun the same command to finish the shards left in {args.output}", file=sys.stderr)
+        return 130
     print(format_report(report))
     return 0
 

@@ -15,7 +15,11 @@ def main(argv=None) -> int:
     p.add_argument("--input", nargs="+", required=True, help="dataset prefixes (PREFIX.bin/.idx), merged in this order")
     p.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin/.idx")
     args = p.parse_args(argv)
-    merged = merge_indexed_datasets(args.input, args.output_prefix)
+    try:
+        merged = merge_indexed_datasets(args.input, args.output_prefix)
+    except (OSError, ValueError) as exc:  # a missing or damaged input, an unwritable output
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"wrote {args.output_prefix}.{{bin,idx}}: {merged.num_documents:,} documents, {merged.num_tokens:,} tokens")
     return 0
 

@@ -15,7 +15,14 @@ def main(argv=None) -> int:
     p.add_argument("--data-path", nargs="+", required=True, help="Megatron's blend: W1 PREFIX1 W2 PREFIX2 ... or one prefix")
     p.add_argument("--train-tokens", type=float, required=True, help="tokens the run will train on, e.g. 1.4e12")
     args = p.parse_args(argv)
-    print(format_mixture_report(mixture_epochs(args.data_path, args.train_tokens)))
+    if not args.train_tokens > 0:
+        p.error(f"--train-tokens must be positive, got {args.train_tokens:g}")
+    try:
+        rows = mixture_epochs(args.data_path, args.train_tokens)
+    except (OSError, ValueError) as exc:  # a malformed --data-path, a missing or damaged dataset
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_mixture_report(rows))
     return 0
 
 

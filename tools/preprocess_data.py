@@ -16,7 +16,6 @@ and merges them into the same outputs, byte for byte.
 import argparse
 import sys
 
-from megallama.compressed import TruncatedInput
 from megallama.data.jsonl import BadLineError
 from megallama.data.preprocess import format_summary, preprocess
 from megallama.executors.cli import add_executor_arguments, executor_from_args
@@ -53,9 +52,13 @@ def main(argv=None) -> int:
                                  args.vocab_size, args.json_keys, args.append_eod, args.workers,
                                  args.log_interval, args.strict, progress=not args.no_progress,
                                  executor=executor if args.executor == "ray" else None)
-    except (BadLineError, FileNotFoundError, TruncatedInput, RuntimeError, ValueError) as exc:
+    except (BadLineError, OSError, RuntimeError, ValueError) as exc:  # OSError: also TruncatedInput, an unwritable output
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the outputs are renamed into place only when complete: say so instead of a traceback
+        print(f"\ninterrupted: nothing written to {args.output_prefix}_*_document.{{bin,idx}}; rerun the command",
+              file=sys.stderr)
+        return 130
     print(format_summary(summary))
     return 0
 

@@ -15,7 +15,6 @@ import sys
 
 from megallama.data.instructions import (CHAT_TEMPLATES, FORMATS, format_instruction_summary,
                                          preprocess_instructions)
-from megallama.compressed import TruncatedInput
 from megallama.data.jsonl import BadLineError
 
 
@@ -47,9 +46,14 @@ def main(argv=None) -> int:
         summary = preprocess_instructions(args.input, args.output_prefix, args.format, args.tokenizer_model,
                                           args.template, args.workers, args.strict,
                                           progress=not args.no_progress, tokenizer_type=args.tokenizer_type)
-    except (BadLineError, FileNotFoundError, TruncatedInput, ValueError) as exc:
+    # OSError: also TruncatedInput and an unwritable output; RuntimeError: SentencePiece refusing a file that is no model
+    except (BadLineError, OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the outputs are renamed into place only when complete: say so instead of a traceback
+        print(f"\ninterrupted: nothing written to {args.output_prefix}_*_document.{{bin,idx}}; rerun the command",
+              file=sys.stderr)
+        return 130
     print(format_instruction_summary(summary))
     return 0
 

@@ -14,6 +14,7 @@ percentiles of the sample documents' perplexities, as CCNet).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from typing import Iterator
@@ -21,6 +22,7 @@ from typing import Iterator
 from megallama.clean.document import Rejected
 from megallama.clean.perplexity import train_ngram_lm
 from megallama.clean.sources.base import iter_jsonl
+from megallama.fileio import make_folder
 
 
 def iter_texts(paths: list[str], key: str, rejected: Counter) -> Iterator[str]:
@@ -58,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     rejected: Counter = Counter()
     sample = iter_texts(args.percentiles_from, args.json_key, rejected) if args.percentiles_from else None
     try:
+        make_folder(os.path.dirname(os.path.abspath(args.output)), "--output")
         info = train_ngram_lm(iter_texts(args.input, args.json_key, rejected), args.tokenizer_model, args.output,
                               order=args.order, memory=args.memory, sample=sample)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # OSError: also an unwritable output
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{args.output}: {args.order}-gram model of {info['documents']} documents ({info['lines']} lines)")

@@ -6,36 +6,33 @@ random CommonCrawl pages (negative), a fastText linear model for clean_corpus.py
       --output quality.bin
 
 Inputs are JSONL files with a "text" field (e.g. clean_corpus.py output) or plain .txt files
-(one document per file).
+(one document per file). Unusable JSONL lines are skipped and counted (``--strict`` fails on them).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections import Counter
 from typing import Iterator
 
-from megallama.compressed import open_binary, strip_compression
-from megallama.clean.io import JSONDecodeError, loads
 from megallama.clean.quality import train_quality_classifier
+from megallama.compressed import open_binary, strip_compression
+from megallama.data.jsonl import format_skips, iter_texts
+from megallama.fileio import make_folder
 
 
-def read_texts(paths: list[str], limit: int | None) -> Iterator[str]:
-    """Texts of JSONL rows (field "text") or whole .txt files, at most `limit`."""
+def read_texts(paths: list[str], limit: int | None, strict: bool, skipped: Counter) -> Iterator[str]:
+    """Texts of JSONL rows (field "text") or whole .txt files, at most `limit`; skipped lines are
+    counted in `skipped` by reason."""
     n = 0
     for path in paths:
-        with open_binary(path) as f:
-            if strip_compression(path).endswith(".txt"):
+        if strip_compression(path).endswith(".txt"):
+            with open_binary(path) as f:
                 rows = [f.read().decode("utf-8", "replace")]
-            else:
-                rows = []
-                for lineno, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        rows.append(loads(raw)["text"])
-                    except (JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(f"{path}:{lineno}: not a JSON object with a \"text\" field ({e})") from None
+        else:
+            rows = iter_texts([path], ("text",), strict, skipped)
         for text in rows:
             if limit is not None and n >= limit:
                 return
@@ -43,7 +40,7 @@ def read_texts(paths: list[str], limit: int | None) -> Iterator[str]:
             yield text
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--positive", nargs="+", required=True, metavar="PATH",
                    help="reference-like pages (JSONL with \"text\", or .txt files)")
@@ -58,16 +55,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=100, help="embedding size (default 100)")
     p.add_argument("--bucket", type=int, default=2_000_000,
                    help="hash buckets for word n-grams (default 2000000; the model holds bucket x dim floats)")
+    p.add_argument("--strict", action="store_true", help="fail on the first unusable JSONL line instead of skipping it")
     args = p.parse_args(argv)
+    # fastText takes all of these without a word (0 epochs saves an untrained model): refuse before reading
+    for flag, value in (("--epoch", args.epoch), ("--word-ngrams", args.word_ngrams), ("--dim", args.dim),
+                        ("--max-per-class", args.max_per_class)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    if not args.lr > 0:
+        p.error(f"--lr must be positive, got {args.lr:g}")
+    if args.bucket < (1 if args.word_ngrams > 1 else 0):
+        p.error(f"--bucket must be at least {1 if args.word_ngrams > 1 else 0} with --word-ngrams {args.word_ngrams}, "
+                f"got {args.bucket}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    skipped: Counter = Counter()
     try:
-        counts = train_quality_classifier(read_texts(args.positive, args.max_per_class),
-                                          read_texts(args.negative, args.max_per_class), args.output,
-                                          epoch=args.epoch, lr=args.lr, word_ngrams=args.word_ngrams, dim=args.dim,
-                                          bucket=args.bucket)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: fastText training failed
-        print(f"error: {e}", file=sys.stderr)
+        make_folder(os.path.dirname(os.path.abspath(args.output)), "--output")
+        counts = train_quality_classifier(read_texts(args.positive, args.max_per_class, args.strict, skipped),
+                                          read_texts(args.negative, args.max_per_class, args.strict, skipped),
+                                          args.output, epoch=args.epoch, lr=args.lr, word_ngrams=args.word_ngrams,
+                                          dim=args.dim, bucket=args.bucket)
+    # OSError: also a truncated input; ValueError: also a bad line with --strict; RuntimeError: fastText failed
+    except (OSError, ValueError, RuntimeError) as e:
+        # the skips explain a class left empty ("need both classes"), e.g. JSONL without "text"
+        print(f"error: {e}" + (f"; skipped lines: {format_skips(skipped)}" if skipped else ""), file=sys.stderr)
         return 1
-    print(f"trained on {counts['positive']} reference and {counts['negative']} random pages -> {args.output}")
+    print(f"trained on {counts['positive']} reference and {counts['negative']} random pages -> {args.output}; "
+          f"skipped lines: {format_skips(skipped)}")
     return 0
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from megallama.clean.io import read_json, write_json
+from megallama.fileio import atomic_path
 
 BUCKETS = ("head", "middle", "tail")
 CCNET_PERCENTILES = (30, 60)  # head below the 30th percentile, tail from the 60th
@@ -237,6 +238,8 @@ def train_ngram_lm(texts: Iterable[str], tokenizer_model: str, output: str, *, o
         raise ValueError(f"order must be at least 2, got {order}")
     if not os.path.isfile(tokenizer_model):
         raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}")
+    if os.path.isdir(output):
+        raise ValueError(f"the model path {output} is a folder; name a file such as {os.path.join(output, 'lm.bin')}")
     lmplz = find_kenlm_tool("lmplz")
     folder = os.path.dirname(os.path.abspath(output))
     os.makedirs(folder, exist_ok=True)
@@ -256,6 +259,9 @@ def train_ngram_lm(texts: Iterable[str], tokenizer_model: str, output: str, *, o
                 proc.stdin.close()
             except BrokenPipeError:
                 pass  # lmplz stopped early: its exit status and log say why
+            except BaseException:
+                proc.kill()  # an unreadable input or Ctrl-C: lmplz would wait for the rest of its input forever
+                raise
             finally:
                 rc = proc.wait()
             if rc != 0:
@@ -269,11 +275,12 @@ def train_ngram_lm(texts: Iterable[str], tokenizer_model: str, output: str, *, o
             if done.returncode != 0:
                 raise RuntimeError(f"build_binary failed (exit {done.returncode}): {done.stderr[-2000:]}")
             arpa = built
+        info = {"order": order, "documents": counted.n, "lines": lines, "tokenizer": os.path.basename(tokenizer_copy)}
+        if sample is not None:  # before anything is moved into place: a bad sample leaves no half-written model
+            info["cutoffs"] = cutoffs_from_sample(NgramScorer(arpa, tokenizer_model), sample, percentiles)
+        with atomic_path(output) as final:  # the umask's mode: build_binary writes 0644 whatever it is
+            os.replace(arpa, final)
         shutil.copyfile(tokenizer_model, os.path.join(tmp, "tokenizer"))
         os.replace(os.path.join(tmp, "tokenizer"), tokenizer_copy)
-        os.replace(arpa, output)
-    info = {"order": order, "documents": counted.n, "lines": lines, "tokenizer": os.path.basename(tokenizer_copy)}
-    if sample is not None:
-        info["cutoffs"] = cutoffs_from_sample(NgramScorer(output), sample, percentiles)
     write_json(info_path, info)
     return info

@@ -27,6 +27,8 @@ def train_quality_classifier(positives: Iterable[str], negatives: Iterable[str],
                              epoch: int = 5, lr: float = 0.1, word_ngrams: int = 2, dim: int = 100,
                              bucket: int = 2_000_000, seed: int = 0) -> dict:
     """Train the classifier and save it atomically at `output`. Returns example counts."""
+    if os.path.isdir(output):  # found now, not by the rename after reading and training
+        raise ValueError(f"the model path {output} is a folder; name a file such as {os.path.join(output, 'quality.bin')}")
     examples = [f"{POSITIVE} {_fasttext_line(t)}" for t in positives if t.strip()]
     n_pos = len(examples)
     examples += [f"{NEGATIVE} {_fasttext_line(t)}" for t in negatives if t.strip()]

@@ -36,7 +36,7 @@ from megallama.clean.document import Document, Rejected
 from megallama.clean.io import dumps_line, loads, read_json, write_json
 from megallama.clean.sources import Source, make_source
 from megallama.executors import Executor, LocalExecutor, report_progress
-from megallama.fileio import atomic_open
+from megallama.fileio import atomic_open, make_folder
 
 STATE_DIR = ".clean"
 PARTITION_INPUT_BYTES = 1 << 30  # input bytes per dedup partition when --dedup-partitions is not given
@@ -243,15 +243,18 @@ def _dedup_partition(kind: str, partition: int, shard_work: list[str], out_prefi
         bands, rows = dedup.lsh_bands(threshold, num_perm)
         pairs = dedup.near_partition(per_shard, signature, threshold, bands, rows)
         _save_npy(out_prefix + ".npy", pairs)
-        return {"kind": kind, "partition": partition, "pairs": len(pairs)}
-    if kind == "exact":
-        found = dedup.exact_partition([_load_group(w + ".exact", partition) for w in shard_work])
-        values, offsets = _concat_groups(found, np.int64)
+        result = {"kind": kind, "partition": partition, "pairs": len(pairs)}
     else:
-        found = dedup.line_partition([_load_group(w + ".line_set", partition) for w in shard_work])
-        values, offsets = _concat_groups(found, np.uint64)
-    _save_grouped(out_prefix, values, offsets)
-    return {"kind": kind, "partition": partition, "entries": int(offsets[-1])}
+        if kind == "exact":
+            found = dedup.exact_partition([_load_group(w + ".exact", partition) for w in shard_work])
+            values, offsets = _concat_groups(found, np.int64)
+        else:
+            found = dedup.line_partition([_load_group(w + ".line_set", partition) for w in shard_work])
+            values, offsets = _concat_groups(found, np.uint64)
+        _save_grouped(out_prefix, values, offsets)
+        result = {"kind": kind, "partition": partition, "entries": int(offsets[-1])}
+    report_progress(1)  # the dedup bar counts partitions: its tasks see hashes, not documents
+    return result
 
 
 def _exact_dups(dedup_dir: str, partitions: int, shard: int) -> np.ndarray:
@@ -353,6 +356,17 @@ def dedup_partitions_for(paths: list[str], bytes_per_partition: int = PARTITION_
     return max(1, math.ceil(total / bytes_per_partition))
 
 
+def _make_destinations(output_dir: str, report_path: str, keep_rejected: str | None) -> None:
+    """Create the output folders, and refuse destinations that cannot be written, before any work
+    (the report is written only at the end of the run)."""
+    if os.path.isdir(report_path):
+        raise ValueError(f"--report {report_path} is a folder; name a file such as {os.path.join(report_path, 'report.json')}")
+    report_dir = os.path.dirname(os.path.abspath(report_path))
+    for flag, folder in (("--report", report_dir), ("--keep-rejected", keep_rejected), ("--output", output_dir)):
+        if folder is not None:
+            make_folder(folder, flag)
+
+
 def _check_manifest(path: str, manifest: dict) -> None:
     if os.path.exists(path):
         old = read_json(path)
@@ -377,7 +391,8 @@ def clean_corpus(source: str | Source, inputs: list[str], output_dir: str, repor
                  keep_rejected: str | None = None, quality_model: str | None = None,
                  progress: bool = True) -> dict:
     """Clean `inputs` with `source` (a name from SOURCES or a Source) into JSONL files in
-    `output_dir`; write and return the report {input_docs, output_docs, dropped{reason: n}}.
+    `output_dir`; write and return the report {shards, shards_without_documents, input_docs,
+    output_docs, dropped{reason: n}}.
     Tasks run on `executor` (default: a local pool of `workers` processes); cross-shard dedup
     uses `dedup_partitions` hash partitions (default: from the input size)."""
     if isinstance(source, str):
@@ -389,7 +404,7 @@ def clean_corpus(source: str | Source, inputs: list[str], output_dir: str, repor
     paths = source.shards(inputs)
     if not paths:
         raise FileNotFoundError(f"no {source.name} input files found in {list(inputs)} (looked for {source.extensions})")
-    os.makedirs(output_dir, exist_ok=True)
+    _make_destinations(output_dir, report_path, keep_rejected)
     manifest = {"settings": source.settings(),
                 "shards": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p) if os.path.isfile(p) else None}
                            for p in paths]}
@@ -409,7 +424,13 @@ def clean_corpus(source: str | Source, inputs: list[str], output_dir: str, repor
     dropped = Counter()
     for stats in per_shard:
         dropped.update(stats["dropped"])
-    report = {"source": source.name, "shards": len(shards),
+    # a warning, not an error: a genuinely empty shard can happen; a file of another format is the usual cause
+    empty = [s.path for s, stats in zip(shards, per_shard) if not stats["input_docs"]
+             and os.path.isfile(s.path) and os.path.getsize(s.path)]
+    for path in empty:
+        print(f"warning: {path}: no {source.name} document in this non-empty file; expected {source.input_format}",
+              file=sys.stderr)
+    report = {"source": source.name, "shards": len(shards), "shards_without_documents": len(empty),
               "input_docs": sum(s["input_docs"] for s in per_shard),
               "output_docs": sum(s["output_docs"] for s in per_shard),
               "dropped": dict(sorted(dropped.items()))}

@@ -130,8 +130,10 @@ def mixture_epochs(data_path: Sequence[str] | str, train_tokens: float) -> list[
 
 
 def format_mixture_report(rows: list[dict]) -> str:
-    lines = [f"{'source':<40} {'share':>7} {'tokens':>14} {'drawn':>14} {'epochs':>7}"]
-    for r in rows:
-        lines.append(f"{os.path.basename(r['prefix']):<40} {100 * r['weight']:>6.2f}% {r['tokens']:>14,d} "
-                     f"{r['drawn_tokens']:>14,.0f} {r['epochs']:>7.2f}")
-    return "\n".join(lines)
+    """A table with columns as wide as their widest cell (1.4e12 drawn tokens is 17 characters)."""
+    table = [("source", "share", "tokens", "drawn", "epochs")]
+    table += [(os.path.basename(r["prefix"]), f"{100 * r['weight']:.2f}%", f"{r['tokens']:,d}",
+               f"{r['drawn_tokens']:,.0f}", f"{r['epochs']:.2f}") for r in rows]
+    widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
+    return "\n".join(" ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])])
+                     for row in table)

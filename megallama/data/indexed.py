@@ -82,7 +82,13 @@ class IndexedDatasetWriter:
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"dtype {self.dtype} has no Megatron dtype code; use one of {sorted(map(str, DTYPE_CODES))}")
         parent = os.path.dirname(os.path.abspath(prefix))
-        os.makedirs(parent, exist_ok=True)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise NotADirectoryError(f"cannot write {prefix}.bin/.idx: a file is in the way of the folder {parent}") from None
+        for path in (bin_path(prefix), idx_path(prefix)):
+            if os.path.isdir(path):  # found now, not by the rename after all the work
+                raise IsADirectoryError(f"cannot write {path}: it is a folder")
         self._tmp_suffix = f".tmp{os.getpid()}"
         self._bin_tmp = bin_path(prefix) + self._tmp_suffix
         self._bin = open(self._bin_tmp, "wb")
@@ -211,7 +217,9 @@ class IndexedDataset:
         ipath, bpath = idx_path(prefix), bin_path(prefix)
         for path in (ipath, bpath):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"indexed dataset file {path} does not exist")
+                hint = (f"; name the dataset by its prefix, {prefix[:-4]}, without .bin/.idx"
+                        if prefix.endswith((".bin", ".idx")) else "")
+                raise FileNotFoundError(f"indexed dataset file {path} does not exist{hint}")
         with open(ipath, "rb") as f:
             header = f.read(HEADER_BYTES)
         if len(header) < HEADER_BYTES or header[:9] != INDEX_MAGIC:
@@ -280,7 +288,13 @@ def merge_indexed_datasets(prefixes: Iterable[str], output_prefix: str) -> Index
     prefixes = list(prefixes)
     if not prefixes:
         raise ValueError("merge_indexed_datasets needs at least one input prefix")
-    dtype = IndexedDataset(prefixes[0]).dtype
+    # every input opened (and its dtype checked) before any copying: a mistyped last prefix
+    # fails at once, not after the others were copied
+    dtypes = [IndexedDataset(p).dtype for p in prefixes]
+    for prefix, dtype in zip(prefixes, dtypes):
+        if dtype != dtypes[0]:
+            raise ValueError(f"cannot merge {prefix} ({dtype}) into a {dtypes[0]} dataset")
+    dtype = dtypes[0]
     with IndexedDatasetWriter(output_prefix, dtype) as writer:
         for prefix in prefixes:
             writer.add_index(prefix)

@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Iterator, Sequence
 
 from megallama.compressed import open_binary
+from megallama.fileio import unique_paths
 
 
 class BadLineError(ValueError):
@@ -22,15 +23,16 @@ class BadLineError(ValueError):
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Files named by ``patterns`` (paths or globs), in order, each once; error if one matches nothing."""
+    """Files named by ``patterns`` (paths or globs), in order, each once (``a.jsonl`` and
+    ``./a.jsonl`` too); error if one matches nothing."""
     paths: list[str] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
             raise FileNotFoundError(f"--input {pattern!r} matches no file")
-        paths.extend(m for m in matches if m not in paths)
-    return paths
+        paths.extend(matches)
+    return unique_paths(paths)
 
 
 def iter_line_batches(paths: Sequence[str], batch_lines: int = 512, batch_bytes: int = 4 << 20

@@ -92,13 +92,18 @@ class LocalExecutor(Executor):
                                      initargs=(os.getpid(), counter)) as pool:
                 index = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
                 pending, finished = set(index), 0
-                while pending:
-                    done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        results[index[fut]] = fut.result()
-                        finished += 1
-                    bar.set_postfix(tasks=f"{finished}/{len(tasks)}", refresh=False)
-                    bar.update(counter.value - bar.n)
+                try:
+                    while pending:
+                        done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                        for fut in done:
+                            results[index[fut]] = fut.result()
+                            finished += 1
+                        bar.set_postfix(tasks=f"{finished}/{len(tasks)}", refresh=False)
+                        bar.update(counter.value - bar.n)
+                except BaseException:
+                    # a failed task or Ctrl-C: leaving the block would otherwise run every queued task first
+                    pool.shutdown(cancel_futures=True)
+                    raise
             return results
         finally:
             bar.close()

@@ -9,6 +9,7 @@ filesystem); results travel back through Ray only as small dicts.
 
 from __future__ import annotations
 
+import socket
 from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 from megallama.executors.base import Executor
 
 MAX_RETRIES = 3  # per task, on worker or node death (a task's own exception is not retried)
+CONNECT_TIMEOUT_S = 10.0
 
 
 def _import_ray():
@@ -24,6 +26,21 @@ def _import_ray():
     except ImportError:
         raise RuntimeError("--executor ray needs Ray, an optional dependency: pip install -e .[cluster]") from None
     return ray
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """A one-line RuntimeError unless something accepts a TCP connection at `address` (HOST:PORT,
+    or ray://HOST:PORT for Ray Client). ray.init retries an unreachable head for minutes (20 tries
+    of a 30 s GCS connect timeout in Ray 2.60); its knobs for that are RAY_* environment variables
+    read process-wide, which would also reach a local cluster this process starts."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local" and the like: Ray resolves them itself, without the long retries
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RuntimeError(f"--ray-address {address}: no Ray cluster answers there ({e.strerror or e}); "
+                           "start one with `ray start --head` or fix the address") from None
 
 
 def _result(ray, ref):
@@ -46,6 +63,8 @@ class RayExecutor(Executor):
         self.max_retries = max_retries
         self._connected_here = not ray.is_initialized()
         if self._connected_here:
+            if address:
+                check_reachable(address)
             ray.init(address=address, log_to_driver=True, configure_logging=False)
         self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
 

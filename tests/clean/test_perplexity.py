@@ -337,3 +337,45 @@ def test_missing_lmplz_says_how_to_build_it(tmp_path, monkeypatch, english_lm):
     monkeypatch.setenv("PATH", str(tmp_path / "none"))
     with pytest.raises(FileNotFoundError, match="run `bash tools/build_kenlm.sh`"):
         train_ngram_lm(["Some text."], str(english_lm) + ".sp.model", str(tmp_path / "lm.arpa"), progress=False)
+
+
+def test_an_unreadable_input_fails_at_once_instead_of_hanging(tmp_path, english_lm):
+    # lmplz waited for the rest of its input forever after the reader raised
+    done = subprocess.run([sys.executable, "tools/train_ngram_lm.py", "--input", str(tmp_path / "missing.jsonl"),
+                           "--tokenizer-model", str(english_lm) + ".sp.model", "--output", str(tmp_path / "lm.bin")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].endswith("'" + str(tmp_path / "missing.jsonl") + "'")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "wiki.jsonl").write_text('{"text": "Some text."}\n')
+    done = subprocess.run([sys.executable, "tools/train_ngram_lm.py", "--input", str(tmp_path / "wiki.jsonl"),
+                           "--tokenizer-model", str(english_lm) + ".sp.model", "--output", str(tmp_path / "afile" / "lm.bin")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+        f"error: --output: cannot make the folder {tmp_path / 'afile'}: a file is in the way")
+
+
+def test_a_bad_sample_or_a_folder_as_output_leaves_no_model(tmp_path, english_lm):
+    tok = str(english_lm) + ".sp.model"
+
+    def unreadable_sample():
+        raise FileNotFoundError("sample.jsonl")
+        yield
+
+    with pytest.raises(FileNotFoundError, match="sample.jsonl"):
+        train_ngram_lm([page(random.Random(0))], tok, str(tmp_path / "lm.bin"), sample=unreadable_sample(), progress=False)
+    assert os.listdir(tmp_path) == []  # no model without its cut-offs
+    (tmp_path / "lm").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        train_ngram_lm([page(random.Random(0))], tok, str(tmp_path / "lm"), progress=False)
+    assert os.listdir(tmp_path) == ["lm"]
+
+
+def test_the_binary_model_gets_the_umask_mode(tmp_path, english_lm):
+    old = os.umask(0o002)
+    try:
+        train_ngram_lm([page(random.Random(0))], str(english_lm) + ".sp.model", str(tmp_path / "lm.bin"), progress=False)
+    finally:
+        os.umask(old)
+    assert {n: os.stat(tmp_path / n).st_mode & 0o777 for n in os.listdir(tmp_path)} == dict.fromkeys(
+        ["lm.bin", "lm.bin.sp.model", "lm.bin.json"], 0o664)

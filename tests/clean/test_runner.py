@@ -13,6 +13,7 @@ import pytest
 from megallama.clean import runner
 from megallama.clean.quality import QualityClassifier, train_quality_classifier
 from megallama.clean.runner import clean_corpus
+from megallama.clean.sources import make_source
 from tests.clean import inputs
 from tests.clean.samples import page
 
@@ -193,9 +194,18 @@ def test_train_quality_classifier_cli_reads_jsonl_and_txt(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "trained on 10 reference and 5 random pages" in result.stdout
     assert QualityClassifier(str(tmp_path / "q.bin")).model.get_labels()
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"no_text": 1}\n')
-    bad = subprocess.run(cmd[:3] + [str(tmp_path / "bad.jsonl")] + cmd[4:], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 1 and 'bad.jsonl:2: not a JSON object with a "text" field' in bad.stderr
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"no_text": 1}\n{broken\n')
+    skips = subprocess.run(cmd[:3] + [str(tmp_path / "bad.jsonl")] + cmd[4:], capture_output=True, text=True, timeout=60)
+    assert skips.returncode == 0, skips.stderr  # bad lines are counted, as by the other tools, not fatal
+    assert "trained on 1 reference and 5 random pages" in skips.stdout
+    assert "skipped lines: " in skips.stdout and "1 missing key 'text'" in skips.stdout and "1 broken JSON" in skips.stdout
+    (tmp_path / "body.jsonl").write_text('{"body": "no text"}\n')
+    empty = subprocess.run(cmd[:3] + [str(tmp_path / "body.jsonl")] + cmd[4:], capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 1 and empty.stderr.strip() == ("error: need both classes to train: got 0 positive and 5 "
+                                                              "negative texts; skipped lines: 1 missing key 'text'")
+    bad = subprocess.run(cmd[:3] + [str(tmp_path / "bad.jsonl")] + cmd[4:] + ["--strict"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.strip() == f"error: {tmp_path / 'bad.jsonl'}:2: missing key 'text'"
 
 
 def test_resume_after_a_crash_in_the_first_pass(tmp_path, monkeypatch):
@@ -254,3 +264,107 @@ def test_partition_count_does_not_change_the_output_even_across_a_resume(tmp_pat
     assert clean_corpus("commoncrawl", paths, str(tmp_path / "out"), str(tmp_path / "out.json"), workers=2,
                         dedup_partitions=5, progress=False) == expected
     assert read_output(tmp_path / "out") == read_output(tmp_path / "ref")
+
+
+def test_unwritable_destinations_fail_before_any_work(tmp_path, monkeypatch):
+    """A --report, --output or --keep-rejected that cannot be written was a traceback, the report's
+    only after the whole run."""
+    paths = make_commoncrawl_shards(tmp_path, n_shards=1, docs=3)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir.json").mkdir()
+    monkeypatch.setattr(runner, "_clean_shards", lambda *a: pytest.fail("work started"))
+    for args, message in [({"report_path": str(tmp_path / "afile" / "r.json")}, "--report: cannot make the folder"),
+                          ({"report_path": str(tmp_path / "adir.json")}, "--report " + str(tmp_path / "adir.json") + " is a folder"),
+                          ({"output_dir": str(tmp_path / "afile")}, "--output: cannot make the folder"),
+                          ({"keep_rejected": str(tmp_path / "afile" / "rej")}, "--keep-rejected: cannot make the folder")]:
+        kwargs = {"output_dir": str(tmp_path / "out"), "report_path": str(tmp_path / "r.json"), **args}
+        with pytest.raises(ValueError, match=re.escape(message)):
+            clean_corpus("commoncrawl", paths, progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_quality_classifier_refuses_a_folder_or_a_file_in_the_way_in_one_line(tmp_path):
+    """Both were tracebacks, a folder as --output only after training; so was a non-string text."""
+    inputs.write_jsonl(str(tmp_path / "refs.jsonl"), [{"text": "a reference page"}])
+    inputs.write_jsonl(str(tmp_path / "random.jsonl"), [{"text": "buy now"}])
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir").mkdir()
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_quality_classifier.py"), "--positive",
+           str(tmp_path / "refs.jsonl"), "--negative", str(tmp_path / "random.jsonl"), "--bucket", "1000", "--output"]
+    for output, message in [("afile/q.bin", f"--output: cannot make the folder {tmp_path / 'afile'}: a file is in the way"),
+                            ("adir", "adir is a folder")]:
+        bad = subprocess.run(cmd + [str(tmp_path / output)], capture_output=True, text=True, timeout=60)
+        err = bad.stderr.strip()
+        assert bad.returncode == 1 and len(err.splitlines()) == 1 and message in err, err
+    inputs.write_jsonl(str(tmp_path / "refs.jsonl"), [{"text": "a reference page"}, {"text": 5}])  # was an AttributeError
+    bad = subprocess.run(cmd + [str(tmp_path / "q.bin"), "--strict"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.strip() == f"error: {tmp_path / 'refs.jsonl'}:2: key 'text' is not a string"
+    for flags, message in [(["--epoch", "0"], "--epoch must be at least 1, got 0"),
+                           (["--dim", "-3"], "--dim must be at least 1, got -3"),
+                           (["--lr", "0"], "--lr must be positive, got 0"),
+                           (["--max-per-class", "0"], "--max-per-class must be at least 1, got 0"),
+                           (["--bucket", "0"], "--bucket must be at least 1 with --word-ngrams 2, got 0")]:
+        bad = subprocess.run(cmd + [str(tmp_path / "q.bin"), *flags], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and bad.stderr.strip().endswith(message), bad.stderr
+        assert not (tmp_path / "q.bin").exists()
+
+
+def test_cli_interrupted_says_how_to_resume_instead_of_a_traceback(tmp_path, monkeypatch, capsys):
+    from tests.data.helpers import load_tool
+
+    tool = load_tool("clean_corpus")
+    paths = make_commoncrawl_shards(tmp_path, n_shards=1, docs=3)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tool, "clean_corpus", interrupted)
+    assert tool.main(["--source", "commoncrawl", "--input", *paths, "--output", str(tmp_path / "out"),
+                      "--report", str(tmp_path / "r.json")]) == 130
+    assert capsys.readouterr().err.strip() == f"interrupted: rerun the same command to finish the shards left in {tmp_path / 'out'}"
+
+
+def test_a_file_named_twice_is_cleaned_once(tmp_path):
+    """A file given by itself and by its folder was two shards: its documents twice in the output
+    of a source without dedup (wikipedia, arxiv, stackexchange), and counted twice in the report."""
+    (tmp_path / "dumps").mkdir()
+    dump = str(tmp_path / "dumps" / "enwiki.xml")
+    inputs.write_wiki_dump(dump, [inputs.wiki_page(1, "Llama", "The '''llama''' is a domesticated South American camelid.")])
+    report = clean_corpus("wikipedia", [str(tmp_path / "dumps"), dump, os.path.join(str(tmp_path), ".", "dumps", "enwiki.xml")],
+                          str(tmp_path / "out"), str(tmp_path / "r.json"), progress=False)
+    assert (report["shards"], report["input_docs"], report["output_docs"]) == (1, 1, 1)
+    from megallama.clean.sources import make_source
+
+    (tmp_path / "papers").mkdir()
+    (tmp_path / "papers" / "2301.00001.tar").write_bytes(b"")
+    tarball = str(tmp_path / "papers" / "2301.00001.tar")
+    assert make_source("arxiv").shards([str(tmp_path / "papers"), tarball]) == [tarball]  # arxiv finds its own shards
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_dedup_progress_bar_counts_partitions(tmp_path, capsys, workers):
+    """Its tasks reported nothing: the bar read "0partition" however far the dedup had gone."""
+    source = make_source("commoncrawl")
+    kinds = source.exact_dedup + source.line_dedup + (source.near_dedup_threshold is not None)
+    paths = make_commoncrawl_shards(tmp_path, n_shards=2, docs=4)
+    clean_corpus(source, paths, str(tmp_path / "out"), str(tmp_path / "r.json"), workers=workers, dedup_partitions=3)
+    counts = re.findall(r"dedup commoncrawl: (\d+)partition", capsys.readouterr().err)
+    assert counts and int(counts[-1]) == 3 * kinds, counts
+
+
+@pytest.mark.parametrize("source", ["wikipedia", "stackexchange"])
+def test_a_non_empty_file_giving_no_document_is_warned_about_and_counted(tmp_path, capsys, source):
+    """JSONL given to an XML source read as "0 documents in 1 shards", exit 0 and no word of why."""
+    from tests.data.helpers import load_tool
+
+    inputs.write_jsonl(str(tmp_path / "wiki.jsonl"), [{"text": "The llama is a camelid."}])
+    (tmp_path / "empty.xml").write_bytes(b"")
+    tool = load_tool("clean_corpus")
+    assert tool.main(["--source", source, "--input", str(tmp_path / "wiki.jsonl"), str(tmp_path / "empty.xml"),
+                      "--output", str(tmp_path / "out"), "--report", str(tmp_path / "r.json")]) == 0
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {tmp_path / 'wiki.jsonl'}: no {source} document in this non-empty file; expected "
+                        + make_source(source).input_format]  # the empty file is no mistake
+    assert json.loads((tmp_path / "r.json").read_text())["shards_without_documents"] == 1
+    assert f"{source}: 0 documents in 2 shards (1 gave none)" in out

@@ -207,3 +207,25 @@ def test_mixture_report_reproduces_the_papers_epochs(tmp_path, capsys):
     assert load_tool("mixture_report").main(["--data-path", *data_path, "--train-tokens", "1.4e6"]) == 0
     out = capsys.readouterr().out
     assert "CommonCrawl" in out and "67.00%" in out and " 2.45" in out
+    # the paper's real 1.4e12: drawn tokens overflowed their 14-character column
+    assert load_tool("mixture_report").main(["--data-path", *data_path, "--train-tokens", "1.4e12"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "938,000,000,000" in lines[1] and len({len(line) for line in lines}) == 1
+    for column in ("share", "tokens", "drawn", "epochs"):  # right-aligned: every cell ends under its header's end
+        end = lines[0].index(column) + len(column)
+        assert all(line[end - 1] != " " and (end == len(line) or line[end] == " ") for line in lines), (column, lines)
+
+
+def test_mixture_report_tool_errors_are_one_line(tmp_path, capsys):
+    from tests.data.helpers import load_tool
+
+    write_dataset(str(tmp_path / "s0"), 20, 0)
+    tool = load_tool("mixture_report")
+    for data_path, message in [(["1", str(tmp_path / "missing")], "missing.idx does not exist"),
+                               (["1", str(tmp_path / "s0"), "2"], "expected one prefix or weight/prefix pairs")]:
+        assert tool.main(["--data-path", *data_path, "--train-tokens", "1e6"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    with pytest.raises(SystemExit) as exit_:
+        tool.main(["--data-path", str(tmp_path / "s0"), "--train-tokens", "-5"])
+    assert exit_.value.code == 2 and "--train-tokens must be positive" in capsys.readouterr().err

@@ -138,3 +138,21 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         IndexedDataset(prefix)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         IndexedDataset(str(tmp_path / "missing"))
+
+
+def test_merge_tool_errors_are_one_line_and_a_bad_last_input_fails_before_copying(tmp_path, capsys, monkeypatch):
+    with IndexedDatasetWriter(str(tmp_path / "a"), np.uint16) as w:
+        w.add_document(np.arange(10))
+    with IndexedDatasetWriter(str(tmp_path / "wide"), np.int32) as w:
+        w.add_document(np.arange(10))
+    copied = []
+    monkeypatch.setattr(IndexedDatasetWriter, "add_index", lambda self, prefix: copied.append(prefix))
+    merge = load_tool("merge_datasets")
+    for last, message in [("missing", "missing.idx does not exist"), ("wide", "wide (int32) into a uint16 dataset"),
+                          # was only "a.bin.idx does not exist"
+                          ("a.bin", f"a.bin.idx does not exist; name the dataset by its prefix, {tmp_path / 'a'}, "
+                                    "without .bin/.idx")]:
+        assert merge.main(["--input", str(tmp_path / "a"), str(tmp_path / last), "--output-prefix", str(tmp_path / "m")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert copied == [] and not any(n.startswith("m") for n in os.listdir(tmp_path))

@@ -145,3 +145,35 @@ def test_train_tokenizer_tool_reads_jsonl(tmp_path, corpus):
     tok = SentencePieceTokenizer(str(prefix) + ".model")
     assert tok.vocab_size == 500 and tok.supports_chunk_cache
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tok.model", "tok.vocab"]
+
+
+def test_train_tokenizer_tool_errors_are_one_line(tmp_path, corpus, capsys):
+    """A missing input, a wrong --json-keys, a bad line under --strict and an out-of-range setting
+    were Python tracebacks (or SentencePiece's "[!sentences_.empty()]")."""
+    train_tokenizer = load_tool("train_tokenizer")
+    docs = [d for d in corpus[:200] if d]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs) + "{broken\n")
+    base = ["--vocab-size", "300", "--output-prefix", str(tmp_path / "out" / "tok")]
+    for argv, message in [(["--input", str(tmp_path / "none*.jsonl")], "matches no file"),
+                          (["--input", str(tmp_path / "a.jsonl"), "--json-keys", "body"],
+                           f"no text to train on in --input (key body; skipped lines: {len(docs)} missing key 'body', "
+                           "1 broken JSON)"),
+                          (["--input", str(tmp_path / "a.jsonl"), "--strict"], f"a.jsonl:{len(docs) + 1}: broken JSON")]:
+        assert train_tokenizer.main(argv + base) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    with pytest.raises(SystemExit) as exit_:
+        train_tokenizer.main(["--input", str(tmp_path / "a.jsonl"), "--character-coverage", "2"] + base)
+    assert exit_.value.code == 2 and "--character-coverage must be within [0.98, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "afile").write_text("")  # was "[Errno 17] File exists: '…/afile'"
+    assert train_tokenizer.main(["--input", str(tmp_path / "a.jsonl"), "--vocab-size", "300", "--output-prefix",
+                                 str(tmp_path / "afile" / "tok")]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: --output-prefix: cannot make the folder {tmp_path / 'afile'}: "
+                                               "a file is in the way")
+
+
+def test_a_folder_as_sentencepiece_model_is_named_a_folder(tmp_path):
+    """It was "tokenizer model DIR does not exist", for a folder that exists."""
+    with pytest.raises(FileNotFoundError, match="is a folder, not a SentencePiece .model file .*HuggingFaceTokenizer"):
+        build_tokenizer("SentencePieceTokenizer", str(tmp_path))

@@ -17,6 +17,7 @@ from megallama.clean.document import Document, Rejected
 from megallama.compressed import TruncatedInput
 from megallama.clean.io import RecordTooLarge, read_capped
 from megallama.clean.sources.base import Source, decode_utf8
+from megallama.fileio import unique_paths
 
 _COMMENT = re.compile(r"(?<!\\)%[^\n]*")
 _COMMENT_ENV = re.compile(r"\\begin\{comment\}.*?\\end\{comment\}", re.S)
@@ -192,6 +193,7 @@ def _is_main_file(path: str) -> bool:
 class ArXiv(Source):
     name = "arxiv"
     extensions = (".tex", ".tar", ".tar.gz", ".tgz")
+    input_format = "LaTeX sources (.tex, or a .tar/.tar.gz of them)"
 
     def shards(self, inputs):
         """A folder directly holding a main file (one with `\\documentclass`) is one paper; other
@@ -208,7 +210,7 @@ class ArXiv(Source):
                 out.append(path)
             else:
                 raise FileNotFoundError(f"input not found: {path}")
-        return out
+        return unique_paths(out)
 
     def _paper(self, paper_id: str, files: list[tuple[str, bytes]]) -> Document | Rejected:
         meta = {"source": self.name, "id": paper_id}

@@ -7,6 +7,7 @@ from typing import Iterable, Iterator, Sequence
 
 from megallama.clean.document import Document, Rejected
 from megallama.compressed import open_binary
+from megallama.fileio import unique_paths
 from megallama.clean.io import DEFAULT_MAX_RECORD_BYTES, JSONDecodeError, iter_lines, loads
 from megallama.clean.langid import LanguageIdentifier
 from megallama.clean.perplexity import PerplexityFilter
@@ -21,6 +22,7 @@ class Source:
 
     name = ""
     extensions: tuple[str, ...] = ()  # input files picked up when an input path is a folder
+    input_format = ""  # what a shard holds, named when a non-empty one gives no document
     exact_dedup = False
     line_dedup = False
     near_dedup_threshold: float | None = None
@@ -70,7 +72,8 @@ class Source:
                 **(self.perplexity.settings() if self.perplexity else {})}
 
     def shards(self, inputs: Iterable[str]) -> list[str]:
-        """Input files, one shard each: files as given, folders searched for `extensions`."""
+        """Input files, one shard each: files as given, folders searched for `extensions`; a file
+        named twice (e.g. by itself and by its folder) is one shard, not its documents twice."""
         out: list[str] = []
         for path in inputs:
             if os.path.isdir(path):
@@ -83,7 +86,7 @@ class Source:
                 out.append(path)
             else:
                 raise FileNotFoundError(f"input not found: {path}")
-        return out
+        return unique_paths(out)
 
     def read(self, path: str) -> Iterator[Document | Rejected]:
         raise NotImplementedError

@@ -39,6 +39,7 @@ def strip_gutenberg_boilerplate(text: str) -> str:
 class Books(Source):
     name = "books"
     extensions = (".txt", ".txt.gz", ".txt.bz2", ".txt.zst")
+    input_format = "plain-text books, one per file"
     near_dedup_threshold = 0.9
 
     def read(self, path: str) -> Iterator[Document | Rejected]:

@@ -16,6 +16,7 @@ from megallama.clean.sources.base import Source, iter_jsonl
 class C4(Source):
     name = "c4"
     extensions = (".json", ".json.gz", ".jsonl", ".jsonl.gz", ".jsonl.zst")
+    input_format = 'JSONL with "text" and "url"'
     exact_dedup = True
     line_dedup = True
     languages = {"en"}

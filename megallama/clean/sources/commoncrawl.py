@@ -81,6 +81,7 @@ def read_jsonl_pages(path: str, source: str, max_record_bytes: int = DEFAULT_MAX
 class CommonCrawl(Source):
     name = "commoncrawl"
     extensions = (".wet", ".wet.gz", ".warc", ".warc.gz", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz")
+    input_format = 'WET/WARC records, or JSONL with "text", "raw_content" or "html"'
     line_dedup = True
     exact_dedup = True
     languages = {"en"}

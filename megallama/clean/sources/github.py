@@ -70,6 +70,7 @@ def remove_licence_header(content: str, language: str) -> str:
 class GitHub(Source):
     name = "github"
     extensions = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".jsonl.zst")
+    input_format = "JSONL rows of the BigQuery github_repos export (repo_name, path, license, content)"
     exact_dedup = True
     label_language = False
 

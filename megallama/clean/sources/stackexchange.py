@@ -35,6 +35,7 @@ def _int(row: dict, key: str) -> int:
 class StackExchange(Source):
     name = "stackexchange"
     extensions = ("Posts.xml", "Posts.xml.gz", "Posts.xml.bz2", "Posts.xml.zst")
+    input_format = "a data dump's Posts.xml (<row> elements)"
 
     def read(self, path: str) -> Iterator[Document | Rejected]:
         site = site_name(path)

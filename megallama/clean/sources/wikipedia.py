@@ -127,6 +127,7 @@ def wikitext_to_text(wikitext: str, dropped_prefixes: set[str] | None = None) ->
 class Wikipedia(Source):
     name = "wikipedia"
     extensions = (".xml", ".xml.bz2", ".xml.gz")
+    input_format = "a MediaWiki XML dump (<page> elements, e.g. pages-articles.xml.bz2)"
 
     def __init__(self, wiki_languages: frozenset[str] = LLAMA_LANGUAGES, **options) -> None:
         super().__init__(**options)
