@@ -9,6 +9,7 @@ GPUs, how much memory each GPU holds, how long a step takes, how many days and G
 Exits 1 with the reason when no layout fits.
 """
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -78,25 +79,38 @@ def model_from_args(args, parser) -> LlamaConfig:
             return LlamaConfig.from_hf(HFLlamaConfig.from_json_file(args.hf_config))
         except (OSError, ValueError) as error:
             parser.error(f"--hf-config {args.hf_config}: {error}")
-    shape = LlamaConfig.preset(args.model_size).to_dict() if args.model_size else {}
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
-        if getattr(args, name) is not None:
-            shape[name] = getattr(args, name)
-    missing = [n for n in ("num_layers", "hidden_size", "num_attention_heads") if n not in shape]
-    if missing:
-        parser.error(f"give --model-size or --{missing[0].replace('_', '-')}")
-    if "ffn_hidden_size" in shape and args.hidden_size is not None and args.ffn_hidden_size is None:
-        del shape["ffn_hidden_size"]  # a new width gets LLaMA's FFN for it
+    shape = {name: getattr(args, name) for name in ("num_layers", "hidden_size", "num_attention_heads",
+                                                    "ffn_hidden_size") if getattr(args, name) is not None}
     shape.update(vocab_size=args.vocab_size, max_position_embeddings=args.seq_length)
     try:
+        if args.model_size:
+            # replace, not the preset's fields: its head size, K/V heads and FFN width were derived from
+            # its own width and heads and are derived again from the new ones (a stale head size of 128
+            # made `--model-size 7b --hidden-size 2048` a 2.3B model instead of 1.8B).
+            return dataclasses.replace(LlamaConfig.preset(args.model_size), **shape)
+        missing = [n for n in ("num_layers", "hidden_size", "num_attention_heads") if n not in shape]
+        if missing:
+            parser.error(f"give --model-size or --{missing[0].replace('_', '-')}")
         return LlamaConfig.from_dict(shape)
     except ValueError as error:
         parser.error(str(error))
 
 
+def check_positive(args, parser) -> None:
+    """Sizes and counts below 1 would divide by zero deep in the model or plan negative days."""
+    for flag in ("--train-tokens", "--global-batch-size", "--seq-length", "--micro-batch-size",
+                 "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--top", "--inference-batch",
+                 "--inference-context"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and v <= 0:
+                parser.error(f"{flag} must be positive, got {v:g}")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_positive(args, parser)
     try:
         gpu = gpu_spec(args.gpu, bf16_tflops=args.gpu_tflops, memory_gb=args.gpu_memory_gb, hbm_gb_s=args.gpu_hbm_gb_s,
                        nvlink_gb_s=args.gpu_nvlink_gb_s, network_gb_s=args.gpu_network_gb_s,

@@ -19,14 +19,14 @@ def main(argv=None) -> int:
     p.add_argument("--iteration", type=int, default=None,
                    help="check this iteration's checkpoint instead of the one the tracker names")
     args = p.parse_args(argv)
-    report = verify_checkpoint(args.folder, args.iteration)
+    report = verify_checkpoint(args.folder, args.iteration, progress=True)
     where = f"iteration {report.iteration} ({report.iter_dir})" if report.iter_dir else args.folder
     for path in report.stale_temporaries:
         print(f"note: {path} is left from an interrupted save (removed when a run next starts with --save here)")
     if report.problems:
         for problem in report.problems:
             print(f"error: {problem}", file=sys.stderr)
-        if report.iteration is not None:
+        if report.iter_dir is not None:  # a folder that is there but damaged: the way back
             back = previous_complete_iteration(args.folder, report.iteration)
             print(f"checkpoint of {where} is damaged; " + (
                 f"the previous complete checkpoint is iteration {back} (--ckpt-step {back})" if back is not None

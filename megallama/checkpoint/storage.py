@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -97,6 +98,15 @@ def saved_iterations(root: str) -> list[int]:
         if suffix.isdigit() and os.path.isdir(path):
             found.append(int(suffix))
     return sorted(found)
+
+
+def no_such_iteration(root: str, iteration: int) -> str:
+    """One line for an iteration that has no folder under ``root``, naming the latest ones that do."""
+    saved = saved_iterations(root)
+    there = ("saved iterations: " + ("…, " if len(saved) > 5 else "") + ", ".join(map(str, saved[-5:]))) if saved \
+        else "no iter_* folders there"
+    folder = checkpoint_dir(root, iteration)
+    return f"no checkpoint of iteration {iteration} in {root} ({folder} does not exist; {there})"
 
 
 def previous_complete_iteration(root: str, before: int) -> Optional[int]:
@@ -272,11 +282,14 @@ def _file_problem(iter_dir: str, metadata: dict, filename: str, checksums: bool 
     return None
 
 
-def _load_rank_file(path: str) -> dict:
+def load_weights_only(path: str) -> dict:
     """``torch.load`` (weights only, memory-mapped); ValueError with one line when it cannot be read."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as error:  # truncated zip, bad pickle
+    except pickle.UnpicklingError:  # torch's message invites a load with weights_only=False: never here
+        raise ValueError(f"{path} is unreadable (it holds objects other than tensors and plain data, which are "
+                         "never unpickled)") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as error:  # truncated zip, not a torch file
         text = str(error).strip()
         raise ValueError(f"{path} is unreadable ({text.splitlines()[0] if text else type(error).__name__})") from None
 
@@ -301,7 +314,7 @@ class _RankFiles:
         if filename not in self._open:
             check_file(self.iter_dir, self.metadata, filename)
             try:
-                self._open[filename] = _load_rank_file(os.path.join(self.iter_dir, filename))
+                self._open[filename] = load_weights_only(os.path.join(self.iter_dir, filename))
             except ValueError as error:
                 raise _damaged(self.iter_dir, str(error)) from None
         return self._open[filename]
@@ -412,11 +425,13 @@ class VerifyReport:
     stale_temporaries: list = field(default_factory=list)
 
 
-def verify_checkpoint(root: str, iteration: Optional[int] = None, checksums: bool = True) -> VerifyReport:
+def verify_checkpoint(root: str, iteration: Optional[int] = None, checksums: bool = True,
+                      progress: bool = False) -> VerifyReport:
     """Check one checkpoint (the tracker's, or ``iteration``) without building a model: the index
     reads, every rank file it names is there with its recorded size and SHA-256 (or, for checkpoints
     written before checksums, loads), and every piece points at a file that exists. Without
-    ``checksums`` only sizes are compared (no file is read)."""
+    ``checksums`` only sizes are compared (no file is read). ``progress``: a bar over the files on a
+    terminal's stderr (hashing a large run's checkpoint takes minutes)."""
     if iteration is None:
         try:
             iteration = read_tracker(root)
@@ -425,6 +440,8 @@ def verify_checkpoint(root: str, iteration: Optional[int] = None, checksums: boo
         if iteration is None:
             return VerifyReport(None, None, problems=[f"no checkpoint in {root} ({TRACKER_FILENAME} not found)"])
     iter_dir = checkpoint_dir(root, iteration)
+    if not os.path.isdir(iter_dir):  # never saved (a mistyped --iteration), not an incomplete save
+        return VerifyReport(iteration, None, problems=[no_such_iteration(root, iteration)])
     report = VerifyReport(iteration, iter_dir, stale_temporaries=sorted(
         glob.glob(os.path.join(glob.escape(iter_dir), ".*.tmp"))))
     path = os.path.join(iter_dir, METADATA_FILENAME)
@@ -441,12 +458,16 @@ def verify_checkpoint(root: str, iteration: Optional[int] = None, checksums: boo
     report.checksummed = has_checksums(metadata)
     named = {entry["file"] for entries in pieces.values() for entry in entries}
     files = sorted(set(metadata.get("files", {})) | named)
-    for filename in files:
+    from tqdm import tqdm
+
+    # disable=None: on a terminal only, so logs and captured output keep their one line per problem
+    shown = None if progress and checksums else True
+    for filename in tqdm(files, desc=f"checking {iter_dir}", unit="file", disable=shown):
         report.files_checked += 1
         problem = _file_problem(iter_dir, metadata, filename, checksums)
         if problem is None and checksums and not report.checksummed:  # nothing recorded: it must load
             try:
-                _load_rank_file(os.path.join(iter_dir, filename))
+                load_weights_only(os.path.join(iter_dir, filename))
             except ValueError as error:
                 problem = str(error)
         if problem:
@@ -463,7 +484,7 @@ def latest_checkpoint(root: str, iteration: Optional[int] = None) -> Optional[tu
             return None
     iter_dir = checkpoint_dir(root, iteration)
     if not os.path.isdir(iter_dir):
-        raise CheckpointError(f"no checkpoint of iteration {iteration} in {root} ({iter_dir} does not exist)")
+        raise CheckpointError(no_such_iteration(root, iteration))
     return iteration, iter_dir, read_metadata(iter_dir)
 
 

@@ -9,10 +9,13 @@ of hanging some of them in a collective.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 from typing import Optional, Sequence
 
 from megallama.config import LlamaConfig
+from megallama.data.gpt_dataset import parse_split
 from megallama.distributed.optimizer import OptimizerConfig
 from megallama.training.arguments_model import (
     ConfigError,
@@ -47,8 +50,21 @@ SENTENCEPIECE_ALIASES = ("GPTSentencePieceTokenizer", "Llama2Tokenizer")
 LLAMA_WARMUP_ITERS = 2000
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, reported as every other bad flag is (a ``ConfigError``: exit status 2,
+    naming the rank), not argparse's ~100-line usage block on every rank; a mistyped flag names the
+    closest real one (abbreviations are off, so ``--train-iter`` is not read as ``--train-iters``)."""
+
+    def error(self, message: str):
+        unknown = re.findall(r"(?<!\S)--[\w-]+", message) if message.startswith("unrecognized arguments") else []
+        flags = [option for action in self._actions for option in action.option_strings]
+        close = [match for word in unknown for match in difflib.get_close_matches(word, flags, n=1)]
+        raise ConfigError(message + (f" (did you mean {', '.join(close)}?)" if close else "")
+                          + "; --help lists the flags")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="megallama.pretrain",
         description="Pretrain a LLaMA model. Launch with `torchrun [torchrun flags] -m megallama.pretrain "
         "[flags]`; a plain `python -m megallama.pretrain` runs a single process.",
@@ -214,6 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Load this iteration's checkpoint from --load instead of the latest one.")
     g.add_argument("--no-load-optim", action="store_true", help="Load weights only; fresh optimizer state.")
     g.add_argument("--no-load-rng", action="store_true", help="Do not restore the saved RNG states.")
+    g.add_argument("--no-save-optim", action="store_true",
+                   help="Save weights without the optimizer state (a resume from them needs --no-load-optim).")
+    g.add_argument("--no-save-rng", action="store_true",
+                   help="Save without the RNG states (a resume then keeps its own; LLaMA draws no random numbers "
+                   "while training).")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="Stop when --load holds no checkpoint, also where the run would otherwise train from scratch "
+                   "(--load is the --save folder, or --allow-no-checkpoint).")
+    schedule = g.add_mutually_exclusive_group()
+    schedule.add_argument("--override-opt_param-scheduler", action="store_true",
+                          help="On resuming, use the flags' lr schedule (--lr, --min-lr, warmup, decay length and "
+                          "style, --decoupled-lr/--decoupled-min-lr, --weight-decay) where the checkpoint's differs. "
+                          "Without this or --use-checkpoint-opt_param-scheduler a difference is an error, as Megatron.")
+    schedule.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                          help="On resuming, use the checkpoint's lr schedule where the flags' differs.")
     g.add_argument("--allow-no-checkpoint", action="store_true",
                    help="Train from scratch when --load holds no checkpoint. Without it that is an error (a "
                    "mistyped path), unless --load is the --save folder (resume-or-start).")
@@ -242,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "set size as mem-allocated-bytes); mem-max-allocated-bytes is always written.")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
                    help="Also write `lm loss validation ppl` = exp(min(20, validation loss)), as Megatron.")
+    g.add_argument("--log-params-norm", action="store_true",
+                   help="Also log the L2 norm of all parameters (console `params norm`, TensorBoard `params-norm`), "
+                   "computed at each --log-interval report.")
     g.add_argument("--wandb-project", default=None,
                    help="Also log the scalars to this Weights & Biases project (needs `pip install -e .[wandb]`); "
                    "empty or absent: off.")
@@ -362,12 +396,17 @@ def config_from_namespace(ns: argparse.Namespace, world_size: int) -> PretrainCo
             save=ns.save, load=ns.load, save_interval=ns.save_interval, ckpt_step=ns.ckpt_step,
             no_load_optim=ns.no_load_optim, no_load_rng=ns.no_load_rng, finetune=ns.finetune,
             allow_no_checkpoint=ns.allow_no_checkpoint, rewind_save=ns.rewind_save,
+            no_save_optim=ns.no_save_optim, no_save_rng=ns.no_save_rng,
+            exit_on_missing_checkpoint=ns.exit_on_missing_checkpoint,
+            override_opt_param_scheduler=ns.override_opt_param_scheduler,
+            use_checkpoint_opt_param_scheduler=ns.use_checkpoint_opt_param_scheduler,
         ),
         logging=LoggingArgs(
             log_interval=ns.log_interval, tensorboard_dir=ns.tensorboard_dir, peak_tflops=ns.peak_tflops,
             log_throughput=ns.log_throughput, log_timers_to_tensorboard=ns.log_timers_to_tensorboard,
             log_memory_to_tensorboard=ns.log_memory_to_tensorboard,
             log_validation_ppl_to_tensorboard=ns.log_validation_ppl_to_tensorboard,
+            log_params_norm=ns.log_params_norm,
             wandb_project=ns.wandb_project or None, wandb_exp_name=ns.wandb_exp_name,
             wandb_save_dir=ns.wandb_save_dir,
         ),
@@ -429,6 +468,7 @@ def validate(config: PretrainConfig) -> None:
     if t.seq_length > m.max_position_embeddings:
         raise ConfigError(f"--seq-length {t.seq_length} exceeds --max-position-embeddings "
                           f"{m.max_position_embeddings}")
+    _check_numeric_ranges(config)
     if not 0 <= s.min_lr <= config.optimizer.lr:
         raise ConfigError(f"--min-lr {s.min_lr} must be between 0 and --lr {config.optimizer.lr}")
     _check_decoupled_lr(config.optimizer, s.min_lr)
@@ -454,6 +494,8 @@ def validate(config: PretrainConfig) -> None:
     ck = config.checkpoint
     if ck.save_interval is not None and (ck.save is None or ck.save_interval < 1):
         raise ConfigError("--save-interval needs --save and must be at least 1")
+    if ck.exit_on_missing_checkpoint and ck.allow_no_checkpoint:
+        raise ConfigError("--exit-on-missing-checkpoint and --allow-no-checkpoint contradict each other: give one")
     if ck.ckpt_step is not None and ck.load is None:
         raise ConfigError("--ckpt-step needs --load")
     if (t.exit_interval is not None and t.exit_interval < 1) or \
@@ -478,11 +520,36 @@ def validate(config: PretrainConfig) -> None:
         raise ConfigError("--finetune needs --load (the pretrained checkpoint or HF folder)")
     if d.sft_data_path:
         data_prefixes(d.sft_data_path)  # raises on a malformed weight/prefix list
+    if d.data_path or d.sft_data_path:  # else a traceback from the dataset builder, after the model was built
+        try:
+            parse_split(d.split)
+        except ValueError as error:
+            raise ConfigError(str(error) if str(error).startswith("--split") else f"--split {d.split!r}: {error}") \
+                from None
     if d.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer") and not d.tokenizer_model:
         raise ConfigError(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
     for paths in (d.data_path, d.train_data_path, d.valid_data_path, d.test_data_path):
         if paths:
             data_prefixes(paths)  # raises on a malformed weight/prefix list
+
+
+def _check_numeric_ranges(config: PretrainConfig) -> None:
+    """Values torch or numpy would reject with a traceback during set-up (and a negative --lr, which
+    the --min-lr check would blame on --min-lr's default)."""
+    o = config.optimizer
+    for flag, value, ok, wanted in (
+            ("--lr", o.lr, o.lr >= 0, "at least 0"),
+            ("--weight-decay", o.weight_decay, o.weight_decay >= 0, "at least 0"),
+            ("--adam-beta1", o.adam_beta1, 0 <= o.adam_beta1 < 1, "in [0, 1)"),
+            ("--adam-beta2", o.adam_beta2, 0 <= o.adam_beta2 < 1, "in [0, 1)"),
+            ("--adam-eps", o.adam_eps, o.adam_eps >= 0, "at least 0"),
+            ("--clip-grad", o.clip_grad, o.clip_grad >= 0, "at least 0 (0 = off)"),
+            ("--init-method-std", config.model.init_method_std, config.model.init_method_std >= 0, "at least 0"),
+            ("--seed", config.training.seed, config.training.seed >= 0, "at least 0"),
+            ("--distributed-timeout-minutes", config.parallel.distributed_timeout_minutes,
+             config.parallel.distributed_timeout_minutes >= 1, "at least 1")):
+        if not ok:  # NaN fails every comparison, so it is caught too
+            raise ConfigError(f"{flag} must be {wanted}, got {value}")
 
 
 def _check_decoupled_lr(o: OptimizerConfig, min_lr: float) -> None:

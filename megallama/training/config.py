@@ -133,9 +133,15 @@ class CheckpointArgs:
     ckpt_step: Optional[int] = None
     no_load_optim: bool = False
     no_load_rng: bool = False
+    no_save_optim: bool = False
+    no_save_rng: bool = False
     allow_no_checkpoint: bool = False
+    exit_on_missing_checkpoint: bool = False
     rewind_save: bool = False
     finetune: bool = False
+    # Which lr schedule a resume runs where the checkpoint's differs from the flags' (resumed_schedule.py).
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
 
 
 @dataclass
@@ -148,6 +154,7 @@ class LoggingArgs:
     log_timers_to_tensorboard: bool = False
     log_memory_to_tensorboard: bool = False
     log_validation_ppl_to_tensorboard: bool = False
+    log_params_norm: bool = False
     wandb_project: Optional[str] = None  # None or "": no Weights & Biases logging
     wandb_exp_name: Optional[str] = None
     wandb_save_dir: Optional[str] = None

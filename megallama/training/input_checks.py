@@ -8,10 +8,28 @@ import importlib.util
 import os
 from typing import Optional, Sequence
 
+from megallama.config import LlamaConfig
 from megallama.data.gpt_dataset import parse_data_path
 from megallama.training.arguments_model import ConfigError, padded_vocab_size
 from megallama.training.config import CheckpointArgs, PretrainConfig
 from megallama.training.logger import WANDB_MISSING
+from megallama.training.resumed_schedule import check_resumed_schedule
+
+
+# What changes what a checkpoint's weights compute: loaded under other values of these, a run would fail
+# deep inside loading or (rotary base, norm epsilon, rope scaling) train another model without a word.
+WEIGHT_DEFINING_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                          "ffn_hidden_size", "vocab_size", "norm_epsilon", "rope_theta", "rope_scaling",
+                          "tie_word_embeddings")
+
+
+def model_mismatch(stored: LlamaConfig, ours: LlamaConfig) -> Optional[str]:
+    """``has FIELD STORED, the flags give OURS`` for the first weight-defining field that differs, else None."""
+    for name in WEIGHT_DEFINING_FIELDS:
+        theirs, mine = getattr(stored, name), getattr(ours, name)
+        if theirs != mine:
+            return f"has {name} {theirs}, the flags give {mine}"
+    return None
 
 
 def data_prefixes(data_path: Sequence[str]) -> list[str]:
@@ -25,7 +43,11 @@ def data_prefixes(data_path: Sequence[str]) -> list[str]:
 def sentencepiece_vocab_size(model_file: str) -> int:
     from megallama.tokenizer import SentencePieceTokenizer
 
-    return SentencePieceTokenizer(model_file).vocab_size
+    try:
+        return SentencePieceTokenizer(model_file).vocab_size
+    except (RuntimeError, OSError) as exc:  # sentencepiece's "could not parse ModelProto" (e.g. the .vocab file)
+        raise ConfigError(f"tokenizer model {model_file} is not a SentencePiece model ({str(exc).strip()}) "
+                          "(--tokenizer-model)") from None
 
 
 def huggingface_vocab_size(folder: str) -> int:
@@ -48,7 +70,8 @@ def check_inputs(config: PretrainConfig, vocab_size_given: bool = True) -> None:
         for prefix in data_prefixes(paths) if paths else []:
             for ext in (".bin", ".idx"):
                 if not os.path.isfile(prefix + ext):
-                    raise ConfigError(f"data file {prefix + ext} not found (from {flag} {prefix})")
+                    hint = "; give the prefix, without .bin or .idx" if prefix.endswith((".bin", ".idx")) else ""
+                    raise ConfigError(f"data file {prefix + ext} not found (from {flag} {prefix}){hint}")
     for prefix in data_prefixes(d.sft_data_path) if d.sft_data_path else []:
         from megallama.data.instructions import output_prefixes
 
@@ -58,6 +81,9 @@ def check_inputs(config: PretrainConfig, vocab_size_given: bool = True) -> None:
                                   "made by tools/preprocess_instructions.py)")
     if d.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
         if d.tokenizer_type == "SentencePieceTokenizer":
+            if os.path.isdir(d.tokenizer_model):  # "not found" would send the user looking for a file that is there
+                raise ConfigError(f"tokenizer model {d.tokenizer_model} is a folder: give a SentencePiece .model file, "
+                                  "or --tokenizer-type HuggingFaceTokenizer for a folder holding tokenizer.json")
             if not os.path.isfile(d.tokenizer_model):
                 raise ConfigError(f"tokenizer model {d.tokenizer_model} not found (--tokenizer-model)")
             vocab = sentencepiece_vocab_size(d.tokenizer_model)
@@ -73,33 +99,99 @@ def check_inputs(config: PretrainConfig, vocab_size_given: bool = True) -> None:
                               f"{config.model.vocab_size}")
     if config.logging.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(WANDB_MISSING)
-    check_checkpoint_folders(config.checkpoint)
+    for flag, path in (("--save", config.checkpoint.save), ("--tensorboard-dir", config.logging.tensorboard_dir),
+                       ("--data-cache-path", d.data_cache_path), ("--wandb-save-dir", config.logging.wandb_save_dir)):
+        if path:
+            _check_output_folder(flag, path)
+    check_checkpoint_folders(config)
 
 
 def _same_folder(a: Optional[str], b: Optional[str]) -> bool:
     return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_checkpoint_folders(ck: CheckpointArgs) -> None:
+def check_checkpoint_folders(config: PretrainConfig) -> None:
     """A ``--load`` naming no checkpoint is a mistyped path unless it is the ``--save`` folder
-    (resume-or-start) or ``--allow-no-checkpoint`` says so; a run starting below the iteration
-    ``--save`` already holds would rewind that folder's tracker, unless ``--rewind-save``."""
-    from megallama.checkpoint.storage import CheckpointError, read_tracker
+    (resume-or-start) or ``--allow-no-checkpoint`` says so (and never with
+    ``--exit-on-missing-checkpoint``); a run starting below the iteration ``--save`` already holds
+    would rewind that folder's tracker, unless ``--rewind-save``; the checkpoint resumed must fit the
+    run (``_check_resumed``)."""
+    from megallama.checkpoint.storage import CheckpointError, checkpoint_dir, no_such_iteration, read_tracker
 
-    if ck.finetune:  # --load is the weights to start from; the run resumes only from --save
-        return
+    ck = config.checkpoint
     try:
-        loaded = read_tracker(ck.load) if ck.load else None
         saved = read_tracker(ck.save) if ck.save else None
+        if ck.finetune:  # --load is the weights to start from; the run resumes only from --save
+            if saved is None:  # then it starts from --load: a typo there must not wait for the model
+                _check_finetune_load(ck)
+            return
+        loaded = read_tracker(ck.load) if ck.load else None
     except CheckpointError as error:
         raise ConfigError(str(error)) from None
-    if ck.load and loaded is None and not (_same_folder(ck.load, ck.save) or ck.allow_no_checkpoint):
+    if ck.load and loaded is None and (ck.exit_on_missing_checkpoint
+                                       or not (_same_folder(ck.load, ck.save) or ck.allow_no_checkpoint)):
         what = "does not exist" if not os.path.exists(ck.load) else "holds no checkpoint (no latest_checkpointed_iteration.txt)"
+        if ck.exit_on_missing_checkpoint:
+            raise ConfigError(f"--load {ck.load} {what}, and --exit-on-missing-checkpoint stops the run instead of "
+                              "training from scratch")
         raise ConfigError(f"--load {ck.load} {what}; to train from scratch drop --load, give --load the --save "
                           "folder, or add --allow-no-checkpoint")
     start = (ck.ckpt_step if ck.ckpt_step is not None else loaded) if ck.load else None
+    # A --ckpt-step never saved (or a tracker whose folder was deleted) fails here, not after the data
+    # and the model are built.
+    if start is not None and not os.path.isdir(checkpoint_dir(ck.load, start)):
+        flag = f"--ckpt-step {start}" if ck.ckpt_step is not None else f"--load {ck.load}"
+        raise ConfigError(f"{flag}: {no_such_iteration(ck.load, start)}")
+    if start is not None:
+        _check_resumed(ck.load, start, config)
     start = 0 if start is None else start
     if saved is not None and start < saved and not ck.rewind_save:
         raise ConfigError(f"--save {ck.save} already holds iteration {saved} and this run starts at iteration "
                           f"{start}: its saves would move that tracker back and replace later checkpoints; "
                           "give another --save, or --rewind-save to do it on purpose")
+
+
+def _check_finetune_load(ck: CheckpointArgs) -> None:
+    """``--finetune --load`` (and its ``--ckpt-step``) name something to read."""
+    from megallama.checkpoint.storage import checkpoint_dir, no_such_iteration
+
+    if not os.path.exists(ck.load):
+        raise ConfigError(f"--finetune --load {ck.load} does not exist (a megallama checkpoint folder, or an HF "
+                          "or Meta LLaMA folder)")
+    if ck.ckpt_step is not None and not os.path.isdir(checkpoint_dir(ck.load, ck.ckpt_step)):
+        raise ConfigError(f"--ckpt-step {ck.ckpt_step}: {no_such_iteration(ck.load, ck.ckpt_step)}")
+
+
+def _check_resumed(root: str, iteration: int, config: PretrainConfig) -> None:
+    """From the checkpoint's stored run config: it was trained as the model the flags describe, it
+    holds the optimizer state the run will load, and its lr schedule is the flags' (or the flags say
+    which one wins, ``resumed_schedule``). With ``--use-checkpoint-opt_param-scheduler`` this sets
+    ``config``'s schedule to the checkpoint's."""
+    from megallama.checkpoint.storage import CheckpointError, checkpoint_dir, read_metadata
+
+    try:
+        stored = read_metadata(checkpoint_dir(root, iteration))["common"]["config"]
+        model = LlamaConfig.from_run_config(stored)
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return  # a damaged index is the loader's to report, with the checkpoint to fall back to
+    where = f"--load {root} (iteration {iteration})"
+    problem = model_mismatch(model, config.model)
+    if problem:
+        raise ConfigError(f"{where} {problem}: resume with the flags it was trained with")
+    # As Megatron: resuming a checkpoint saved without optimizer state must say it starts AdamW afresh.
+    if (stored.get("checkpoint") or {}).get("no_save_optim") and not config.checkpoint.no_load_optim:
+        raise ConfigError(f"{where} was saved without optimizer state (--no-save-optim): resume it with "
+                          "--no-load-optim (fresh AdamW moments)")
+    check_resumed_schedule(stored, config, where)
+
+
+def _check_output_folder(flag: str, path: str) -> None:
+    """``path`` can become a folder this process writes to; else a traceback during set-up or, for
+    ``--save``, at the first save, after the iterations before it were trained (and are lost)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {existing} is not writable")

@@ -6,7 +6,7 @@ work, plus ``tokens-per-second``, ``tflops`` (per device) and ``mfu``; the step 
 iteration. Megatron's logging flags add their tags: ``--log-throughput`` ``throughput``,
 ``--log-timers-to-tensorboard`` the ``*-time`` of each phase, ``--log-memory-to-tensorboard``
 ``mem-allocated-bytes`` and ``mem-reserved-bytes``, ``--log-validation-ppl-to-tensorboard`` ``lm loss
-validation ppl``. With ``--wandb-project`` the same scalars also go to Weights & Biases. Values are
+validation ppl``, ``--log-params-norm`` ``params-norm`` (also on the console line). With ``--wandb-project`` the same scalars also go to Weights & Biases. Values are
 averages over the iterations since the previous report (loss, times) or the latest value (learning
 rate, gradient norm). Only one rank reports: the caller passes ``enabled=True`` on the rank that
 holds the loss (the last pipeline stage).
@@ -56,6 +56,16 @@ def memory_bytes(device: Optional[torch.device] = None) -> dict[str, int]:
     return {"mem-allocated-bytes": resident_pages * os.sysconf("SC_PAGE_SIZE")}
 
 
+def params_norm(chunks, optimizer) -> torch.Tensor:
+    """L2 norm of the model's parameters (Megatron's ``--log-params-norm``), each counted once as the
+    gradient norm counts it: a collective over TP and PP, so every rank calls it."""
+    from megallama.distributed.clip_grads import global_grad_norm, grads_for_norm
+
+    optimizer.finish_param_sync()  # with --overlap-param-gather the step's weights may still be arriving
+    # Every DP rank holds the whole weights (ZeRO-1 shards only the optimizer's state): no sum over DP.
+    return global_grad_norm(grads_for_norm((p, p.detach(), 0) for chunk in chunks for p in chunk.parameters()))
+
+
 def host_values(values: list) -> list:
     """``values`` (floats, None, 0-dim tensors) as Python floats (None stays None), all the tensors
     read in one device→host copy."""
@@ -88,8 +98,10 @@ class TrainingLogger:
         peak_tflops: Optional[float],
         device: Optional[torch.device] = None,
         print_fn: Callable[[str], None] = print,
+        params_norm: Optional[Callable[[], torch.Tensor]] = None,
     ):
         self.enabled = enabled
+        self.params_norm = params_norm  # --log-params-norm: computed at each report, on every rank
         self.interval = config.logging.log_interval
         self.train_iters = config.training.train_iters
         self.global_batch_size = config.training.global_batch_size
@@ -163,7 +175,9 @@ class TrainingLogger:
             self._phase_seconds[phase] += value
         if iteration % self.interval and iteration != self.train_iters:
             return None
-        *losses, grad_norm = host_values([*self._losses, grad_norm])  # this report's one device read
+        norm_of_params = self.params_norm() if self.params_norm is not None else None
+        # this report's one device read
+        *losses, grad_norm, norm_of_params = host_values([*self._losses, grad_norm, norm_of_params])
         timing = self._since is not None
         if timing:
             self.stop_timing()
@@ -188,6 +202,7 @@ class TrainingLogger:
             f"consumed tokens {consumed_samples * self.seq_length} | "
             + (f"global batch size {global_batch_size} | " if self.ramps else "") +
             f"lm loss {mean_loss:.6E} | learning rate {lr:.6E} | grad norm {grad_text} | "
+            + ("" if norm_of_params is None else f"params norm {norm_of_params:.6E} | ") +
             f"ms per iteration {1000 * seconds_per_iteration:.1f} | tokens/s {tokens_per_second:.1f} | "
             f"TFLOP/s per device {tflops:.4g} | MFU {mfu_text} | peak memory {memory / 2**30:.2f} GiB"
         )
@@ -196,6 +211,8 @@ class TrainingLogger:
                    "tokens-per-second": tokens_per_second, "tflops": tflops, "mem-max-allocated-bytes": memory}
         if grad_norm is not None:
             scalars["grad-norm"] = grad_norm
+        if norm_of_params is not None:
+            scalars["params-norm"] = norm_of_params
         if mfu is not None:
             scalars["mfu"] = mfu
         if self.options.log_throughput:

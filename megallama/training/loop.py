@@ -8,7 +8,6 @@ from a seed of (``--seed``, layer), never from where a layer happens to live, an
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import gc
@@ -20,7 +19,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megallama.checkpoint import sharded
 from megallama.checkpoint import storage as ckpt
@@ -35,9 +33,11 @@ from megallama.training.config import PretrainConfig
 from megallama.training.exits import ExitSettings, ExitWatch
 from megallama.training.flops import detect_peak_tflops
 from megallama.training.forward_step import llama_forward_step
-from megallama.training.logger import TrainingLogger, host_values
+from megallama.training.input_checks import model_mismatch
+from megallama.training.logger import TrainingLogger, host_values, params_norm
 from megallama.training.lr_schedule import LRSchedule
 from megallama.training.profiling import IterationProfiler
+from megallama.training.run_contexts import attention_kernels, manual_garbage_collection
 
 
 class TrainingError(RuntimeError):
@@ -206,35 +206,6 @@ class BatchPrefetcher:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-# --attention-backend → the kernels torch's scaled_dot_product_attention may choose from (auto: all).
-SDPA_BACKENDS = {
-    "flash": [SDPBackend.FLASH_ATTENTION],
-    "fused": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION],
-    "unfused": [SDPBackend.MATH],
-    "local": [SDPBackend.MATH],
-}
-
-
-def attention_kernels(backend: str):
-    """The context that restricts attention to ``--attention-backend``'s kernels."""
-    return sdpa_kernel(SDPA_BACKENDS[backend]) if backend in SDPA_BACKENDS else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def manual_garbage_collection(enabled: bool):
-    """``--manual-gc``: Python's automatic collector off for the run (the loop collects at fixed
-    iterations instead), on again afterwards."""
-    if not enabled or not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    gc.collect()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
 def check_batch(batch: tuple, first_sample: int, config: PretrainConfig) -> None:
     """The host copy of a micro-batch (tokens, labels, loss_mask, position_ids) checked for what
     the model checks only on host tensors (on a device the read would stall every step): ids the
@@ -337,7 +308,8 @@ class Trainer:
         peak = config.logging.peak_tflops or detect_peak_tflops(self.dtype, self.device)
         self.logger = TrainingLogger(config, enabled=dist.get_rank() == dist.get_world_size() - 1,
                                      num_devices=dist.get_world_size(), peak_tflops=peak, device=self.device,
-                                     print_fn=print_fn)
+                                     print_fn=print_fn, params_norm=(lambda: params_norm(self.chunks, self.optimizer))
+                                     if config.logging.log_params_norm else None)
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -363,20 +335,17 @@ class Trainer:
         from megallama.checkpoint import open_checkpoint
         from megallama.parallel import shard_like
 
-        path = self.config.checkpoint.load
+        ck = self.config.checkpoint
+        path = ck.load if ck.ckpt_step is None else ckpt.checkpoint_dir(ck.load, ck.ckpt_step)  # as when resuming
         try:
             reader = open_checkpoint(path)
         except (FileNotFoundError, KeyError, ValueError) as error:
             raise ckpt.CheckpointError(f"--finetune --load {path}: {error}") from None
-        ours = self.config.model
-        # Every field that changes what the weights compute: a LLaMA-3 directory loaded without its
-        # --rotary-base or --use-rope-scaling would otherwise train a different model without a word.
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-                     "ffn_hidden_size", "vocab_size", "norm_epsilon", "rope_theta", "rope_scaling",
-                     "tie_word_embeddings"):
-            theirs, mine = getattr(reader.config, name), getattr(ours, name)
-            if theirs != mine:
-                raise ckpt.CheckpointError(f"--finetune --load {path} has {name} {theirs}, the flags give {mine}")
+        # A LLaMA-3 directory loaded without its --rotary-base or --use-rope-scaling would otherwise
+        # train a different model without a word.
+        problem = model_mismatch(reader.config, self.config.model)
+        if problem:
+            raise ckpt.CheckpointError(f"--finetune --load {path} {problem}")
         for chunk in chunks:
             for name, param in chunk.named_parameters():  # a tied head's copy reads the embedding
                 param.copy_(shard_like(param, reader.load(sharded.stored_name(name, param))))
@@ -415,17 +384,20 @@ class Trainer:
 
     def save(self) -> None:
         self.optimizer.finish_param_sync()  # the saved weights are the all-gathered ones
-        root = self.config.checkpoint.save
+        ck = self.config.checkpoint
         pieces = sharded.model_pieces(self.chunks, self.tp_rank, self.tp_size, self.dp_rank)
-        pieces += sharded.optimizer_pieces(self.optimizer, self.tp_rank, self.tp_size, self.dp_rank)[0]
+        if not ck.no_save_optim:  # the stored config says so: a resume from it must give --no-load-optim
+            pieces += sharded.optimizer_pieces(self.optimizer, self.tp_rank, self.tp_size, self.dp_rank)[0]
+        layout = self._layout()
+        if ck.no_save_rng:  # as a converted checkpoint's: a mark no run's layout equals, so none restores RNG
+            layout["rng_states"] = "none (--no-save-rng)"
         common = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
                   "optimizer_step": sharded.optimizer_step_count(self.optimizer),
-                  "layout": self._layout(), "lr_schedule": self.schedule.state_dict(),
-                  "config": self.config.to_dict()}
-        rank_state = ckpt.capture_rng_state(extra={"tracker": get_rng_tracker().get_states()})
+                  "layout": layout, "lr_schedule": self.schedule.state_dict(), "config": self.config.to_dict()}
+        rank_state = {} if ck.no_save_rng else ckpt.capture_rng_state(extra={"tracker": get_rng_tracker().get_states()})
         start = time.perf_counter()
-        ckpt.save_checkpoint(root, self.iteration, pieces, rank_state, common)
-        log0(f"saved checkpoint of iteration {self.iteration} to {ckpt.checkpoint_dir(root, self.iteration)} "
+        ckpt.save_checkpoint(ck.save, self.iteration, pieces, rank_state, common)
+        log0(f"saved checkpoint of iteration {self.iteration} to {ckpt.checkpoint_dir(ck.save, self.iteration)} "
              f"in {time.perf_counter() - start:.2f} s")
 
     # --- steps ------------------------------------------------------------------------------------
@@ -515,6 +487,8 @@ class Trainer:
              f"from iteration {self.iteration}")
         saved_at = self.iteration  # a resumed run's starting point is already on disk
         t = c.training
+        if self.iteration >= t.train_iters:  # else the run ends without a word (a finished run relaunched)
+            log0(f"the checkpoint's iteration {self.iteration} is already at --train-iters {t.train_iters}: done")
         exits = ExitWatch(ExitSettings(t.exit_signal_handler, t.exit_duration_in_mins, t.exit_interval), self.device,
                           self.started)
         if t.profile and not t.use_pytorch_profiler and self.device.type != "cuda":

@@ -1,7 +1,8 @@
 """Learning-rate schedule: linear warmup from 0, then cosine / linear / constant decay to ``min_lr``.
 
 The lr is a pure function of the iteration, so resuming needs no scheduler state beyond the
-iteration number (the schedule's settings are still stored in checkpoints, for the record).
+iteration number; the schedule's settings are stored in checkpoints, and a resume under other
+settings is stopped or settled before any work (``resumed_schedule.py``).
 Iteration ``i`` (1-based) uses the value Megatron's ``OptimizerParamScheduler`` gives after ``i``
 steps; Megatron itself runs iteration ``i`` with step ``i - 1`` and so spends its first iteration
 at lr 0. A param group with its own ``max_lr``/``min_lr`` (``--decoupled-lr``) gets the same shape

@@ -85,6 +85,9 @@ MEGATRON_FLAGS: tuple[MegatronFlag, ...] = (
                  ignored="fp8 scaling setting, read only with --fp8-format (which megallama refuses)"),
     MegatronFlag("--fp8-amax-compute-algo", {"choices": ["most_recent", "max"], "default": None},
                  ignored="fp8 scaling setting, read only with --fp8-format (which megallama refuses)"),
+    MegatronFlag("--accumulate-allreduce-grads-in-fp32", GIVEN,
+                 ignored="megallama always accumulates gradients in fp32 (DDP's main_grad) and reduces them in fp32, "
+                 "which is what the flag asks for"),
     MegatronFlag("--grad-reduce-in-bf16", GIVEN,
                  ignored="megallama always accumulates and reduces gradients in fp32 (more precise, twice "
                  "the reduce traffic)"),
@@ -111,6 +114,18 @@ MEGATRON_FLAGS: tuple[MegatronFlag, ...] = (
     MegatronFlag("--no-mmap-bin-files", GIVEN,
                  ignored="megallama always memory-maps the .bin files; the data read is the same"),
     # --- logging and checkpoints ----------------------------------------------------------------
+    MegatronFlag("--log-num-zeros-in-grad", GIVEN,
+                 ignored="megallama does not count zero gradient entries (no `num zeros` in its log); training is "
+                 "the same"),
+    MegatronFlag("--timing-log-level", {"type": int, "choices": [0, 1, 2], "default": None},
+                 ignored="megallama's timers are fixed: the iteration time always, the phase times with "
+                 "--log-timers-to-tensorboard, none of them waiting for the device"),
+    MegatronFlag("--tensorboard-log-interval", {"type": int, "default": None},
+                 ignored="megallama writes TensorBoard scalars at each --log-interval report (the iterations that "
+                 "read their values from the device); set --log-interval for their spacing"),
+    MegatronFlag("--use-checkpoint-args", GIVEN,
+                 ignored="megallama takes the model from its flags and checks it against the one the checkpoint "
+                 "records, stopping in one line where they differ"),
     MegatronFlag("--ckpt-format",
                  {"choices": ["torch", "torch_dist", "zarr", "torch_dcp", "fsdp_dtensor"], "default": None},
                  ignored="megallama's own checkpoints reload under any parallel layout, as torch_dist ones do "

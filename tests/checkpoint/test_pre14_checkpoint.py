@@ -56,8 +56,10 @@ def test_loads_with_the_logits_it_gave(checkpoint, expected):
 
 def test_resumes_at_tp1_with_the_losses_it_gave(checkpoint, expected, tmp_path):
     # Explicit shapes meant untied embeddings when the fixture was written; now, as Megatron, tied.
+    # The fixture recorded its schedule (decay over its 2 iterations); the losses it gave then were
+    # resumed on the flags' (decay over 4), which a resume now has to ask for.
     command = [sys.executable, "-m", "megallama.pretrain", *_recorded_flags(expected),
-               "--untie-embeddings-and-output-weights", "--train-iters", "4",
+               "--untie-embeddings-and-output-weights", "--train-iters", "4", "--override-opt_param-scheduler",
                "--log-interval", "1", "--load", str(checkpoint), "--save", str(tmp_path / "resumed")]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -5,6 +5,7 @@ written before checksums still load; temporaries of a killed save are removed.""
 import importlib.util
 import json
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -123,6 +124,55 @@ def test_a_checkpoint_written_before_checksums_still_loads(saved, tmp_path, caps
     assert [p.split(" (")[0] for p in ckpt.verify_checkpoint(root, 4).problems] == [f"{rank_file} is unreadable"]
 
 
+class Planted:
+    """What an attacker would put in a checkpoint: unpickling it calls ``print`` (os.system in real life)."""
+
+    def __reduce__(self):
+        return print, ("planted code ran",)
+
+
+def test_a_planted_pickle_is_a_one_line_error_and_never_runs(saved, tmp_path, capsys):
+    # Where no checksum guards a file (written before checksums; Meta's shards) torch refused it with
+    # a traceback whose message suggests loading it again with weights_only=False.
+    root = copy_of(saved, tmp_path)
+    path = os.path.join(ckpt.checkpoint_dir(root, 4), ckpt.METADATA_FILENAME)
+    with open(path) as f:
+        document = json.load(f)
+    del document["files"]
+    with open(path, "w") as f:
+        json.dump(document, f)
+    rank_file = os.path.join(ckpt.checkpoint_dir(root, 4), ckpt.rank_filename(0))
+    torch.save({"tensors": [], "rank_state": Planted()}, rank_file)
+    err = load_error(root, capsys)
+    assert err.startswith(f"megallama.pretrain: error: checkpoint of iteration 4 is damaged: {rank_file} is "
+                          "unreadable (it holds objects other than tensors and plain data, which are never unpickled)")
+    assert "planted code ran" not in capsys.readouterr().out
+    from megallama.checkpoint import convert_checkpoint, open_checkpoint
+
+    meta = str(tmp_path / "meta")
+    convert_checkpoint(saved["root"], meta, "meta", progress=False)
+    torch.save({"tok_embeddings.weight": Planted()}, os.path.join(meta, "consolidated.00.pth"))
+    with pytest.raises(ValueError, match="consolidated.00.pth is unreadable \\(it holds objects other than"):
+        open_checkpoint(meta)
+
+
+def test_a_damaged_hf_folder_is_a_one_line_error_naming_the_file(saved, tmp_path):
+    # Each was a traceback from safetensors or transformers (--finetune --load, the converters).
+    from megallama.checkpoint import convert_checkpoint, open_checkpoint
+
+    hf = str(tmp_path / "hf")
+    convert_checkpoint(saved["root"], hf, "hf", progress=False)
+    weights = os.path.join(hf, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) - 100)
+    with pytest.raises(ValueError, match=f"^{re.escape(weights)} is unreadable \\(Error while deserializing header"):
+        open_checkpoint(hf)
+    with open(os.path.join(hf, "config.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="config.json is unreadable"):
+        open_checkpoint(hf)
+
+
 def verify(capsys, *args) -> SimpleNamespace:
     """``python tools/verify_checkpoint.py ARGS`` in this process: its exit status and output."""
     capsys.readouterr()
@@ -148,6 +198,22 @@ def test_verify_checkpoint_tool(saved, tmp_path, capsys):
     assert verify(capsys, root, "--iteration", "2").returncode == 0
     missing = verify(capsys, str(tmp_path / "nothing"))
     assert missing.returncode == 1 and "no checkpoint in" in missing.stderr
+    # An iteration never saved is a mistyped number, not a damaged checkpoint (it said "metadata.json
+    # is missing (an incomplete save)" and "damaged").
+    never = verify(capsys, root, "--iteration", "3")
+    assert never.returncode == 1
+    assert never.stderr.splitlines() == [f"error: no checkpoint of iteration 3 in {root} "
+                                         f"({ckpt.checkpoint_dir(root, 3)} does not exist; saved iterations: 2, 4)"]
+
+
+def test_verify_checkpoint_shows_progress_on_a_terminal(saved, capsys, monkeypatch):
+    # Hashing a large run's checkpoint takes minutes; the tool said nothing until the end.
+    import sys
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert verify_checkpoint_tool.main([saved["root"]]) == 0
+    assert f"checking {ckpt.checkpoint_dir(saved['root'], 4)}: 100%" in capsys.readouterr().err
 
 
 def test_temporaries_of_a_killed_save_are_removed_when_a_run_starts(saved, tmp_path, capsys):

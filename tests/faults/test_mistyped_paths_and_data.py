@@ -60,6 +60,49 @@ def test_a_run_never_rewinds_save_without_the_flag(tmp_path, capsys):
     assert ckpt.read_tracker(folder) == 3
 
 
+def test_a_ckpt_step_never_saved_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    folder = str(tmp_path / "run")
+    assert main([*TINY, "--train-iters", "4", "--save", folder, "--save-interval", "2"]) == 0
+    capsys.readouterr()
+    built = []
+    monkeypatch.setattr(loop, "build_datasets", lambda *a: built.append(1))  # it came after the data and model
+    assert main([*TINY, "--train-iters", "6", "--load", folder, "--ckpt-step", "3"]) == 2
+    assert one_error(capsys) == (f"megallama.pretrain: error: --ckpt-step 3: no checkpoint of iteration 3 in "
+                                 f"{folder} ({ckpt.checkpoint_dir(folder, 3)} does not exist; saved iterations: 2, 4)")
+    assert built == []
+
+
+@pytest.mark.parametrize("changed, message", [
+    (["--rotary-base", "500000"], "has rope_theta 10000.0, the flags give 500000.0"),
+    (["--norm-epsilon", "1e-2"], "has norm_epsilon 1e-06, the flags give 0.01"),
+])
+def test_resuming_under_another_model_is_one_line_before_any_work(changed, message, tmp_path, capsys, monkeypatch):
+    # A new rotary base or norm epsilon loaded the weights and trained another model without a word
+    # (a new shape: tests/training/test_pretrain_cli.py).
+    folder = str(tmp_path / "run")
+    assert main([*TINY, "--train-iters", "2", "--save", folder]) == 0
+    capsys.readouterr()
+    built = []
+    monkeypatch.setattr(loop, "build_datasets", lambda *a: built.append(1))
+    assert main([*TINY, *changed, "--train-iters", "4", "--load", folder]) == 2
+    assert one_error(capsys) == (f"megallama.pretrain: error: --load {folder} (iteration 2) {message}: resume with "
+                                 "the flags it was trained with")
+    assert built == []
+
+
+def test_an_output_folder_through_a_file_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    # --save failed at the first save with a traceback, the iterations before it trained and lost;
+    # --tensorboard-dir with a traceback during set-up.
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    built = []
+    monkeypatch.setattr(loop, "build_datasets", lambda *a: built.append(1))
+    for flag, path in (("--save", str(a_file)), ("--save", str(a_file / "run")), ("--tensorboard-dir", str(a_file))):
+        assert main([*TINY, "--train-iters", "2", flag, path]) == 2
+        assert one_error(capsys) == f"megallama.pretrain: error: {flag} {path}: {a_file} is a file, not a folder"
+    assert built == []
+
+
 def test_token_id_outside_the_vocabulary_is_one_line_before_the_model(tmp_path, capsys, monkeypatch):
     prefix = str(tmp_path / "other_vocab_text_document")
     with IndexedDatasetWriter(prefix, dtype=np.uint16) as writer:

@@ -35,7 +35,7 @@ def setup(tmp_path_factory, sp_model):
     preprocess_instructions([data], str(root / "sft"), "alpaca", sp_model, progress=False)
     base = str(root / "base")
     run(*SHAPE, "--mock-data", "--vocab-size", "320", "--train-iters", "2", "--global-batch-size", "2",
-        "--lr-warmup-iters", "1", "--save", base)
+        "--lr-warmup-iters", "1", "--save", base, "--save-interval", "1")
     finetune = [*SHAPE, "--finetune", "--sft-data-path", str(root / "sft"), "--tokenizer-model", sp_model,
                 "--global-batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3", "--lr-warmup-iters", "1",
                 "--lr-decay-iters", str(ITERS)]
@@ -61,6 +61,15 @@ def test_finetune_relaunch_resumes_exactly(setup):
     assert rest == {i: setup["serial"][i] for i in range(3, ITERS + 1)}  # bit for bit
 
 
+def test_ckpt_step_picks_the_iteration_finetuning_starts_from(setup):
+    # --ckpt-step was ignored under --finetune: the run started from the tracker's iteration 2.
+    from megallama.checkpoint.storage import checkpoint_dir
+
+    stepped = run(*setup["flags"], "--load", setup["base"], "--ckpt-step", "1", "--train-iters", "2")
+    assert stepped == run(*setup["flags"], "--load", checkpoint_dir(setup["base"], 1), "--train-iters", "2")
+    assert stepped[1] != setup["serial"][1]
+
+
 def test_tensor_pipeline_sequence_parallel_finetune_equals_serial(setup):
     result = torchrun(*setup["flags"], "--load", setup["base"], "--train-iters", str(ITERS),
                       "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
@@ -76,6 +85,12 @@ def test_finetune_flag_errors(setup, sp_model):
     with pytest.raises(ConfigError, match="instruction data file .*nope_text_document.bin not found"):
         parse_args([*SHAPE, "--sft-data-path", str(setup["root"] / "nope"), *one,
                     "--tokenizer-model", sp_model], env={})
+    # A mistyped --load or --ckpt-step failed only after the data and the model were built.
+    flags = [*setup["flags"], *one]
+    with pytest.raises(ConfigError, match=r"--finetune --load .*typo does not exist"):
+        parse_args([*flags, "--load", str(setup["root"] / "typo")], env={})
+    with pytest.raises(ConfigError, match=r"--ckpt-step 5: no checkpoint of iteration 5 .*saved iterations: 1, 2\)"):
+        parse_args([*flags, "--load", setup["base"], "--ckpt-step", "5"], env={})
     with pytest.raises(ConfigError, match="go together"):
         parse_args([*SHAPE, "--mock-data", "--reset-position-ids", *one], env={})
     with pytest.raises(ConfigError, match="not on --mock-data"):

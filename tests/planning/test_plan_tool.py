@@ -49,6 +49,18 @@ def test_shape_from_a_hugging_face_config(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["fitting"][0] == from_file
 
 
+@pytest.mark.parametrize("override", [["--hidden-size", "2048"], ["--num-attention-heads", "64"]])
+def test_a_preset_with_a_new_width_or_head_count_is_that_shape(override, capsys):
+    """The preset's head size and K/V heads follow the new shape (a stale head size of 128 planned
+    `--model-size 7b --hidden-size 2048` as a 2.3B model, and 64 heads as grouped-query attention)."""
+    run = ["--train-tokens", "1e12", "--gpus", "8", "--json"]
+    assert plan_tool.main(["--model-size", "7b", *override, *run]) == 0
+    from_preset = json.loads(capsys.readouterr().out)["fitting"]
+    assert plan_tool.main(["--num-layers", "32", "--hidden-size", "4096", "--num-attention-heads", "32", *override,
+                           *run]) == 0
+    assert json.loads(capsys.readouterr().out)["fitting"] == from_preset
+
+
 def test_nothing_fits_exits_one_with_the_reason(capsys):
     assert plan_tool.main(["--model-size", "65b", "--train-tokens", "1e12", "--gpus", "4"]) == 1
     assert "nothing fits a100-80gb" in capsys.readouterr().out
@@ -65,6 +77,13 @@ def test_gpu_figures_are_overridable(capsys):
     (["--gpu", "tpu-v9"], "invalid choice"),
     (["--train-tokens", "1e12", "--gpus", "8"], "give --model-size"),
     (["--model-size", "7b", "--train-tokens", "1e12", "--gpus", "8", "--gpu-memory-gb", "-1"], "must be positive"),
+    # these divided by zero in the planner (a traceback) or planned negative days
+    (["--model-size", "7b", "--train-tokens", "1e12", "--gpus", "8", "--global-batch-size", "0"],
+     "--global-batch-size must be positive"),
+    (["--model-size", "7b", "--train-tokens", "1e12", "--gpus", "8", "--micro-batch-size", "2", "0"],
+     "--micro-batch-size must be positive"),
+    (["--model-size", "7b", "--train-tokens", "-1", "--gpus", "8"], "--train-tokens must be positive"),
+    (["--inference", "--inference-batch", "-1"], "--inference-batch must be positive"),
 ])
 def test_bad_input_is_one_clear_line(argv, message):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plan.py"), *argv],

@@ -67,6 +67,15 @@ def test_config_round_trips_through_a_plain_dict():
     (["--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 must be below --lr-decay-iters 10"),
     (["--data-path", "x"], 1, "give exactly one of --data-path, --mock-data, --sft-data-path and --train-data-path"),
     (["--hidden-dropout", "0.1"], 1, "LLaMA has no dropout"),
+    # These were tracebacks from torch or numpy during set-up, or (--lr) an error about --min-lr.
+    (["--lr", "-1"], 1, "--lr must be at least 0, got -1.0"),
+    (["--weight-decay", "-0.1"], 1, "--weight-decay must be at least 0, got -0.1"),
+    (["--adam-beta1", "1.5"], 1, "--adam-beta1 must be in [0, 1), got 1.5"),
+    (["--adam-beta2", "nan"], 1, "--adam-beta2 must be in [0, 1), got nan"),
+    (["--clip-grad", "-1"], 1, "--clip-grad must be at least 0 (0 = off), got -1.0"),
+    (["--init-method-std", "-0.02"], 1, "--init-method-std must be at least 0, got -0.02"),
+    (["--seed", "-1"], 1, "--seed must be at least 0, got -1"),
+    (["--distributed-timeout-minutes", "0"], 1, "--distributed-timeout-minutes must be at least 1, got 0"),
 ])
 def test_bad_configs_are_one_line_errors(flags, world, message):
     with pytest.raises(ConfigError) as info:
@@ -90,6 +99,44 @@ def test_missing_data_and_oversized_tokenizer_vocabulary(tmp_path, monkeypatch):
         parse_args([*base, "--data-path", prefix, "--tokenizer-model", str(model), "--vocab-size", "32000"], env={})
     c = parse_args([*base, "--data-path", prefix, "--tokenizer-model", str(model)], env={})
     assert c.model.vocab_size == 32003 and c.data.tokenizer_type == "SentencePieceTokenizer"
+
+
+def test_a_mistyped_flag_is_one_line_naming_the_closest_flag(capsys):
+    # argparse printed its ~100-line usage block (on every rank under torchrun) above the error.
+    from megallama.pretrain import main
+
+    assert main([*TINY, "--tensor-model-paralel-size", "2", "--save-intervl", "5"]) == 2
+    assert capsys.readouterr().err == (
+        "megallama.pretrain: error: unrecognized arguments: --tensor-model-paralel-size 2 --save-intervl 5 (did you "
+        "mean --tensor-model-parallel-size, --save-interval?); --help lists the flags\n")
+    with pytest.raises(ConfigError, match="^argument --train-iters: invalid int value: 'ten'; --help lists the flags$"):
+        parse("--train-iters", "ten")
+
+
+def test_tokenizer_and_data_path_mistakes_name_the_mistake(tmp_path):
+    base = [f for f in TINY if f != "--mock-data"]
+    prefix = str(tmp_path / "corpus_text_document")
+    for ext in (".bin", ".idx"):
+        (tmp_path / ("corpus_text_document" + ext)).write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"\.bin\.bin not found .*; give the prefix, without \.bin or \.idx$"):
+        parse_args([*base, "--data-path", prefix + ".bin"], env={})
+    # The SentencePiece .vocab file was a traceback; a tokenizer folder was "not found".
+    vocab = tmp_path / "tok.vocab"
+    vocab.write_text("<unk>\t0\n")
+    with pytest.raises(ConfigError, match="tok.vocab is not a SentencePiece model .*could not parse"):
+        parse_args([*base, "--data-path", prefix, "--tokenizer-model", str(vocab)], env={})
+    with pytest.raises(ConfigError, match="is a folder: give a SentencePiece .model file, or --tokenizer-type "
+                                          "HuggingFaceTokenizer"):
+        parse_args([*base, "--data-path", prefix, "--tokenizer-model", str(tmp_path)], env={})
+
+
+@pytest.mark.parametrize("split, message", [("a,b,c", "expected 1 to 3 numbers"), ("0,0,0", "sums to zero"),
+                                            ("1..2", "--split '1..2': could not convert")])
+def test_a_bad_split_is_an_error_before_any_work(split, message):
+    # It was a traceback from the dataset builder, after the model was built.
+    base = [f for f in TINY if f != "--mock-data"]
+    with pytest.raises(ConfigError, match=message):
+        parse_args([*base, "--data-path", "x", "--split", split], env={}, check_files=False)
 
 
 # --- Megatron's flags with Megatron's meaning ---------------------------------------------------

@@ -14,7 +14,8 @@ from megallama.training import loop
 from megallama.training.arguments import ConfigError, build_parser, parse_args
 from megallama.training.config import PretrainConfig
 from tests.distributed_utils import run_distributed
-from tests.training.test_runtime_flags import one_thread  # noqa: F401  (one OpenMP thread per test)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LR, MIN_LR = 1e-2, 1e-3
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "64",

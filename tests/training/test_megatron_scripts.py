@@ -32,8 +32,8 @@ def script_flags(name: str) -> list[str]:
 def parse_script(name: str) -> tuple[argparse.Namespace, list[str]]:
     try:
         return build_parser().parse_known_args(script_argv(name))
-    except SystemExit:  # argparse printed why (an invalid choice, a bad number) to stderr
-        pytest.fail(f"{name}: a flag's value does not parse (see stderr)")
+    except ConfigError as error:  # an invalid choice, a bad number
+        pytest.fail(f"{name}: a flag's value does not parse: {error}")
 
 
 def without(argv: list[str], flags: set[str]) -> list[str]:
@@ -157,3 +157,30 @@ def test_table_holds_only_flags_megallama_does_not_define():
     # group would miss it, and the table entry would be dead.
     table_group = next(g for g in build_parser()._action_groups if g.title.startswith("Megatron-LM flags"))
     assert [a.option_strings[0] for a in table_group._group_actions] == names
+
+
+def _disposition_rows(section: str) -> dict[str, str]:
+    """{flag: proposal} of one table of DISPOSITION.md."""
+    text = (FIXTURES / "DISPOSITION.md").read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| `--")]
+    return {row[0].strip("| `"): row[-1] for row in rows}
+
+
+def test_other_common_flags_are_as_disposition_md_says(capsys):
+    rows = _disposition_rows("Other common flags (resumes, checkpoints, logging)")
+    assert len(rows) == 11
+    table = {flag.name: flag for flag in MEGATRON_FLAGS}
+    defined = set(build_parser()._option_string_actions)
+    for name, proposal in rows.items():
+        assert name in defined
+        if proposal.startswith("(a)"):  # megallama's own flag, not a table entry
+            assert name not in table, name
+        else:
+            assert proposal.startswith("(b)") and table[name].ignored and not table[name].refused, name
+    ignored = [name for name, proposal in rows.items() if proposal.startswith("(b)")]
+    valued = {"--timing-log-level": "1", "--tensorboard-log-interval": "10"}
+    argv = [word for name in ignored for word in (name, *([valued[name]] if name in valued else []))]
+    parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--train-iters", "10",
+                "--lr-warmup-iters", "2", "--mock-data", *argv], env={}, check_files=False)
+    assert capsys.readouterr().out.splitlines() == [f"megallama.pretrain: ignoring Megatron flag {f.name}: {f.ignored}"
+                                                    for f in MEGATRON_FLAGS if f.name in ignored]

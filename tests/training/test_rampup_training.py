@@ -4,13 +4,16 @@ run stopped on the ramp resumes on it."""
 import re
 import warnings
 
+import pytest
 import torch
 
 from megallama.data.gpt_dataset import MockGPTDataset
 from megallama.model import LlamaModel
 from megallama.pretrain import main
 from megallama.training.arguments import parse_args
-from tests.training.test_pretrain_cli import assert_curve, losses_of, one_thread, torchrun  # noqa: F401
+from tests.training.test_pretrain_cli import assert_curve, losses_of, torchrun
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # megatron-core warns that Transformer Engine and Apex are absent

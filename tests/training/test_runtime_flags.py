@@ -19,12 +19,7 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
 LOSS_LINE = re.compile(r"iteration\s+(\d+)/\d+ \|.*? lm loss (\S+) ")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # two OpenMP threads on a busy 2-core machine spin against each other
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def losses(capsys, *flags) -> dict:
@@ -120,7 +115,7 @@ def test_wandb_offline_run_gets_the_scalars(tmp_path, monkeypatch):
 
 
 def test_attention_backend_limits_the_sdpa_kernels():
-    from megallama.training.loop import attention_kernels
+    from megallama.training.run_contexts import attention_kernels
 
     with attention_kernels("unfused"):
         assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
