@@ -12,6 +12,7 @@ rank's shard) of memory, not the whole model. Logits are equal before and after,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megallama.checkpoint import FORMATS, convert_checkpoint
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", required=True, metavar="DIR",
                    help="the checkpoint to convert: a megallama save folder (or one iter_NNNNNNN folder in it), "
                         "an HF folder (config.json + safetensors) or a Meta folder (params.json + consolidated.NN.pth)")
-    p.add_argument("--save", required=True, metavar="DIR", help="folder to write the converted checkpoint into")
+    p.add_argument("--save", required=True, metavar="DIR",
+                   help="folder to write the converted checkpoint into: a new or empty one")
     p.add_argument("--target-format", required=True, choices=FORMATS, help="format to write")
     p.add_argument("--source-format", choices=FORMATS,
                    help="format of --load (default: detected from the files in it)")
@@ -46,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             print(f"error: --{flag.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
             return 2
+    if os.path.exists(args.save) and not (os.path.isdir(args.save) and not os.listdir(args.save)):
+        # Writing into a folder that holds files would mix two checkpoints (which one a later
+        # --load detects is then a guess) or move a training save folder's tracker back to iteration 0.
+        what = ("a folder holding " + ", ".join(sorted(os.listdir(args.save))[:5]) if os.path.isdir(args.save)
+                else "a file")
+        print(f"error: --save {args.save} is {what}: give a new or empty folder", file=sys.stderr)
+        return 2
     try:
         source = convert_checkpoint(args.load, args.save, args.target_format, args.source_format,
                                     args.target_tensor_parallel_size, args.target_pipeline_parallel_size,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 
@@ -24,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", required=True, metavar="DIR",
                    help="checkpoint: a megallama save folder (any TP/PP layout), an HF folder or a Meta folder")
     p.add_argument("--tokenizer-model", metavar="M",
-                   help="SentencePiece model, for --jsonl and --multiple-choice (default: the tokenizer.model "
-                        "stored with the checkpoint)")
+                   help="SentencePiece model or Hugging Face tokenizer folder, for --jsonl and --multiple-choice "
+                        "(default: the one stored with the checkpoint)")
     p.add_argument("--tokenizer-type", default=None,
                    choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
                    help="SentencePieceTokenizer (LLaMA, LLaMA-2) or HuggingFaceTokenizer (LLaMA-3: --tokenizer-model "
@@ -46,13 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _tokenizer(args, reader):
-    from megallama.tokenizer import load_tokenizer
+def _tokenizer(args, model, reader):
+    from megallama.checkpoint import load_matching_tokenizer
 
     path = args.tokenizer_model or reader.tokenizer_model()
     if path is None:
         raise ValueError(f"{args.load} holds no tokenizer (tokenizer.model or tokenizer.json): give --tokenizer-model")
-    return load_tokenizer(path, args.tokenizer_type)
+    return load_matching_tokenizer(model.config, path, args.tokenizer_type)
 
 
 def run(args, model, reader) -> dict:
@@ -64,7 +65,7 @@ def run(args, model, reader) -> dict:
     progress = is_rank0()
     if args.multiple_choice:
         examples, skipped = evaluation.read_multiple_choice(args.multiple_choice)
-        report = evaluation.multiple_choice_accuracy(model, _tokenizer(args, reader), examples,
+        report = evaluation.multiple_choice_accuracy(model, _tokenizer(args, model, reader), examples,
                                                      args.micro_batch_size, progress)
         return {"task": "multiple_choice", "file": args.multiple_choice, **report, "skipped": dict(skipped)}
     skipped = Counter()
@@ -77,7 +78,7 @@ def run(args, model, reader) -> dict:
     else:
         from megallama.data.jsonl import iter_texts
 
-        tokenizer = _tokenizer(args, reader)
+        tokenizer = _tokenizer(args, model, reader)
         sequences = ([tokenizer.bos_id] + tokenizer.encode(t) for t in iter_texts([args.jsonl], (args.json_key,),
                                                                                   skipped=skipped))
         pad_id, source = tokenizer.pad_id, {"jsonl": args.jsonl}
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             print(f"error: --{flag.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
             return 2
+    if args.output and os.path.isdir(args.output):  # found before the evaluation, not after it
+        print(f"error: --output {args.output} is a folder; give the report's file name", file=sys.stderr)
+        return 2
     from megallama.checkpoint import load_model
     from megallama.fileio import atomic_open
     from megallama.inference.generation import prepare_for_inference
@@ -104,8 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, reader = load_model(args.load, device=device)
         prepare_for_inference(model)
+    except (OSError, KeyError, ValueError, RuntimeError) as e:  # RuntimeError: a damaged checkpoint (CheckpointError)
+        print(f"error: {e}", file=sys.stderr)
+        shutdown()
+        return 1
+    try:
         report = run(args, model, reader)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         shutdown()
         return 1
@@ -113,8 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps(report, indent=2)
         print(text)
         if args.output:
-            with atomic_open(args.output, "w") as f:
-                f.write(text + "\n")
+            try:
+                with atomic_open(args.output, "w") as f:
+                    f.write(text + "\n")
+            except OSError as e:
+                print(f"error: cannot write --output {args.output}: {e}", file=sys.stderr)
+                shutdown()
+                return 1
     shutdown()
     return 0
 

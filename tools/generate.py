@@ -9,7 +9,11 @@ The prompt is prefilled once, then tokens come one at a time (no recomputation o
 Under torchrun the model is split over all processes with tensor parallelism (the checkpoint is
 resharded on load, whatever layout saved it). With one prompt the continuation is printed as it
 is generated; with several (batched together) each prompt and its continuation are printed when
-the batch is done, with a progress bar meanwhile. Generation stops at the tokenizer's EOS.
+the batch is done, with a progress bar meanwhile. Generation stops at the tokenizer's EOS, or where
+the text holds a ``--stop`` string (cut off there, as lm-eval's ``until`` and vLLM's ``stop``).
+``--temperature 0`` is greedy decoding, as in Meta's reference and vLLM. Where the longest prompt
+plus ``--max-new-tokens`` exceeds the model's positions, fewer tokens are generated (Meta's
+reference shortens the generation the same way) and a notice says so on stderr.
 
   python tools/generate.py --load SAVE --chat --prompt "What is a generator?" --greedy
   python tools/generate.py --load SAVE --chat        # an interactive chat on stdin
@@ -46,11 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true",
                    help="always take the most likely token (the sampling flags must then be left out)")
     p.add_argument("--temperature", type=float, metavar="T",
-                   help="sampling: divide the logits by T (default 0.8, as in Meta's example)")
+                   help="sampling: divide the logits by T (default 0.8, as in Meta's example); 0 is greedy "
+                        "decoding (the most likely token; --top-p and --top-k unused), as in Meta's reference "
+                        "and vLLM")
     p.add_argument("--top-p", type=float, metavar="P",
                    help="sampling: keep the smallest set of tokens whose probability reaches P (default 0.95)")
     p.add_argument("--top-k", type=int, metavar="K", help="sampling: keep the K most likely tokens (default 0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
+    p.add_argument("--stop", action="append", metavar="STRING",
+                   help="end a continuation where its text holds STRING, cut off there (as lm-eval's until, "
+                        "vLLM's stop); repeat the flag for several; a newline in bash: --stop $'\\n'")
     p.add_argument("--chat", action="store_true",
                    help="apply the chat template (each prompt a user turn); with no prompt, chat interactively")
     p.add_argument("--system", metavar="TEXT", help="with --chat: a system prompt opening the conversation")
@@ -77,18 +86,37 @@ def _read_turn(rank0: bool) -> str:
     return line[0]
 
 
-def chat(model, tokenizer, sampling, max_new_tokens: int, system: str | None, prompts, rank0: bool,
-         template: str) -> None:
+def fitted_new_tokens(model, max_new_tokens: int, prompt_length: int, rank0: bool) -> int:
+    """``max_new_tokens`` shortened to fit after a prompt of ``prompt_length`` tokens (the longest),
+    with a notice on stderr when it is; a ValueError when not one new token fits."""
+    from megallama.inference.generation import fit_new_tokens
+
+    positions = model.config.max_position_embeddings
+    fitted = fit_new_tokens(positions, prompt_length, max_new_tokens)
+    if fitted < max_new_tokens and rank0:
+        print(f"notice: generating {fitted} tokens, not --max-new-tokens {max_new_tokens}: a prompt of "
+              f"{prompt_length} tokens leaves {fitted} of the model's max_position_embeddings={positions}",
+              file=sys.stderr, flush=True)
+    return fitted
+
+
+def chat(model, tokenizer, sampling, args, prompts, rank0: bool, template: str) -> None:
     """Answer ``prompts`` (each its own conversation), or an interactive conversation when None."""
+    from megallama.data.instructions import encode_chat_prompt
     from megallama.inference.chat import chat_reply
 
-    opening = [{"role": "system", "content": system}] if system else []
+    opening = [{"role": "system", "content": args.system}] if args.system else []
 
     def answer(messages) -> str:
         def on_text(text):
             if rank0:
                 print(text, end="", flush=True)
-        reply = chat_reply(model, tokenizer, messages, template, max_new_tokens, sampling, on_text)
+        # encode_chat_prompt gives the ids chat_reply continues: fit them before anything is printed
+        new_tokens = fitted_new_tokens(model, args.max_new_tokens,
+                                       len(encode_chat_prompt(tokenizer, messages, template)), rank0)
+        if rank0:
+            print("assistant> ", end="", flush=True)
+        reply = chat_reply(model, tokenizer, messages, template, new_tokens, sampling, on_text, args.stop or ())
         if rank0:
             print(flush=True)
         return reply
@@ -96,7 +124,7 @@ def chat(model, tokenizer, sampling, max_new_tokens: int, system: str | None, pr
     if prompts is not None:
         for prompt in prompts:
             if rank0:
-                print(f"user> {prompt}\nassistant> ", end="", flush=True)
+                print(f"user> {prompt}", flush=True)
             answer(opening + [{"role": "user", "content": prompt}])
         return
     messages = list(opening)
@@ -105,8 +133,6 @@ def chat(model, tokenizer, sampling, max_new_tokens: int, system: str | None, pr
         if not turn:
             return
         messages.append({"role": "user", "content": turn})
-        if rank0:
-            print("assistant> ", end="", flush=True)
         reply = answer(messages)
         messages.append({"role": "assistant", "content": reply.strip() or "(no answer)"})
 
@@ -120,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_new_tokens < 1:
         print(f"error: --max-new-tokens must be at least 1, got {args.max_new_tokens}", file=sys.stderr)
         return 2
+    if args.stop and not all(args.stop):
+        print("error: --stop needs a non-empty string", file=sys.stderr)
+        return 2
     if not (args.prompt or args.prompt_file or args.chat):
         print("error: give --prompt or --prompt-file (or --chat for an interactive chat)", file=sys.stderr)
         return 2
@@ -128,21 +157,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{flag} goes with --chat", file=sys.stderr)
             return 2
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"error: cannot read --prompt-file {args.prompt_file}: {e}", file=sys.stderr)
+            return 2
         if not prompts:
             print(f"error: {args.prompt_file} holds no prompt", file=sys.stderr)
             return 2
     else:
         prompts = args.prompt  # None with --chat alone: an interactive chat
 
-    from megallama.checkpoint import load_model
+    from megallama.checkpoint import load_matching_tokenizer, load_model
     from megallama.data.instructions import check_template_tokens
     from megallama.inference.chat import default_chat_template
     from megallama.inference.generation import SamplingParams, prepare_for_inference
     from megallama.inference.runtime import init_tensor_parallel_from_env, is_rank0, shutdown
-    from megallama.inference.text import generate_text
-    from megallama.tokenizer import load_tokenizer
 
     device = init_tensor_parallel_from_env()
     rank0 = is_rank0()
@@ -156,42 +187,58 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer_model = args.tokenizer_model or reader.tokenizer_model()
         if tokenizer_model is None:
             raise ValueError(f"{args.load} holds no tokenizer (tokenizer.model or tokenizer.json): give --tokenizer-model")
-        tokenizer = load_tokenizer(tokenizer_model, args.tokenizer_type)
+        tokenizer = load_matching_tokenizer(model.config, tokenizer_model, args.tokenizer_type)
         template = None
         if args.chat:
             template = args.template or default_chat_template(tokenizer)
             check_template_tokens(tokenizer, template)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, RuntimeError) as e:  # RuntimeError: a damaged checkpoint (CheckpointError)
         print(f"error: {e}", file=sys.stderr)
         shutdown()
         return 1
 
+    try:
+        generate_all(args, model, tokenizer, sampling, prompts, rank0, template)
+    except ValueError as e:  # a prompt (or conversation) that leaves no room for a new token
+        if rank0:
+            print(f"error: {e}; shorten the prompt", file=sys.stderr)
+        shutdown()
+        return 1
+    shutdown()
+    return 0
+
+
+def generate_all(args, model, tokenizer, sampling, prompts, rank0: bool, template: str | None) -> None:
+    """Generate for every prompt (or chat) and print the text as the flags ask."""
+    from megallama.inference.text import generate_text_from_ids, prompt_ids
+
     if args.chat:
-        chat(model, tokenizer, sampling, args.max_new_tokens, args.system, prompts, rank0, template)
-    elif len(prompts) == 1:
+        chat(model, tokenizer, sampling, args, prompts, rank0, template)
+        return
+    ids = prompt_ids(tokenizer, prompts)
+    new_tokens = fitted_new_tokens(model, args.max_new_tokens, max(map(len, ids)), rank0)
+    stop = args.stop or ()
+    if len(prompts) == 1:
         if rank0:
             print(prompts[0], end="", flush=True)
 
         def on_text(row, text):
             if rank0:
                 print(text, end="", flush=True)
-        generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling, on_text)
+        generate_text_from_ids(model, tokenizer, ids, new_tokens, sampling, on_text, stop_strings=stop)
         if rank0:
             print()
     else:
         from tqdm import tqdm
 
-        bar = tqdm(total=args.max_new_tokens, desc=f"generating {len(prompts)} prompts", unit="token",
-                   disable=not rank0, file=sys.stderr)
-        continuations = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling,
-                                      on_step=lambda step: bar.update())
-        bar.close()
+        with tqdm(total=new_tokens, desc=f"generating {len(prompts)} prompts", unit="token",
+                  disable=not rank0, file=sys.stderr) as bar:
+            continuations = generate_text_from_ids(model, tokenizer, ids, new_tokens, sampling,
+                                                   on_step=lambda step: bar.update(), stop_strings=stop)
         if rank0:
             for prompt, continuation in zip(prompts, continuations):
                 print(prompt + continuation)
                 print("-" * 40)
-    shutdown()
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import torch
 
 from megallama.checkpoint import hf, meta, native
-from megallama.checkpoint.base import CheckpointFormat, CheckpointReader, is_hf_tokenizer
+from megallama.checkpoint.base import CheckpointFormat, CheckpointReader, is_hf_tokenizer, load_matching_tokenizer
 from megallama.model import LlamaModel
 from megallama.parallel import shard_like
 
@@ -35,6 +35,9 @@ def _format(name: str, what: str) -> CheckpointFormat:
 
 def detect_format(path: str) -> str:
     """The name of the registered format whose files ``path`` holds."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} is a file, not a checkpoint folder (a megallama save folder, an HF folder or a "
+                         "Meta folder)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     files = set(os.listdir(path))
@@ -60,7 +63,8 @@ def convert_checkpoint(load: str, save: str, target_format: str, source_format: 
     Sizes: ``megallama`` is written for TP × PP ranks (default 1 × 1); ``meta`` as that many
     ``consolidated.NN.pth`` files as TP says (default: as Meta ships the paper's sizes); ``hf``
     takes no sizes. ``tokenizer_model`` (a SentencePiece model or a Hugging Face tokenizer folder) is stored
-    beside the weights (HF: a SentencePiece model also as HF tokenizer files).
+    beside the weights (HF: a SentencePiece model also as HF tokenizer files); one with more tokens
+    than the model's vocabulary is refused (its export would not run).
     """
     target = _format(target_format, "target")
     reader = open_checkpoint(load, source_format)
@@ -70,6 +74,8 @@ def convert_checkpoint(load: str, save: str, target_format: str, source_format: 
     if tokenizer_model is not None and not (os.path.isfile(tokenizer_model) or is_hf_tokenizer(tokenizer_model)):
         raise FileNotFoundError(f"tokenizer model {tokenizer_model} does not exist (a SentencePiece model file or "
                                 "a Hugging Face tokenizer folder with tokenizer.json)")
+    if tokenizer_model is not None:
+        load_matching_tokenizer(reader.config, tokenizer_model)
     target.writer(reader, save, target_tensor_parallel_size, target_pipeline_parallel_size, tokenizer_model,
                   progress)
     return reader.format

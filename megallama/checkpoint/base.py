@@ -1,6 +1,6 @@
 """What every checkpoint format shares: the reader interface, the registry entry a format fills in,
-and small writing helpers. What the parameters are (names, shapes, splits, HF and Meta names) is
-the model's ``megallama.parameter_table``."""
+the tokenizer that goes with a checkpoint, and small writing helpers. What the parameters are
+(names, shapes, splits, HF and Meta names) is the model's ``megallama.parameter_table``."""
 from __future__ import annotations
 
 import functools
@@ -13,6 +13,7 @@ import torch
 from megallama.config import LlamaConfig
 from megallama.fileio import atomic_path
 from megallama.parameter_table import ParameterSpec, parameter_table
+from megallama.tokenizer import load_tokenizer
 
 
 class CheckpointReader:
@@ -90,6 +91,22 @@ def stored_tokenizer(folder: str) -> str | None:
     if os.path.isfile(path):
         return path
     return folder if is_hf_tokenizer(folder) else None
+
+
+def load_matching_tokenizer(config: LlamaConfig, path: str, tokenizer_type: str | None = None):
+    """The tokenizer at ``path`` (as ``megallama.tokenizer.load_tokenizer``), refused with a
+    ValueError when it cannot be read or has more tokens than the model of ``config`` embeds: its
+    ids would index past the embedding (an IndexError deep in the forward)."""
+    try:
+        tokenizer = load_tokenizer(path, tokenizer_type)
+    except (OSError, ValueError):  # megallama.tokenizer's own messages: a missing file, a missing token
+        raise
+    except Exception as error:  # sentencepiece's RuntimeError, the tokenizers library's bare Exception
+        raise ValueError(f"cannot read tokenizer model {path}: {error}") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model's vocabulary holds "
+                         f"{config.vocab_size}: it is not the tokenizer this checkpoint was trained with")
+    return tokenizer
 
 
 def copy_tokenizer(tokenizer_model: str | None, folder: str) -> None:

@@ -32,11 +32,14 @@ class HFReader(CheckpointReader):
     format = "hf"
 
     def __init__(self, folder: str):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from transformers import AutoConfig
 
         self.source = folder
-        hf_config = AutoConfig.from_pretrained(folder)
+        try:
+            hf_config = AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError) as error:  # transformers' OSError for a config.json that is not JSON
+            raise ValueError(f"{folder}/config.json is unreadable ({error})") from None
         if hf_config.model_type != "llama":
             raise ValueError(f"{folder}/config.json is a {hf_config.model_type!r} model, not 'llama'")
         self.config = LlamaConfig.from_hf(hf_config)
@@ -48,13 +51,16 @@ class HFReader(CheckpointReader):
             files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
         self._handles, self._where = [], {}
         for filename in files:
-            handle = safe_open(os.path.join(folder, filename), framework="pt")
+            try:
+                handle = safe_open(os.path.join(folder, filename), framework="pt")
+            except (SafetensorError, OSError) as error:  # a truncated or damaged file: one line naming it
+                raise ValueError(f"{folder}/{filename} is unreadable ({error})") from None
             self._handles.append(handle)
             for key in handle.keys():
                 self._where[key] = handle
         missing = [n for spec in self.table.values() for n in spec.hf if n not in self._where]
         if missing:
-            raise KeyError(f"{folder} lacks HF tensors {missing[:5]}{' …' if len(missing) > 5 else ''}")
+            raise ValueError(f"{folder} lacks HF tensors {missing[:5]}{' …' if len(missing) > 5 else ''}")
 
     def load(self, name: str) -> torch.Tensor:
         parts = [self._where[n].get_tensor(n) for n in self.table[name].hf]

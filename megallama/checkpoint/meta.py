@@ -22,8 +22,11 @@ from megallama.checkpoint.base import (
     progress_bar,
     stored_tokenizer,
 )
+from megallama.checkpoint.storage import load_weights_only
 from megallama.config import LlamaConfig, RopeScaling, llama_ffn_hidden_size
 
+# The params.json entries the reader needs; Meta's LLaMA-1/2/3 files all hold them.
+REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "norm_eps")
 # Shards Meta ships per model size (hidden size → files): 7B 1, 13B 2, 33B 4, 65B 8.
 META_SHARDS_BY_HIDDEN = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
 _SHARD_FILE = re.compile(r"consolidated\.(\d+)\.pth$")
@@ -60,23 +63,38 @@ def meta_ffn_params(hidden_size: int, ffn_hidden_size: int) -> dict:
     return {"multiple_of": ffn_hidden_size, "ffn_dim_multiplier": ffn_hidden_size / int(2 * 4 * hidden_size / 3)}
 
 
+def read_params(path: str) -> dict:
+    """``params.json``; one that is not JSON, not an object or lacks an entry the reader needs is
+    a ValueError naming the file (not a bare parse error or KeyError)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} holds a JSON {type(params).__name__}, not an object of model parameters")
+    missing = [key for key in REQUIRED_PARAMS if key not in params]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)} (Meta's params.json holds {', '.join(REQUIRED_PARAMS)})")
+    return params
+
+
 class MetaReader(CheckpointReader):
     format = "meta"
 
     def __init__(self, folder: str, max_position_embeddings: int = 2048):
         self.source = folder
-        with open(os.path.join(folder, "params.json")) as f:
-            params = json.load(f)
+        params = read_params(os.path.join(folder, "params.json"))
         numbered = sorted((int(m.group(1)), f) for f in os.listdir(folder) if (m := _SHARD_FILE.match(f)))
         if [i for i, _ in numbered] != list(range(len(numbered))):
             raise ValueError(f"{folder}: expected consolidated.00.pth … consolidated.{len(numbered) - 1:02d}.pth, "
                              f"found {[f for _, f in numbered]}")
-        self.shards = [torch.load(os.path.join(folder, f), map_location="cpu", weights_only=True, mmap=True)
-                       for _, f in numbered]
+        # A damaged or foreign shard is a one-line ValueError naming it, as a megallama rank file is.
+        self.shards = [load_weights_only(os.path.join(folder, f)) for _, f in numbered]
         first = self.shards[0]
         for key in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
             if key not in first:
-                raise KeyError(f"{folder}/consolidated.00.pth has no {key!r}")
+                raise ValueError(f"{folder}/consolidated.00.pth has no {key!r}")
         self.config = LlamaConfig(
             num_layers=params["n_layers"], hidden_size=params["dim"], num_attention_heads=params["n_heads"],
             num_query_groups=params.get("n_kv_heads"),
@@ -94,7 +112,7 @@ class MetaReader(CheckpointReader):
         try:
             parts = [shard[meta_name] for shard in self.shards]
         except KeyError:
-            raise KeyError(f"{self.source}: a consolidated.NN.pth file lacks {meta_name!r}") from None
+            raise ValueError(f"{self.source}: a consolidated.NN.pth file lacks {meta_name!r}") from None
         full = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim)
         return meta_to_rotate_half(full, self.config.head_dim) if rotary else full
 

@@ -28,10 +28,11 @@ def chat_stop_ids(tokenizer, template: str) -> list[int]:
 
 def chat_reply(model, tokenizer, messages: Sequence[dict], template: str, max_new_tokens: int,
                sampling: SamplingParams | None = None,
-               on_text: Callable[[str], None] | None = None) -> str:
+               on_text: Callable[[str], None] | None = None, stop_strings: Sequence[str] = ()) -> str:
     """The assistant's answer to ``messages`` (system first, then user and assistant alternating,
-    ending with a user turn), streamed to ``on_text(new_text)`` as it is generated."""
+    ending with a user turn), streamed to ``on_text(new_text)`` as it is generated; it also ends
+    before the first of ``stop_strings``."""
     ids = encode_chat_prompt(tokenizer, list(messages), template)
     stream = None if on_text is None else (lambda row, text: on_text(text))
     return generate_text_from_ids(model, tokenizer, [ids], max_new_tokens, sampling, stream,
-                                  stop_ids=chat_stop_ids(tokenizer, template))[0]
+                                  stop_ids=chat_stop_ids(tokenizer, template), stop_strings=stop_strings)[0]

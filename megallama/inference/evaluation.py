@@ -5,8 +5,10 @@ next ``seq_length`` tokens, so every token but a sequence's first is scored exac
 context of its window. Perplexity is exp(total negative log-likelihood / scored tokens).
 
 Multiple choice: each choice is scored by the log-likelihood of its tokens given the context
-(``[BOS] + context``, the choice tokenized on its own as SentencePiece tokenizes a word after a
-space). The paper picks the completion with the highest likelihood, normalised by its length for
+(``[BOS] + context``); the choice follows the context after a space, and its tokens are those of
+``context + " " + choice`` past the context's own, as lm-evaluation-harness cuts them (a byte-level
+BPE such as LLaMA-3's tokenizes "mat" alone without that space; SentencePiece gives the same tokens
+either way). The paper picks the completion with the highest likelihood, normalised by its length for
 some datasets; both are reported: the plain sum, per character (as lm-evaluation-harness's
 ``acc_norm``) and per token.
 """
@@ -56,23 +58,26 @@ def perplexity(model, sequences: Iterable[Sequence[int]], seq_length: int, batch
             total_nll -= float(ll.double().sum())
         pending.clear()
 
-    bar = tqdm(desc="perplexity", unit="seq", disable=not progress)
-    for seq in sequences:
-        seq = [int(t) for t in seq]
-        count += 1
-        bar.update()
-        if len(seq) < 2:
-            too_short += 1
-            continue
-        for start in range(0, len(seq) - 1, seq_length):
-            window = seq[start:start + seq_length + 1]
-            pending.append((window[:-1], window[1:]))
-            tokens += len(window) - 1
-            if len(pending) == batch_size:
-                flush()
-    if pending:
-        flush()
-    bar.close()
+    vocab = model.config.vocab_size
+    with tqdm(desc="perplexity", unit="seq", disable=not progress) as bar:  # closed before an error shows
+        for seq in sequences:
+            seq = [int(t) for t in seq]
+            if seq and not 0 <= min(seq) <= max(seq) < vocab:  # else an IndexError deep in the embedding
+                raise ValueError(f"sequence {count} holds token ids outside the model's vocabulary of {vocab} "
+                                 f"(from {min(seq)} to {max(seq)}): was it tokenized with another tokenizer?")
+            count += 1
+            bar.update()
+            if len(seq) < 2:
+                too_short += 1
+                continue
+            for start in range(0, len(seq) - 1, seq_length):
+                window = seq[start:start + seq_length + 1]
+                pending.append((window[:-1], window[1:]))
+                tokens += len(window) - 1
+                if len(pending) == batch_size:
+                    flush()
+        if pending:
+            flush()
     if tokens == 0:
         raise ValueError(f"no token to score: {count} sequences, {too_short} shorter than two tokens")
     return {"sequences": count, "too_short": too_short, "tokens": tokens, "nll": total_nll / tokens,
@@ -113,13 +118,18 @@ def score_choices(model, tokenizer, context: str, choices: Sequence[str], batch_
     """``{"loglikelihood", "tokens", "chars"}`` of each choice as a continuation of ``context``.
 
     The context is cut from the left when context plus choice exceed the model's positions."""
-    context_ids = [tokenizer.bos_id] + tokenizer.encode(context)
+    # Spaces ending the context start the choice instead (lm-eval's rule): a word-initial space
+    # belongs to the word's token.
+    stripped = context.rstrip()
+    separator = context[len(stripped):] or (" " if stripped else "")
+    context_tokens = tokenizer.encode(stripped)
+    context_ids = [tokenizer.bos_id] + context_tokens
     limit = model.config.max_position_embeddings + 1
     pairs = []
     for choice in choices:
-        continuation = tokenizer.encode(choice)
+        continuation = tokenizer.encode(stripped + separator + choice)[len(context_tokens):]
         if not continuation or len(continuation) >= limit:
-            raise ValueError(f"choice {choice!r} has {len(continuation)} tokens; it needs 1 to {limit - 2}")
+            raise ValueError(f"choice {choice!r} has {len(continuation)} tokens; it needs 1 to {limit - 1}")
         full = (context_ids + continuation)[-limit:]
         inputs, targets = full[:-1], full[1:]
         masked = [IGNORE] * (len(targets) - len(continuation)) + targets[-len(continuation):]

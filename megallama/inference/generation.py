@@ -12,7 +12,7 @@ chosen tokens are broadcast from the first TP rank so that every rank continues 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megallama.kv_cache import KVCache
 from megallama.parallel import state as parallel_state
 
-__all__ = ["SamplingParams", "KVCache", "generate", "prepare_for_inference", "sample_next_token"]
+__all__ = ["SamplingParams", "KVCache", "fit_new_tokens", "generate", "prepare_for_inference", "sample_next_token"]
 
 
 def prepare_for_inference(model):
@@ -33,7 +33,9 @@ def prepare_for_inference(model):
 class SamplingParams:
     """How the next token is chosen: ``greedy`` (argmax), or sampling from the softmax of the
     logits divided by ``temperature``, restricted to the ``top_k`` most likely tokens (0: all) and
-    to the smallest set whose probability reaches ``top_p`` (1.0: all)."""
+    to the smallest set whose probability reaches ``top_p`` (1.0: all). ``temperature`` 0 is greedy
+    decoding, as in Meta's reference ``generate`` and vLLM (``top_k`` and ``top_p`` then unused).
+    ``seed`` None draws the seed from torch's default generator (``torch.manual_seed`` fixes it)."""
 
     greedy: bool = True
     temperature: float = 1.0
@@ -42,13 +44,26 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        if not self.greedy and self.temperature == 0:
+            self.greedy = True
         if not self.greedy:
             if not self.temperature > 0:
-                raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+                raise ValueError(f"temperature must be >= 0 (0: greedy decoding), got {self.temperature}")
             if self.top_k < 0:
                 raise ValueError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
             if not 0 < self.top_p <= 1:
                 raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+
+def fit_new_tokens(max_positions: int, prompt_length: int, max_new_tokens: int) -> int:
+    """How many of ``max_new_tokens`` fit after a prompt of ``prompt_length`` tokens (the longest
+    of a batch) in ``max_positions``: Meta's reference shortens the generation to fit,
+    ``total_len = min(max_seq_len, max_gen_len + max_prompt_len)``. A prompt that leaves no room
+    for one new token is a ValueError."""
+    if prompt_length >= max_positions:
+        raise ValueError(f"a prompt of {prompt_length} tokens leaves no room for a new token: the model has "
+                         f"max_position_embeddings={max_positions}")
+    return min(max_new_tokens, max_positions - prompt_length)
 
 
 def _check_inference_model(model) -> None:
@@ -109,14 +124,20 @@ def _uncached_last_logits(model, sequences: list[list[int]], device) -> torch.Te
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: SamplingParams | None = None, eos_id: int | None = None, pad_id: int = 0,
              use_cache: bool = True,
-             on_tokens: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-             stop_ids: Sequence[int] = ()) -> list[list[int]]:
+             on_tokens: Callable[[int, torch.Tensor, torch.Tensor], Iterable[int] | None] | None = None,
+             stop_ids: Sequence[int] = (), vocab_size: int | None = None) -> list[list[int]]:
     """Continue each prompt (token ids) by up to ``max_new_tokens`` tokens; returns the new tokens
     of each row, stopping after ``eos_id`` or any of ``stop_ids`` (e.g. a chat template's end of
     turn), which is not returned.
 
+    ``vocab_size`` (the tokenizer's) keeps the choice to ids below it: a vocabulary padded for
+    tensor parallelism (``--make-vocab-size-divisible-by``) has embedding rows no token decodes to.
+
     ``on_tokens(step, tokens, finished)`` is called after every step with the tokens just chosen
-    ([batch]) and which rows had already finished before them (for streaming output).
+    ([batch]) and which rows had already finished before them (for streaming output); it may return
+    rows that end with this token (e.g. their text now holds a stop string; the token is returned).
+    A prompt plus ``max_new_tokens`` beyond the model's positions is a ValueError
+    (:func:`fit_new_tokens` says how many fit).
     ``use_cache=False`` recomputes every prefix without a cache (the reference the cache is tested
     against). Under TP every rank must call this with the same arguments.
     """
@@ -134,7 +155,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     generator = None
     if not sampling.greedy:
         generator = torch.Generator(device=device)
-        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        # Not torch.seed(): that reseeds the default generator, undoing a caller's torch.manual_seed.
+        generator.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(2 ** 62, ())))
 
     if use_cache:
         padded = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
@@ -158,9 +180,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     finished = [False] * batch  # Python bools: a step's bookkeeping costs no tensor ops
     outputs: list[list[int]] = [[] for _ in range(batch)]
     for step in range(max_new_tokens):
+        if vocab_size is not None and vocab_size < logits.shape[-1]:
+            logits[:, vocab_size:] = float("-inf")
         tokens = _broadcast_from_first_tp_rank(sample_next_token(logits, sampling, generator))
-        if on_tokens is not None:
-            on_tokens(step, tokens, torch.tensor(finished, device=device))
+        ended = on_tokens(step, tokens, torch.tensor(finished, device=device)) if on_tokens is not None else None
         for row, token in enumerate(tokens.tolist()):
             if finished[row]:
                 continue
@@ -168,6 +191,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 finished[row] = True
             else:
                 outputs[row].append(token)
+        for row in ended or ():
+            finished[row] = True
         if all(finished) or step == max_new_tokens - 1:
             break
         if use_cache:

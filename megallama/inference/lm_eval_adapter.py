@@ -16,6 +16,8 @@ Importing this module registers the model; ``tools/run_lm_eval.py`` is lm-eval's
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from lm_eval import utils as lm_utils
@@ -24,31 +26,51 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from megallama.checkpoint import load_model
+from megallama.checkpoint import load_matching_tokenizer, load_model
+from megallama.checkpoint.storage import CheckpointError
 from megallama.inference.generation import SamplingParams, generate, prepare_for_inference
 from megallama.inference.runtime import init_tensor_parallel_from_env, is_rank0
-from megallama.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What lm-eval itself adds to --model_args for every model (simple_evaluate passes batch_size,
+# max_batch_size and device; --trust_remote_code adds trust_remote_code). The device is the one
+# torchrun and CUDA give (init_tensor_parallel_from_env); the others mean nothing here.
+LM_EVAL_MODEL_ARGS = ("max_batch_size", "device", "trust_remote_code")
+
+
+class ModelArgsError(ValueError):
+    """A ``--model_args`` value megallama cannot run with (``tools/run_lm_eval.py`` prints it in one line)."""
 
 
 @register_model("megallama")
 class MegallamaLM(TemplateLM):
     def __init__(self, load: str, tokenizer_model: str | None = None, batch_size: int | str = 8,
-                 max_length: int | None = None, max_gen_toks: int = 256, dtype: str = "float32", **unused):
+                 max_length: int | None = None, max_gen_toks: int = 256, dtype: str = "float32", **lm_eval_args):
         super().__init__()
+        unknown = sorted(set(lm_eval_args) - set(LM_EVAL_MODEL_ARGS))
+        if unknown:  # a misspelt argument would otherwise run with its default, e.g. no tokenizer
+            accepted = [name for name in inspect.signature(MegallamaLM.__init__).parameters
+                        if name not in ("self", "lm_eval_args")]
+            raise ModelArgsError(f"unknown megallama model_args {', '.join(unknown)}; it takes "
+                                 f"{', '.join(accepted)} (and lm-eval's own {', '.join(LM_EVAL_MODEL_ARGS)})")
         if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+            raise ModelArgsError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
         device = init_tensor_parallel_from_env()
-        model, reader = load_model(load, dtype=DTYPES[dtype], device=device)
+        try:  # the checkpoint readers' and the tokenizer check's one-line messages
+            model, reader = load_model(load, dtype=DTYPES[dtype], device=device)
+            tokenizer_model = tokenizer_model or reader.tokenizer_model()
+            if tokenizer_model is None:
+                raise ValueError(f"{load} holds no tokenizer (tokenizer.model or tokenizer.json): pass "
+                                 "tokenizer_model=PATH in --model_args")
+            self.tokenizer = load_matching_tokenizer(model.config, tokenizer_model)
+        except (OSError, ValueError, CheckpointError) as error:
+            raise ModelArgsError(str(error)) from None
         self.model = prepare_for_inference(model)
-        tokenizer_model = tokenizer_model or reader.tokenizer_model()
-        if tokenizer_model is None:
-            raise ValueError(f"{load} holds no tokenizer (tokenizer.model or tokenizer.json): pass "
-                             "tokenizer_model=PATH in --model_args")
-        self.tokenizer = load_tokenizer(tokenizer_model)
-        self.batch_size = 8 if batch_size == "auto" else int(batch_size)
+        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)  # lm-eval's auto, auto:N
         self._max_length = int(max_length or self.model.config.max_position_embeddings)
+        if self._max_length > self.model.config.max_position_embeddings:  # else a long request fails mid-run
+            raise ModelArgsError(f"max_length={self._max_length} exceeds the model's max_position_embeddings "
+                                 f"({self.model.config.max_position_embeddings})")
         self.max_gen_toks = int(max_gen_toks)
         self._device = device
 
@@ -119,11 +141,15 @@ class MegallamaLM(TemplateLM):
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_new = kwargs.pop("max_gen_toks")
+            if max_new >= self.max_length:  # as lm-eval's hf model asserts
+                raise ValueError(f"max_gen_toks={max_new} leaves no context in max_length={self.max_length}")
             ids = self.tok_encode(context)[-(self.max_length - max_new):]
-            sampling = SamplingParams(greedy=True) if not kwargs.get("do_sample") else SamplingParams(
-                temperature=float(kwargs.get("temperature") or 1.0), top_p=float(kwargs.get("top_p") or 1.0))
+            # normalize_gen_kwargs sets temperature 0 without do_sample; 0 is greedy in SamplingParams too
+            sampling = SamplingParams(greedy=not kwargs.get("do_sample"),
+                                      temperature=float(kwargs.get("temperature", 1.0)),
+                                      top_p=float(kwargs.get("top_p", 1.0)))
             new = generate(self.model, [ids], max_new, sampling, eos_id=self.eot_token_id,
-                           pad_id=self.tokenizer.pad_id)[0]
+                           pad_id=self.tokenizer.pad_id, vocab_size=self.tokenizer.vocab_size)[0]
             text = postprocess_generated_text(generation=self.tok_decode(new), stop=until, think_end_token=None)
             out.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)

@@ -132,3 +132,53 @@ def test_tensor_parallel_under_torchrun_equals_serial(exported, tmp_path, sp_mod
         assert len(got[doc]) == len(values)
         for x, y in zip(got[doc], values):
             assert (float(x) == pytest.approx(y, rel=1e-4, abs=1e-4)) if isinstance(y, float) else str(x) == str(y)
+
+
+def test_model_args_typos_are_refused_and_lm_evals_own_args_accepted(exported, sp_model, tmp_path, monkeypatch,
+                                                                     capsys):
+    import sys
+
+    from megallama.inference.lm_eval_adapter import MegallamaLM, ModelArgsError
+    from tests.data.helpers import load_tool
+
+    # tokenizer= for tokenizer_model= used to run without the tokenizer it named
+    with pytest.raises(ModelArgsError, match="unknown megallama model_args tokenizer; it takes load, tokenizer_model, "
+                                             "batch_size, max_length, max_gen_toks, dtype"):
+        MegallamaLM(load=exported["megallama"], tokenizer=sp_model)
+    with pytest.raises(ModelArgsError, match="checkpoint folder .*typo does not exist"):  # printed in one line
+        MegallamaLM(load=str(tmp_path / "typo"))
+    # what lm-eval's simple_evaluate adds for every model, and --trust_remote_code's entry
+    lm = MegallamaLM.create_from_arg_obj({"load": exported["megallama"], "trust_remote_code": True},
+                                         {"batch_size": "auto:4", "max_batch_size": 16, "device": "cpu"})
+    assert lm.batch_size == 8
+    task = write_tasks(tmp_path)[0]
+    monkeypatch.setattr(sys, "argv", ["run_lm_eval.py", "run", "--model", "megallama", "--model_args",
+                                      f"load={exported['megallama']},tokenizer={sp_model}", "--tasks", task,
+                                      "--include_path", str(tmp_path)])
+    assert load_tool("run_lm_eval").main() == 2  # not a traceback: main() returned
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: unknown megallama model_args tokenizer; it takes load, tokenizer_model, batch_size, max_length, "
+        "max_gen_toks, dtype (and lm-eval's own max_batch_size, device, trust_remote_code)"]
+
+
+def test_generate_until_follows_do_sample_and_temperature(exported):
+    from types import SimpleNamespace
+
+    import torch
+
+    from megallama.inference.lm_eval_adapter import MegallamaLM
+
+    lm = MegallamaLM(load=exported["megallama"])
+
+    def generate_until(**gen_kwargs):
+        torch.manual_seed(0)  # lm-eval's --seed; unseeded sampling follows it
+        request = SimpleNamespace(args=("Q: the cat sat on\nA:", {"until": ["\n\n"], "max_gen_toks": 12, **gen_kwargs}))
+        return lm.generate_until([request], disable_tqdm=True)[0]
+
+    greedy = generate_until(do_sample=False)
+    assert generate_until(do_sample=True, temperature=0.0) == greedy  # temperature 0 is greedy decoding
+    sampled = generate_until(do_sample=True, temperature=5.0)
+    assert sampled != greedy and sampled == generate_until(do_sample=True, temperature=5.0)  # do_sample was ignored
+    with pytest.raises(ValueError, match="max_gen_toks=512 leaves no context in max_length=512"):
+        generate_until(max_gen_toks=512)

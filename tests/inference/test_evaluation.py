@@ -8,8 +8,10 @@ import torch
 
 from megallama.data.indexed import IndexedDatasetWriter
 from megallama.inference import evaluation
-from megallama.tokenizer import SentencePieceTokenizer
-from tests.inference.conftest import load_tool, ours_from_hf, random_hf_model, tiny_config
+from megallama.tokenizer import HuggingFaceTokenizer, NullTokenizer, SentencePieceTokenizer
+from tests.data.helpers import varied_text
+from tests.data.test_hf_tokenizer import write_llama3_style_folder
+from tests.inference.conftest import WORDS, load_tool, ours_from_hf, random_hf_model, seeded_model, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,12 @@ def _mc_file(tmp_path, lines):
     return str(path)
 
 
+def test_perplexity_refuses_ids_outside_the_vocabulary(models):
+    _, ours = models
+    with pytest.raises(ValueError, match="sequence 1 holds token ids outside the model's vocabulary of 320"):
+        evaluation.perplexity(ours, [[1, 2, 3], [1, 5, 400]], 16)
+
+
 def test_multiple_choice_equals_a_direct_computation(models, sp_model, tmp_path):
     hf, ours = models
     tokenizer = SentencePieceTokenizer(sp_model)
@@ -74,6 +82,35 @@ def test_multiple_choice_equals_a_direct_computation(models, sp_model, tmp_path)
         assert [s["loglikelihood"] for s in got] == pytest.approx([s[0] for s in scores], rel=1e-5, abs=1e-5)
     report = evaluation.multiple_choice_accuracy(ours, tokenizer, examples, batch_size=2)
     assert report == {"examples": 4, **{k: v / 4 for k, v in expected.items()}}
+
+
+def test_a_choice_follows_the_context_after_a_space_under_a_byte_level_tokenizer(tmp_path):
+    corpus = varied_text(np.random.default_rng(5), 200) + [" ".join(WORDS)] * 5
+    tokenizer = HuggingFaceTokenizer(write_llama3_style_folder(tmp_path / "tok", corpus))
+    assert tokenizer.encode("mat") != tokenizer.encode(" mat")  # LLaMA-3's kind: the space is a token's part
+    model = seeded_model(tiny_config(vocab_size=tokenizer.vocab_size))
+    context, choices = "the cat sat on a", ["mat", "green hills"]
+    got = evaluation.score_choices(model, tokenizer, context, choices)
+    for choice, score in zip(choices, got):
+        ids = [tokenizer.bos_id] + tokenizer.encode(f"{context} {choice}")
+        n = len(ids) - 1 - len(tokenizer.encode(context))
+        with torch.no_grad():
+            log_probs = model(torch.tensor([ids]))[0, :-1].double().log_softmax(-1)
+        expected = log_probs.gather(1, torch.tensor(ids[1:])[:, None])[-n:].sum()
+        assert score["tokens"] == n
+        assert score["loglikelihood"] == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
+    # a context's trailing space moves to the choice, as lm-evaluation-harness moves it
+    assert evaluation.score_choices(model, tokenizer, context + " ", choices) == got
+
+
+def test_a_choice_may_fill_every_position(models):
+    _, ours = models
+    tokenizer = NullTokenizer(320)  # text is ids: a choice of exactly n tokens
+    longest = " ".join(["7"] * ours.config.max_position_embeddings)
+    scores = evaluation.score_choices(ours, tokenizer, "1 2 3", [longest, "5"])
+    assert [s["tokens"] for s in scores] == [96, 1]
+    with pytest.raises(ValueError, match="has 97 tokens; it needs 1 to 96"):
+        evaluation.score_choices(ours, tokenizer, "1 2 3", [longest + " 7", "5"])
 
 
 def test_evaluate_cli_on_indexed_data_and_jsonl(models, sp_model, tmp_path, capsys):

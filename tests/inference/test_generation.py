@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megallama.inference import SamplingParams, generate, prepare_for_inference, sample_next_token
+from megallama.inference.generation import fit_new_tokens
 from megallama.kv_cache import KVCache
 from tests.distributed_utils import run_distributed
 from tests.inference.conftest import seeded_model, tiny_config
@@ -96,8 +97,39 @@ def test_sampling_restrictions():
     assert seen == {0, 1}
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(greedy=False, top_p=0.0)
-    with pytest.raises(ValueError, match="temperature"):
-        SamplingParams(greedy=False, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingParams(greedy=False, temperature=-0.5)
+
+
+def test_temperature_zero_is_greedy_decoding(model):
+    """As in Meta's reference generate and vLLM (it was refused: "temperature must be > 0")."""
+    zero = SamplingParams(greedy=False, temperature=0.0, top_k=3, top_p=0.5, seed=1)
+    assert zero.greedy
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_next_token(logits, zero), logits.argmax(-1))
+    assert generate(model, PROMPTS, 8, zero) == generate(model, PROMPTS, 8)
+
+
+def test_unseeded_sampling_follows_torch_manual_seed(model):
+    """seed=None draws from torch's default generator (lm-eval seeds it), leaving it seeded."""
+    params = SamplingParams(greedy=False, temperature=2.0)
+    torch.manual_seed(5)
+    first, after_first = generate(model, PROMPTS, 8, params), torch.rand(1)
+    torch.manual_seed(5)
+    assert generate(model, PROMPTS, 8, params) == first and torch.equal(torch.rand(1), after_first)
+
+
+def test_padding_rows_of_the_vocabulary_are_never_chosen(sp_model):
+    from megallama.inference.text import generate_text
+    from megallama.tokenizer import SentencePieceTokenizer
+
+    padded = seeded_model(tiny_config(vocab_size=384))  # 320 pieces padded to a multiple of 128
+    sampling = SamplingParams(greedy=False, temperature=2.0, seed=0)
+    assert any(t >= 320 for row in generate(padded, PROMPTS, 16, sampling) for t in row)  # they would be
+    for params in (None, sampling):
+        assert all(t < 320 for row in generate(padded, PROMPTS, 16, params, vocab_size=320) for t in row)
+    # the text path passes the tokenizer's size (decoding a padding id raised IndexError)
+    assert len(generate_text(padded, SentencePieceTokenizer(sp_model), ["the cat"], 16, sampling)) == 1
 
 
 def test_too_long_generation_is_refused(model):
@@ -105,6 +137,20 @@ def test_too_long_generation_is_refused(model):
         generate(model, PROMPTS, model.config.max_position_embeddings)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[]], 3)
+
+
+def test_new_tokens_are_shortened_to_fit_the_positions(model):
+    """Meta's reference: total_len = min(max_seq_len, max_gen_len + max_prompt_len)."""
+    positions = model.config.max_position_embeddings
+    assert fit_new_tokens(positions, 7, 128) == positions - 7
+    assert fit_new_tokens(positions, 7, 10) == 10
+    assert fit_new_tokens(positions, positions - 1, 128) == 1
+    long_prompt = [1] + [17] * 89
+    rows = generate(model, [long_prompt, [1, 5]], fit_new_tokens(positions, len(long_prompt), 128))
+    assert [len(row) for row in rows] == [positions - 90] * 2  # the cache holds exactly the positions
+    with pytest.raises(ValueError, match=f"a prompt of {positions} tokens leaves no room for a new token: the "
+                                         f"model has max_position_embeddings={positions}"):
+        fit_new_tokens(positions, positions, 1)
 
 
 def _generate_under_tp(tp, prompts, new_tokens, sampling):
@@ -115,7 +161,8 @@ def _generate_under_tp(tp, prompts, new_tokens, sampling):
         config = tiny_config()
         model = seeded_model(config)
         assert model.layers["0"].attention.wqkv.weight.shape[0] == 3 * config.hidden_size // tp
-        return [generate(model, prompts, new_tokens), generate(model, prompts, new_tokens, SamplingParams(**sampling))]
+        return [generate(model, prompts, new_tokens), generate(model, prompts, new_tokens, SamplingParams(**sampling)),
+                generate(model, prompts, new_tokens, SamplingParams(greedy=False, temperature=0.0))]
     finally:
         parallel.destroy_model_parallel()
 
@@ -125,7 +172,7 @@ def test_tensor_parallel_generation_equals_serial(model):
     serial_greedy = generate(model, PROMPTS, 10)
     serial_sampled = generate(model, PROMPTS, 10, SamplingParams(**sampling))
     results = run_distributed(_generate_under_tp, 2, 2, PROMPTS, 10, sampling)
-    assert results == [[serial_greedy, serial_sampled]] * 2
+    assert results == [[serial_greedy, serial_sampled, serial_greedy]] * 2  # temperature 0: greedy, every rank
 
 
 def test_inference_layout_keeps_values_and_tokens(model):

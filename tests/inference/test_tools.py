@@ -9,7 +9,7 @@ import pytest
 
 from megallama.checkpoint import convert_checkpoint, load_model
 from megallama.inference import SamplingParams, prepare_for_inference
-from megallama.inference.text import generate_text
+from megallama.inference.text import generate_text, prompt_ids
 from megallama.tokenizer import SentencePieceTokenizer
 from tests.inference.conftest import load_tool, random_hf_model, tiny_config
 
@@ -45,6 +45,26 @@ def test_generate_cli_prints_prompt_and_continuation(checkpoint, sp_model, capsy
     assert cli.main(["--load", checkpoint, "--prompt", "x", "--greedy", "--top-k", "3"]) == 2
 
 
+def test_generate_cli_temperature_zero_is_greedy_and_a_long_generation_is_shortened(checkpoint, sp_model, capsys):
+    cli = load_tool("generate")
+    greedy = ["--load", checkpoint, "--prompt", PROMPTS[0], "--max-new-tokens", "12", "--greedy"]
+    assert cli.main(greedy) == 0
+    expected = capsys.readouterr().out
+    # temperature 0 is greedy decoding, as in Meta's reference and vLLM (it was refused)
+    assert cli.main([*greedy[:-1], "--temperature", "0", "--top-p", "0.5"]) == 0
+    assert capsys.readouterr().out == expected
+    # the default --max-new-tokens 128 exceeds the model's 96 positions: the generation is shortened
+    # to fit, as Meta's reference does, with one notice (it was an error)
+    model = prepare_for_inference(load_model(checkpoint)[0])
+    tokenizer = SentencePieceTokenizer(sp_model)
+    room = 96 - len(prompt_ids(tokenizer, PROMPTS[:1])[0])
+    assert cli.main(["--load", checkpoint, "--prompt", PROMPTS[0], "--greedy"]) == 0
+    out, err = capsys.readouterr()
+    assert out == PROMPTS[0] + generate_text(model, tokenizer, PROMPTS[:1], room)[0] + "\n"
+    notices = [line for line in err.splitlines() if line.startswith("notice:")]
+    assert len(notices) == 1 and f"generating {room} tokens, not --max-new-tokens 128" in notices[0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,3 +82,23 @@ def test_generate_under_torchrun_with_two_tensor_parallel_ranks(checkpoint, caps
     assert parallel.returncode == 0, parallel.stderr[-2000:]
     assert parallel.stdout == serial
     assert serial.startswith(PROMPTS[1]) and len(serial) > len(PROMPTS[1]) + 1
+
+
+def test_run_lm_eval_help_documents_the_megallama_model_args(monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setattr(sys, "argv", ["run_lm_eval.py", "run", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        load_tool("run_lm_eval").main()
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "tokenizer_model" in out and "max_gen_toks" in out  # ours, then lm-eval's own flags
+    assert "--num_fewshot" in out
+
+
+def test_lm_eval_model_refuses_a_max_length_beyond_the_positions(checkpoint):
+    pytest.importorskip("lm_eval")
+    from megallama.inference.lm_eval_adapter import MegallamaLM
+
+    assert MegallamaLM(load=checkpoint, max_length=96).max_length == 96
+    with pytest.raises(ValueError, match="max_length=97 exceeds the model's max_position_embeddings"):
+        MegallamaLM(load=checkpoint, max_length=97)
