@@ -1,6 +1,7 @@
 """``torchrun [torchrun flags] -m megallama.pretrain [flags]``: pretrain LLaMA (``--help`` for the flags).
 
-A bad configuration is reported before any work and every rank exits with status 2; a run that must
+A bad configuration is reported before any work and every rank exits with status 2 (ranks launched
+with different flags or files: as soon as the process group exists); a run that must
 stop (non-finite loss, a damaged checkpoint or one that does not fit the model) exits with status 1.
 Every rank that fails writes its own one-line message to stderr (with its rank under torchrun) and
 to torchrun's error file, so the first cause shows whichever rank hit it and whichever exited first.
@@ -36,7 +37,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megallama.training.loop import Trainer, TrainingError, shutdown
 
     try:
-        Trainer(config).train()
+        Trainer(config).train()  # ranks launched with other flags or files: a ConfigError before any work
+    except ConfigError as error:
+        _report(error)
+        return 2
     except (TrainingError, CheckpointError) as error:
         _report(error)
         return 1

@@ -129,6 +129,20 @@ class PackedSFTDataset:
         return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
 
 
+def truncation_notice(prefix: str, seq_length: int) -> str | None:
+    """What packing into ``seq_length`` rows cuts from the instruction set ``prefix``, in one line
+    (None: nothing). The cut is silent in training itself; an example whose answer starts past the
+    cut trains nothing at all."""
+    ids, mask = (IndexedDataset(p) for p in output_prefixes(prefix))
+    long = np.flatnonzero(ids.sequence_lengths.astype(np.int64) - 1 > seq_length)
+    if long.size == 0:
+        return None
+    untrained = sum(not mask.get(int(doc), 1, seq_length).any() for doc in long)
+    return (f"{long.size:,} of {len(ids):,} examples in {prefix} are longer than --seq-length {seq_length} and are "
+            f"cut to their first {seq_length} positions" + (f"; {untrained:,} of them keep no answer token and train "
+                                                             "nothing" if untrained else ""))
+
+
 def build_sft_datasets(sft_data_path: Sequence[str] | str, split: str, seq_length: int,
                        num_samples: Sequence[int | None], seed: int, pad_id: int, cache_dir: str | None = None):
     """(train, valid, test) packed datasets for ``--sft-data-path`` (``PREFIX`` or ``W1 PREFIX1 W2

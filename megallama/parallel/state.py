@@ -18,6 +18,7 @@ threads while the interpreter is still whole.
 """
 import atexit
 
+import torch
 import torch.distributed as dist
 
 _TENSOR_GROUP = None
@@ -30,6 +31,26 @@ _DATA_RANKS = None
 _VIRTUAL_PIPELINE_WORLD_SIZE = None
 
 
+class LayoutMismatchError(ValueError):
+    """Ranks asked ``initialize_model_parallel`` for different layouts (each parsed its own flags)."""
+
+
+def _check_same_layout(sizes: dict) -> None:
+    """Every rank was given the same sizes: ranks asking for different groups would wait in
+    ``new_group`` until the timeout, naming nothing. One all-gather on the world group."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    mine = torch.tensor(list(sizes.values()), dtype=torch.int64, device=device)
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(table, mine)
+    others = [r for r, theirs in enumerate(table) if not torch.equal(theirs, mine)]
+    if others:
+        raise LayoutMismatchError(
+            "the ranks were launched with different parallel layouts: "
+            + ", ".join(f"{name} ({value})" for name, value in sizes.items())
+            + f" on this rank, other sizes on rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))}; "
+            "give every rank the same flags")
+
+
 def initialize_model_parallel(
     tensor_model_parallel_size=1,
     pipeline_model_parallel_size=1,
@@ -39,7 +60,8 @@ def initialize_model_parallel(
     """Build this process's TP, PP and DP groups.
 
     The data-parallel size is what is left: world_size / (TP x PP). Every rank must call this
-    with the same arguments (``new_group`` is collective). ``timeout`` (a timedelta) bounds every
+    with the same arguments (``new_group`` is collective); sizes that differ between ranks raise
+    ``LayoutMismatchError`` on every rank. ``timeout`` (a timedelta) bounds every
     collective of the new groups; pass the one given to ``init_process_group``, since groups
     otherwise get torch's default (30 minutes) and a failed peer would hang them that long.
     """
@@ -69,6 +91,8 @@ def initialize_model_parallel(
             raise ValueError(
                 f"virtual pipeline stages ({vp}) need pipeline_model_parallel_size > 1, got {pp}"
             )
+    _check_same_layout({"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                        "virtual stages per pipeline rank": virtual_pipeline_model_parallel_size or 1})
     dp = world_size // (tp * pp)
     rank = dist.get_rank()
 

@@ -14,12 +14,17 @@ import os
 import re
 from typing import Optional, Sequence
 
+import torch
+import torch.distributed as dist
+
 from megallama.config import LlamaConfig
 from megallama.data.gpt_dataset import parse_split
 from megallama.distributed.optimizer import OptimizerConfig
 from megallama.training.arguments_model import (
     ConfigError,
+    HelpFormatter,
     add_model_arguments,
+    ignored_model_flags,
     in_flag_words,
     model_from_namespace,
 )
@@ -34,7 +39,7 @@ from megallama.training.config import (
     PretrainConfig,
     TrainingArgs,
 )
-from megallama.training.input_checks import check_inputs, data_prefixes
+from megallama.training.input_checks import check_inputs, data_prefixes, sft_truncation_notices
 from megallama.training.megatron_flags import (
     add_megatron_compatibility_flags,
     check_megatron_compatibility_flags,
@@ -68,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megallama.pretrain",
         description="Pretrain a LLaMA model. Launch with `torchrun [torchrun flags] -m megallama.pretrain "
         "[flags]`; a plain `python -m megallama.pretrain` runs a single process.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         allow_abbrev=False,  # as Megatron: a Megatron flag must never be read as an abbreviation of ours
     )
     add_model_arguments(p)
@@ -354,7 +359,12 @@ def config_from_namespace(ns: argparse.Namespace, world_size: int) -> PretrainCo
         distributed_timeout_minutes=ns.distributed_timeout_minutes,
     )
     _check_parallel_layout(model, parallel)
-    global_batch = ns.global_batch_size or ns.micro_batch_size * parallel.data_parallel_size
+    # Before anything divides by them (--train-samples does); 0 must not read as "not given".
+    for flag, value in (("--micro-batch-size", ns.micro_batch_size), ("--global-batch-size", ns.global_batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    global_batch = ns.global_batch_size if ns.global_batch_size is not None else \
+        ns.micro_batch_size * parallel.data_parallel_size
     train_iters, lr_lengths = _training_length(ns, global_batch)
     if ns.overlap_param_gather and not ns.use_distributed_optimizer:
         raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (only it all-gathers "
@@ -425,6 +435,11 @@ def _check_parallel_layout(model: LlamaConfig, par: ParallelArgs) -> None:
             f"world size {par.world_size} is not divisible by --tensor-model-parallel-size {tp} "
             f"× --pipeline-model-parallel-size {pp} = {tp * pp}"
         )
+    # Else torch's "Distributed package doesn't have NCCL built in" traceback from init_process_group.
+    if par.distributed_backend == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        raise ConfigError(f"--distributed-backend nccl needs CUDA GPUs and a torch built with NCCL; torch "
+                          f"{torch.__version__} here has {'no NCCL' if torch.cuda.is_available() else 'no GPU'}: "
+                          "drop the flag (gloo is the default without CUDA) or give --distributed-backend gloo")
 
 
 def validate(config: PretrainConfig) -> None:
@@ -576,10 +591,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None, check_files: bool
     validate(config)
     if check_files:
         check_inputs(config, vocab_size_given=ns.vocab_size is not None)
-    ignored = ignored_megatron_flags(ns)
+    ignored = ignored_megatron_flags(ns) + ignored_model_flags(ns, config.model)
     if ns.decoupled_min_lr is not None and ns.decoupled_lr is None:  # accepted as Megatron, which ignores it too
         ignored.append("--decoupled-min-lr: it is the floor of --decoupled-lr's param group, and there is no "
                        "--decoupled-lr")
-    if ignored and env.get("RANK", "0") == "0":  # once for the whole job
-        print("\n".join(f"megallama.pretrain: ignoring Megatron flag {line}" for line in ignored), flush=True)
+    notes = [f"ignoring Megatron flag {line}" for line in ignored] + \
+        (sft_truncation_notices(config) if check_files else [])
+    if notes and env.get("RANK", "0") == "0":  # once for the whole job
+        print("\n".join(f"megallama.pretrain: {note}" for note in notes), flush=True)
     return config

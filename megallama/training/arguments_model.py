@@ -32,6 +32,17 @@ LLAMA_NORM_EPSILON, LLAMA_ROTARY_BASE = 1e-6, 10000.0
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows a flag's default where it is a value: an unset flag (None) has its meaning in its
+    help ("default --seq-length", "default the preset's"), which "(default: None)" would contradict, and
+    a switch (False) or an empty list is just off."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def in_flag_words(error: ValueError) -> ConfigError:
     """A ``LlamaConfig`` or layout error worded as the flags: ``LlamaConfig.num_layers`` → ``--num-layers``,
     ``num_layers (4)`` → ``--num-layers 4``."""
@@ -181,3 +192,16 @@ def model_from_namespace(ns: argparse.Namespace) -> LlamaConfig:
             params_dtype=torch.bfloat16 if ns.bf16 else torch.float32)
     except ValueError as error:
         raise in_flag_words(error) from None
+
+
+def ignored_model_flags(ns: argparse.Namespace, model: LlamaConfig) -> list[str]:
+    """Model flags given that change nothing, each ``--FLAG: why`` (the run says so instead of running
+    other than asked without a word)."""
+    ignored = []
+    if ns.sequence_parallel and not model.sequence_parallel:  # as Megatron, which disables it at TP 1
+        ignored.append("--sequence-parallel: it splits the sequence over the tensor-parallel ranks, and "
+                       "--tensor-model-parallel-size is 1")
+    if ns.num_query_groups is not None and not ns.group_query_attention:
+        ignored.append(f"--num-query-groups {ns.num_query_groups}: it is read only with --group-query-attention "
+                       f"(as Megatron); the model has {model.num_query_groups} K/V heads")
+    return ignored

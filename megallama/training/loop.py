@@ -24,11 +24,13 @@ from megallama.checkpoint import sharded
 from megallama.checkpoint import storage as ckpt
 from megallama.distributed import (DistributedDataParallel, build_optimizer, finalize_model_grads,
                                    global_loss_sums, global_mean_loss)
+from megallama.distributed.agreement import first_disagreement
 from megallama.distributed.data_parallel import NO_TOKENS
 from megallama.model import LlamaModel
 from megallama.parallel import get_rng_tracker, model_parallel_manual_seed, state
 from megallama.pipeline import ActivationShape, build_model_chunks, get_forward_backward_func
 from megallama.planning.report import pretrain_memory_estimate
+from megallama.training.arguments_model import ConfigError
 from megallama.training.config import PretrainConfig
 from megallama.training.exits import ExitSettings, ExitWatch
 from megallama.training.flops import detect_peak_tflops
@@ -78,6 +80,11 @@ def init_distributed(config: PretrainConfig) -> torch.device:
     if dist.get_world_size() != par.world_size:
         raise RuntimeError(f"the flags were checked for world size {par.world_size}, the process group has "
                            f"{dist.get_world_size()}")
+    # Before any work: ranks given other flags or files would train apart silently, or fail in a
+    # collective (new_group included) without a cause.
+    disagreement = first_disagreement(config.to_dict())
+    if disagreement:
+        raise ConfigError(disagreement)
     state.initialize_model_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                                     virtual_size(config), timeout=timeout)
     return device
