@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                    help="tokens to generate per prompt at most (default 128)")
     p.add_argument("--greedy", action="store_true",
-                   help="always take the most likely token (the sampling flags must then be left out)")
+                   help="always take the most likely token (--top-p, --top-k and a --temperature other than 0 "
+                        "must then be left out)")
     p.add_argument("--temperature", type=float, metavar="T",
                    help="sampling: divide the logits by T (default 0.8, as in Meta's example); 0 is greedy "
                         "decoding (the most likely token; --top-p and --top-k unused), as in Meta's reference "
@@ -139,9 +140,13 @@ def chat(model, tokenizer, sampling, args, prompts, rank0: bool, template: str) 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    sampling_flags = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
-    if args.greedy and any(v is not None for v in sampling_flags.values()):
-        print("error: --greedy takes no --temperature/--top-p/--top-k", file=sys.stderr)
+    # --temperature 0 is greedy decoding too, so it agrees with --greedy; any other sampling setting does not
+    clashing = [flag for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p),
+                                         ("--top-k", args.top_k))
+                if value is not None and not (flag == "--temperature" and value == 0)]
+    if args.greedy and clashing:
+        hint = " (only --temperature 0, greedy too)" if "--temperature" in clashing else ""
+        print(f"error: --greedy takes no {'/'.join(clashing)}{hint}", file=sys.stderr)
         return 2
     if args.max_new_tokens < 1:
         print(f"error: --max-new-tokens must be at least 1, got {args.max_new_tokens}", file=sys.stderr)

@@ -106,6 +106,20 @@ def check_inputs(config: PretrainConfig, vocab_size_given: bool = True) -> None:
     check_checkpoint_folders(config)
 
 
+def sft_truncation_notices(config: PretrainConfig) -> list[str]:
+    """One line per ``--sft-data-path`` set that packing into ``--seq-length`` rows cuts examples of:
+    training cuts them without a word. A damaged index is a ``ConfigError`` here, on every rank."""
+    from megallama.data.sft_dataset import truncation_notice
+
+    notices = []
+    for prefix in data_prefixes(config.data.sft_data_path) if config.data.sft_data_path else []:
+        try:
+            notices.append(truncation_notice(prefix, config.training.seq_length))
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{error} (from --sft-data-path {prefix})") from None
+    return [n for n in notices if n]
+
+
 def _same_folder(a: Optional[str], b: Optional[str]) -> bool:
     return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
@@ -124,6 +138,8 @@ def check_checkpoint_folders(config: PretrainConfig) -> None:
         if ck.finetune:  # --load is the weights to start from; the run resumes only from --save
             if saved is None:  # then it starts from --load: a typo there must not wait for the model
                 _check_finetune_load(ck)
+            else:  # a relaunch continues this run's schedule: another --train-iters must not reshape it
+                _check_resumed(ck.save, saved, config, "--save")
             return
         loaded = read_tracker(ck.load) if ck.load else None
     except CheckpointError as error:
@@ -162,11 +178,12 @@ def _check_finetune_load(ck: CheckpointArgs) -> None:
         raise ConfigError(f"--ckpt-step {ck.ckpt_step}: {no_such_iteration(ck.load, ck.ckpt_step)}")
 
 
-def _check_resumed(root: str, iteration: int, config: PretrainConfig) -> None:
+def _check_resumed(root: str, iteration: int, config: PretrainConfig, flag: str = "--load") -> None:
     """From the checkpoint's stored run config: it was trained as the model the flags describe, it
     holds the optimizer state the run will load, and its lr schedule is the flags' (or the flags say
     which one wins, ``resumed_schedule``). With ``--use-checkpoint-opt_param-scheduler`` this sets
-    ``config``'s schedule to the checkpoint's."""
+    ``config``'s schedule to the checkpoint's. ``flag`` names the folder resumed (``--save`` for a
+    relaunched ``--finetune``)."""
     from megallama.checkpoint.storage import CheckpointError, checkpoint_dir, read_metadata
 
     try:
@@ -174,7 +191,7 @@ def _check_resumed(root: str, iteration: int, config: PretrainConfig) -> None:
         model = LlamaConfig.from_run_config(stored)
     except (CheckpointError, KeyError, TypeError, ValueError):
         return  # a damaged index is the loader's to report, with the checkpoint to fall back to
-    where = f"--load {root} (iteration {iteration})"
+    where = f"{flag} {root} (iteration {iteration})"
     problem = model_mismatch(model, config.model)
     if problem:
         raise ConfigError(f"{where} {problem}: resume with the flags it was trained with")

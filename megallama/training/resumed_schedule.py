@@ -8,7 +8,8 @@ every setting recorded in the checkpoint is compared with the flags' before any 
 the checkpoint's, and with neither a difference is an error. Lengths compare in samples, as
 Megatron's scheduler counts them (the same ``--lr-decay-iters`` under another global batch size is
 another schedule). Megatron also compares its weight-decay increment; megallama's weight decay is
-constant (``--weight-decay``), so that value is what is compared.
+constant (``--weight-decay``), so that value is what is compared. A ``--finetune`` run's first start
+(from ``--load``) is a new schedule and unchecked; its relaunch (from its own ``--save``) is a resume.
 """
 from __future__ import annotations
 

@@ -53,6 +53,12 @@ def test_generate_cli_temperature_zero_is_greedy_and_a_long_generation_is_shorte
     # temperature 0 is greedy decoding, as in Meta's reference and vLLM (it was refused)
     assert cli.main([*greedy[:-1], "--temperature", "0", "--top-p", "0.5"]) == 0
     assert capsys.readouterr().out == expected
+    # --greedy says the same as --temperature 0 (it was refused); another temperature still clashes
+    assert cli.main([*greedy, "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == expected
+    assert cli.main([*greedy, "--temperature", "0.5", "--top-k", "3"]) == 2
+    assert capsys.readouterr().err == ("error: --greedy takes no --temperature/--top-k (only --temperature 0, "
+                                       "greedy too)\n")
     # the default --max-new-tokens 128 exceeds the model's 96 positions: the generation is shortened
     # to fit, as Meta's reference does, with one notice (it was an error)
     model = prepare_for_inference(load_model(checkpoint)[0])

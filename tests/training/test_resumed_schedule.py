@@ -4,6 +4,7 @@ A run interrupted at iteration 4 of 8 and resumed with another schedule stops be
 with one line naming each difference; ``--use-checkpoint-opt_param-scheduler`` then continues the
 checkpoint's schedule exactly, ``--override-opt_param-scheduler`` runs the flags'. Resuming with
 the same flags stays bit-identical, and a checkpoint that records no schedule resumes on the flags'.
+A ``--finetune`` starts a new schedule from ``--load``, but its relaunch from ``--save`` is checked.
 """
 import json
 import os
@@ -126,6 +127,23 @@ def test_no_load_optim_and_finetune_start_their_own_schedule(interrupted, capsys
                     "--save", str(tmp_path))
     flags = LRSchedule(LRScheduleArgs(min_lr=1e-4, lr_warmup_iters=2, lr_decay_iters=3), 1e-3, 8)
     assert [finetuned[i][1] for i in (1, 2, 3)] == pytest.approx([flags.lr(i) for i in (1, 2, 3)], rel=1e-6)
+
+
+def test_a_relaunched_finetune_is_checked_against_its_own_save(interrupted, capsys, tmp_path):
+    # Its first start above (from --load) is a new schedule; a relaunch resumes --save, as any resume.
+    save = str(tmp_path)
+    finetune = [*TINY, "--finetune", "--load", interrupted["checkpoint"], "--save", save]
+    assert main([*finetune, "--train-iters", "4", "--exit-interval", "2"]) == 0
+    capsys.readouterr()
+    assert main([*finetune, "--train-iters", "6"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"megallama.pretrain: error: --save {save} (iteration 2) was trained with another lr "
+                          "schedule: --lr-decay-iters 4 there, 6 here (its default is --train-iters); give ")
+    c = parse_args([*finetune, "--train-iters", "6", "--use-checkpoint-opt_param-scheduler"], env={})
+    assert c.lr_schedule.warmup_and_decay_samples(8) == (2 * 8, 4 * 8)  # the checkpoint's
+    c = parse_args([*finetune, "--train-iters", "6", "--override-opt_param-scheduler"], env={})
+    assert c.lr_schedule.warmup_and_decay_samples(8) == (2 * 8, 6 * 8)  # the flags'
 
 
 def test_a_checkpoint_that_records_no_schedule_resumes_on_the_flags(interrupted, capsys, tmp_path):
