@@ -362,8 +362,8 @@ def perplexity_figures(args, best: dict, base: float, base_cpu: float, details: 
     what = "commoncrawl + n-gram (... -> lid -> 5-gram perplexity)"
     print(f"{f'megallama {what}':<56}{rate:8.0f}{rate / base:7.2f}x{rate_cpu:12.0f}{rate_cpu / base_cpu:7.2f}x  "
           f"{best['commoncrawl+ngram'][1]}")
-    print(f"  datatrove's pipeline has no offline n-gram perplexity step: this ratio is our whole pipeline, "
-          f"with the step, against theirs without it")
+    print("  datatrove's pipeline has no offline n-gram perplexity step: this ratio is our whole pipeline, "
+          "with the step, against theirs without it")
     print(f"  cost of the n-gram step: commoncrawl with it / without it {rate / without:.2f}x docs/s, "
           f"{rate_cpu / without_cpu:.2f}x docs per CPU-second; "
           f"{1e3 * (best['commoncrawl+ngram'][0] - best['commoncrawl'][0]) / args.docs:.2f} ms a document of wall time "

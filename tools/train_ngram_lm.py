@@ -8,7 +8,8 @@ The text is normalised and cut into SentencePiece pieces as the filter does, the
 KenLM's lmplz (interpolated modified Kneser-Ney; built by `make install`). The output is ARPA, or
 KenLM binary when it ends in `.bin`; beside it go OUTPUT.sp.model (the tokenizer) and OUTPUT.json
 (order, counts and, with --percentiles-from, the head/middle/tail cut-offs: the 30th and 60th
-percentiles of the sample documents' perplexities, as CCNet).
+percentiles of the sample documents' perplexities, as CCNet). Unusable JSONL lines are skipped
+and counted, as by the other data tools (``--strict`` fails on the first one).
 """
 
 from __future__ import annotations
@@ -17,30 +18,16 @@ import argparse
 import os
 import sys
 from collections import Counter
-from typing import Iterator
 
-from megallama.clean.document import Rejected
 from megallama.clean.perplexity import train_ngram_lm
-from megallama.clean.sources.base import iter_jsonl
+from megallama.data.jsonl import expand_inputs, format_skips, iter_texts
 from megallama.fileio import make_folder
-
-
-def iter_texts(paths: list[str], key: str, rejected: Counter) -> Iterator[str]:
-    """The `key` field of each JSONL row; unreadable rows and rows without it are counted."""
-    for path in paths:
-        for _, obj in iter_jsonl(path):
-            if isinstance(obj, Rejected):
-                rejected[obj.reason] += 1
-            elif not isinstance(obj.get(key), str):
-                rejected[f"missing_{key}"] += 1
-            else:
-                yield obj[key]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, nargs="+", metavar="FILE.jsonl",
-                   help="JSONL training text (e.g. cleaned Wikipedia; .gz/.bz2/.xz/.zst too), streamed")
+                   help="JSONL training text (e.g. cleaned Wikipedia; .gz/.bz2/.xz/.zst too), streamed; files or quoted globs")
     p.add_argument("--tokenizer-model", required=True, metavar="M",
                    help="SentencePiece model trained on the same text (CCNet: one per language)")
     p.add_argument("--output", required=True, metavar="LM",
@@ -52,27 +39,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-key", default="text", help="the JSONL field holding the text (default text)")
     p.add_argument("--memory", default="20%",
                    help="lmplz's memory for sorting, e.g. 20%% or 8G (default 20%%); it spills to disk beyond")
+    p.add_argument("--strict", action="store_true", help="fail on the first unusable JSONL line instead of skipping it")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rejected: Counter = Counter()
-    sample = iter_texts(args.percentiles_from, args.json_key, rejected) if args.percentiles_from else None
+    skipped: Counter = Counter()
+    keys = (args.json_key,)
     try:
+        inputs = expand_inputs(args.input)
+        sample = (iter_texts(expand_inputs(args.percentiles_from, "--percentiles-from"), keys, args.strict, skipped)
+                  if args.percentiles_from else None)
         make_folder(os.path.dirname(os.path.abspath(args.output)), "--output")
-        info = train_ngram_lm(iter_texts(args.input, args.json_key, rejected), args.tokenizer_model, args.output,
+        info = train_ngram_lm(iter_texts(inputs, keys, args.strict, skipped), args.tokenizer_model, args.output,
                               order=args.order, memory=args.memory, sample=sample)
-    except (OSError, ValueError, RuntimeError) as e:  # OSError: also an unwritable output
-        print(f"error: {e}", file=sys.stderr)
+    # OSError: also an unwritable output or a truncated input; ValueError: also a bad line with --strict
+    except (OSError, ValueError, RuntimeError) as e:
+        # "no text to train on" is explained by the lines skipped, e.g. all of them under another --json-key
+        print(f"error: {e}" + (f"; skipped lines: {format_skips(skipped)}" if skipped else ""), file=sys.stderr)
         return 1
     print(f"{args.output}: {args.order}-gram model of {info['documents']} documents ({info['lines']} lines)")
     if "cutoffs" in info:
         c = info["cutoffs"]
         print(f"  buckets from {c['sample_docs']} sample documents: head < {c['head']:.1f} <= middle < "
               f"{c['tail']:.1f} <= tail")
-    for reason, count in sorted(rejected.items()):
-        print(f"  skipped {count} input rows: {reason}")
+    print(f"  skipped lines: {format_skips(skipped)}")
     return 0
 
 

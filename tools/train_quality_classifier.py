@@ -19,7 +19,7 @@ from typing import Iterator
 
 from megallama.clean.quality import train_quality_classifier
 from megallama.compressed import open_binary, strip_compression
-from megallama.data.jsonl import format_skips, iter_texts
+from megallama.data.jsonl import expand_inputs, format_skips, iter_texts
 from megallama.fileio import make_folder
 
 
@@ -43,9 +43,9 @@ def read_texts(paths: list[str], limit: int | None, strict: bool, skipped: Count
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--positive", nargs="+", required=True, metavar="PATH",
-                   help="reference-like pages (JSONL with \"text\", or .txt files)")
+                   help="reference-like pages (JSONL with \"text\", or .txt files); files or quoted globs")
     p.add_argument("--negative", nargs="+", required=True, metavar="PATH",
-                   help="random pages (JSONL with \"text\", or .txt files)")
+                   help="random pages (JSONL with \"text\", or .txt files); files or quoted globs")
     p.add_argument("--output", required=True, metavar="MODEL.bin", help="where to save the fastText model")
     p.add_argument("--max-per-class", type=int, default=None, metavar="N",
                    help="use at most N texts of each class (default: all)")
@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     skipped: Counter = Counter()
     try:
         make_folder(os.path.dirname(os.path.abspath(args.output)), "--output")
-        counts = train_quality_classifier(read_texts(args.positive, args.max_per_class, args.strict, skipped),
-                                          read_texts(args.negative, args.max_per_class, args.strict, skipped),
+        positive, negative = expand_inputs(args.positive, "--positive"), expand_inputs(args.negative, "--negative")
+        counts = train_quality_classifier(read_texts(positive, args.max_per_class, args.strict, skipped),
+                                          read_texts(negative, args.max_per_class, args.strict, skipped),
                                           args.output, epoch=args.epoch, lr=args.lr, word_ngrams=args.word_ngrams,
                                           dim=args.dim, bucket=args.bucket)
     # OSError: also a truncated input; ValueError: also a bad line with --strict; RuntimeError: fastText failed

@@ -268,7 +268,7 @@ def train_ngram_lm(texts: Iterable[str], tokenizer_model: str, output: str, *, o
                 log.seek(0)
                 raise RuntimeError(f"lmplz failed (exit {rc}): {log.read().decode('utf-8', 'replace')[-2000:]}")
         if lines == 0:
-            raise ValueError("no text to train on (every input document was empty)")
+            raise ValueError("no text to train on (no input document has a non-blank line)")
         if output.endswith(".bin"):
             built = os.path.join(tmp, "model.bin")
             done = subprocess.run([find_kenlm_tool("build_binary"), arpa, built], capture_output=True, text=True)

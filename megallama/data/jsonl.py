@@ -22,15 +22,15 @@ class BadLineError(ValueError):
     """A line that cannot be used, in strict mode."""
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Files named by ``patterns`` (paths or globs), in order, each once (``a.jsonl`` and
-    ``./a.jsonl`` too); error if one matches nothing."""
+def expand_inputs(patterns: Sequence[str], flag: str = "--input") -> list[str]:
+    """Files named by ``patterns`` (paths or globs: a quoted glob outgrows no argument limit), in
+    order, each once (``a.jsonl`` and ``./a.jsonl`` too); error naming ``flag`` if one matches nothing."""
     paths: list[str] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
-            raise FileNotFoundError(f"--input {pattern!r} matches no file")
+            raise FileNotFoundError(f"{flag} {pattern!r} matches no file")
         paths.extend(matches)
     return unique_paths(paths)
 

@@ -340,12 +340,18 @@ def test_missing_lmplz_says_how_to_build_it(tmp_path, monkeypatch, english_lm):
 
 
 def test_an_unreadable_input_fails_at_once_instead_of_hanging(tmp_path, english_lm):
-    # lmplz waited for the rest of its input forever after the reader raised
-    done = subprocess.run([sys.executable, "tools/train_ngram_lm.py", "--input", str(tmp_path / "missing.jsonl"),
+    # lmplz waited for the rest of its input forever after the reader raised (a file cut short, here)
+    import gzip
+
+    whole = gzip.compress(b"".join(json.dumps({"text": page(random.Random(i))}).encode() + b"\n" for i in range(50)))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[:len(whole) // 2])
+    done = subprocess.run([sys.executable, "tools/train_ngram_lm.py", "--input", str(cut),
                            "--tokenizer-model", str(english_lm) + ".sp.model", "--output", str(tmp_path / "lm.bin")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].endswith("'" + str(tmp_path / "missing.jsonl") + "'")
-    assert os.listdir(tmp_path) == []
+    assert done.returncode == 1 and str(cut) in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+    assert os.listdir(tmp_path) == ["cut.jsonl.gz"]
+    cut.unlink()
     (tmp_path / "afile").write_text("")
     (tmp_path / "wiki.jsonl").write_text('{"text": "Some text."}\n')
     done = subprocess.run([sys.executable, "tools/train_ngram_lm.py", "--input", str(tmp_path / "wiki.jsonl"),
@@ -353,6 +359,35 @@ def test_an_unreadable_input_fails_at_once_instead_of_hanging(tmp_path, english_
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
         f"error: --output: cannot make the folder {tmp_path / 'afile'}: a file is in the way")
+
+
+def test_bad_input_lines_are_counted_as_by_the_other_data_tools_and_strict_fails_on_them(tmp_path, english_lm):
+    wiki = tmp_path / "wiki.jsonl"
+    wiki.write_text('{"text": "Some text."}\n{"text": \n{"title": "no text"}\n'
+                    + json.dumps({"text": page(random.Random(0))}) + "\n")
+    tool = [sys.executable, "tools/train_ngram_lm.py", "--input", str(wiki), "--tokenizer-model",
+            str(english_lm) + ".sp.model", "--order", "2", "--output"]
+    done = subprocess.run([*tool, str(tmp_path / "lm.arpa")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # the reasons and wording of megallama.data.jsonl, as train_tokenizer.py and train_quality_classifier.py
+    assert done.stdout.splitlines()[-1] == "  skipped lines: 1 broken JSON, 1 missing key 'text'"
+    done = subprocess.run([*tool, str(tmp_path / "strict" / "lm.arpa"), "--strict"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == f"error: {wiki}:2: broken JSON"
+    assert os.listdir(tmp_path / "strict") == []
+    # no text at all: the lines skipped say why
+    done = subprocess.run([*tool, str(tmp_path / "body" / "lm.arpa"), "--json-key", "body"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+        "error: no text to train on (no input document has a non-blank line); skipped lines: 3 missing key 'body', "
+        "1 broken JSON")
+    # quoted globs are the tool's to expand; one matching nothing is named with its flag
+    globbed = [*tool[:3], str(tmp_path / "wik*.jsonl"), *tool[4:], str(tmp_path / "glob" / "lm.arpa"),
+               "--percentiles-from", str(tmp_path / "cc*.jsonl")]
+    done = subprocess.run(globbed, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip() == f"error: --percentiles-from '{tmp_path}/cc*.jsonl' matches no file"
+    done = subprocess.run(globbed[:-2], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_a_bad_sample_or_a_folder_as_output_leaves_no_model(tmp_path, english_lm):

@@ -187,8 +187,9 @@ def test_train_quality_classifier_cli_reads_jsonl_and_txt(tmp_path):
     inputs.write_jsonl(str(tmp_path / "refs.jsonl"), [{"text": page(rng)} for _ in range(20)])
     for i in range(5):
         (tmp_path / f"random{i}.txt").write_text(" ".join(rng.choices("buy now cheap deal click here free".split(), k=80)))
+    # a quoted glob is expanded by the tool (a shell's outgrows the argument limit on a real crawl)
     cmd = [sys.executable, os.path.join(REPO, "tools", "train_quality_classifier.py"), "--positive", str(tmp_path / "refs.jsonl"),
-           "--negative", *[str(p) for p in sorted(tmp_path.glob("random*.txt"))], "--output", str(tmp_path / "q.bin"),
+           "--negative", str(tmp_path / "random*.txt"), "--output", str(tmp_path / "q.bin"),
            "--dim", "16", "--bucket", "20000", "--max-per-class", "10"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -203,6 +204,8 @@ def test_train_quality_classifier_cli_reads_jsonl_and_txt(tmp_path):
     empty = subprocess.run(cmd[:3] + [str(tmp_path / "body.jsonl")] + cmd[4:], capture_output=True, text=True, timeout=60)
     assert empty.returncode == 1 and empty.stderr.strip() == ("error: need both classes to train: got 0 positive and 5 "
                                                               "negative texts; skipped lines: 1 missing key 'text'")
+    typo = subprocess.run(cmd[:3] + [str(tmp_path / "reference*.jsonl")] + cmd[4:], capture_output=True, text=True, timeout=60)
+    assert typo.returncode == 1 and typo.stderr.strip() == f"error: --positive '{tmp_path}/reference*.jsonl' matches no file"
     bad = subprocess.run(cmd[:3] + [str(tmp_path / "bad.jsonl")] + cmd[4:] + ["--strict"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip() == f"error: {tmp_path / 'bad.jsonl'}:2: missing key 'text'"
