@@ -7,7 +7,9 @@
 #   RAW=/data/raw OUT=/data/cleaned WORKERS=64 bash examples/clean_llama_corpus.sh
 #
 # EXECUTOR_FLAGS="--executor ray" runs every command on a Ray cluster instead (what
-# examples/clean_llama_corpus_ray.sh does).
+# examples/clean_llama_corpus_ray.sh does). SAMPLE_SHARDS (default 100) is how many of the first
+# CommonCrawl pass's output files, spread evenly over it, make the sample of steps 2 and 3 (one
+# output file per input WET file: a shell glob of all of them outgrows the argument limit).
 #
 # Expected layout under $RAW (what each project distributes):
 #   commoncrawl/*.warc.wet.gz            CommonCrawl WET files (the paper used five 2017-2020 dumps)
@@ -27,9 +29,10 @@ RAW=${RAW:-raw}
 OUT=${OUT:-cleaned}
 WORKERS=${WORKERS:-$(nproc)}
 EXECUTOR_FLAGS=${EXECUTOR_FLAGS:-}
+SAMPLE_SHARDS=${SAMPLE_SHARDS:-100}
 mkdir -p "$OUT"
 
-clean() {  # clean SOURCE INPUT... [-- extra flags]
+clean() {  # clean SOURCE INPUT...
     local source=$1; shift
     python tools/clean_corpus.py --source "$source" --output "$OUT/$source" \
         --report "$OUT/$source.report.json" --workers "$WORKERS" $EXECUTOR_FLAGS --input "$@"
@@ -40,17 +43,20 @@ clean() {  # clean SOURCE INPUT... [-- extra flags]
 python tools/clean_corpus.py --source commoncrawl --input "$RAW"/commoncrawl \
     --output "$OUT/commoncrawl-unfiltered" --report "$OUT/commoncrawl-unfiltered.report.json" --workers "$WORKERS" \
     $EXECUTOR_FLAGS
+# The sample: SAMPLE_SHARDS of its output files, evenly spaced in name order (all of them if fewer).
+mapfile -t cc_sample < <(find "$OUT/commoncrawl-unfiltered" -maxdepth 1 -name '*.jsonl' | sort |
+    awk -v n="$SAMPLE_SHARDS" '{f[NR] = $0} END {k = NR < n ? NR : n; for (i = 0; i < k; i++) print f[1 + int(i * NR / k)]}')
 # CommonCrawl, step 2: CCNet's n-gram model. English Wikipedia, cleaned; a SentencePiece model of it;
 # a 5-gram KenLM model (interpolated modified Kneser-Ney) over its pieces; the head/middle/tail
-# cut-offs are the 30th/60th perplexity percentiles of the unfiltered CommonCrawl pages.
+# cut-offs are the 30th/60th perplexity percentiles of the sample of unfiltered CommonCrawl pages.
 python tools/clean_corpus.py --source wikipedia --input "$RAW"/wikipedia/enwiki-2022*-pages-articles.xml.bz2 \
     --output "$OUT/wikipedia-en" --report "$OUT/wikipedia-en.report.json" --workers "$WORKERS" $EXECUTOR_FLAGS
 python tools/train_tokenizer.py --input "$OUT"/wikipedia-en/*.jsonl --vocab-size 65536 --output-prefix "$OUT/lm/en.sp"
 python tools/train_ngram_lm.py --input "$OUT"/wikipedia-en/*.jsonl --tokenizer-model "$OUT/lm/en.sp.model" \
-    --order 5 --output "$OUT/lm/en.bin" --percentiles-from "$OUT"/commoncrawl-unfiltered/*.jsonl
+    --order 5 --output "$OUT/lm/en.bin" --percentiles-from "${cc_sample[@]}"
 # CommonCrawl, step 3: the reference-page classifier (Wikipedia references vs. random pages).
 python tools/train_quality_classifier.py --positive "$RAW"/quality/references.jsonl \
-    --negative "$OUT"/commoncrawl-unfiltered/*.jsonl --max-per-class 1000000 --output "$OUT/quality.bin"
+    --negative "${cc_sample[@]}" --max-per-class 1000000 --output "$OUT/quality.bin"
 # CommonCrawl, step 4: the full recipe: the head and middle perplexity buckets (as RedPajama),
 # then the pages classified as references.
 python tools/clean_corpus.py --source commoncrawl --input "$RAW"/commoncrawl \

@@ -36,7 +36,8 @@ from typing import Iterable, Iterator
 from megallama.clean.io import dumps_line
 from megallama.fileio import atomic_open
 
-# Packages this project installs (requirements-dev.txt), so every machine running the demo has them.
+# Packages this project installs (requirements-dev.txt, and datatrove's humanize), so every machine running the demo
+# has them (one that is missing is skipped).
 DISTRIBUTIONS = ("transformers", "torch", "numpy", "datatrove", "tensorboard", "megatron-core",
                  "warcio", "datasketch", "sentencepiece", "safetensors", "zstandard", "matplotlib",
                  "tqdm", "humanize", "fasttext-numpy2", "mwparserfromhell", "orjson", "pybind11", "pytest")

@@ -6,7 +6,9 @@
 #
 # CLEAN/<source>/*.jsonl[.zst|.gz] are the cleaned JSONL shards (field "text") of each source, as
 # written by tools/clean_corpus.py. To use Meta's released tokenizer instead of training one, set
-# TOKENIZER=/path/to/tokenizer.model. EXECUTOR_FLAGS="--executor ray" tokenizes on a Ray cluster.
+# TOKENIZER=/path/to/tokenizer.model (else VOCAB_SIZE pieces are trained, default 32000).
+# EXECUTOR_FLAGS="--executor ray" tokenizes on a Ray cluster; WORKERS (default: every CPU) tokenizing
+# processes otherwise. TRAIN_TOKENS (default 1.4e12) is the run the epochs report is made for.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

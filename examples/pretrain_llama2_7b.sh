@@ -6,7 +6,7 @@
 #   NNODES=8 NODE_RANK=<0..7> MASTER_ADDR=<node 0> MASTER_PORT=6000 GPUS_PER_NODE=8 examples/pretrain_llama2_7b.sh
 #
 # Layout: the planner's first choice for 64 A100-80GB at micro-batch 1 (tests/planning checks it):
-#   python tools/plan.py --hf-config llama2-7b/config.json --seq-length 4096 --global-batch-size 1024 \
+#   python tools/plan.py --model-size llama2-7b --seq-length 4096 --global-batch-size 1024 \
 #       --gpus 64 --train-tokens 2e12 --micro-batch-size 1 --overlap-param-gather
 #   → TP=1 PP=1 DP=64, distributed optimizer: 56.5 GB per GPU, 3,135 tokens/s/GPU.
 MODEL_SIZE=llama2-7b LR=3.0e-4 TRAIN_ITERS=476838 TP=1 PP=1

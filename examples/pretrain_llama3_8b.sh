@@ -11,10 +11,11 @@
 #   NNODES=8 NODE_RANK=<0..7> MASTER_ADDR=<node 0> MASTER_PORT=6000 GPUS_PER_NODE=8 examples/pretrain_llama3_8b.sh
 #
 # Layout: the planner's first choice for 64 A100-80GB at micro-batch 1 (tests/planning checks it):
-#   python tools/plan.py --hf-config llama3-8b/config.json --seq-length 8192 --global-batch-size 512 \
+#   python tools/plan.py --model-size llama3-8b --seq-length 8192 --global-batch-size 512 \
 #       --gpus 64 --train-tokens 15e12 --micro-batch-size 1 --overlap-param-gather
 #   → TP=2 (within a node) PP=1 DP=32, sequence parallelism, distributed optimizer: 41.4 GB per GPU,
-#     2,444 tokens/s/GPU (TP=1 fits only with pipeline stages, at 2,299).
+#     2,444 tokens/s/GPU (TP=1 fits with pipeline stages, at best 2,299, or at PP=1 only with full
+#     recomputation, 1,900).
 DATA_DIR=${DATA_DIR:-data/llama3}
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-$DATA_DIR/tokenizer}
 MODEL_SIZE=llama3-8b LR=3.0e-4 TRAIN_ITERS=3576279 TP=2 PP=1

@@ -6,7 +6,8 @@
 # Layout: the planner's first choice for 128 A100-80GB at micro-batch 1 (tests/planning checks it):
 #   python tools/plan.py --model-size 13b --gpus 128 --train-tokens 1e12 --micro-batch-size 1 --overlap-param-gather
 #   → TP=2 (within a node) PP=1 DP=64, sequence parallelism, distributed optimizer: 46.0 GB per GPU
-#     (weights 13.0 + grads 26.0 + AdamW 1.2 + activations 5.7 at the forward/backward turn);
+#     (weights 13.0 + grads 26.0 + main weights and AdamW 1.2 + activations 5.7 + buffers 0.1 at the
+#     forward/backward turn);
 #     1,724 tokens/s/GPU. At TP=1 the weights and gradients alone would not fit.
 MODEL_SIZE=13b LR=3.0e-4 TRAIN_ITERS=238419 TP=2 PP=1
 EXTRA_FLAGS="--sequence-parallel"

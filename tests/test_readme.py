@@ -11,11 +11,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def readme_commands():
+def readme_text():
     with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
+        return f.read()
+
+
+def readme_commands():
+    text = readme_text()
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S):
         block = block.replace("\\\n", " ")
         for line in block.splitlines():
             line = line.split(" #", 1)[0].strip()
@@ -25,13 +29,21 @@ def readme_commands():
 
 
 def entry_point(argv):
-    """(help command, flags) of a `python tools/X.py …` or `torchrun … -m megallama.pretrain …` line."""
+    """(help command, flags) of a `python tools/X.py …`, `torchrun … -m megallama.pretrain …` or
+    `torchrun … tools/X.py …` line; run_lm_eval.py's subcommand (`run`) is part of the help command."""
     if argv[0] == "python" and argv[1].startswith("tools/"):
-        return [sys.executable, argv[1], "--help"], argv[2:]
-    if argv[0] == "torchrun" and "-m" in argv:
+        script, rest = argv[1], argv[2:]
+    elif argv[0] == "torchrun" and "-m" in argv:
         i = argv.index("-m")
         return [sys.executable, "-m", argv[i + 1], "--help"], argv[i + 2:]
-    return None, None
+    elif argv[0] == "torchrun" and any(a.startswith("tools/") for a in argv):
+        i = next(i for i, a in enumerate(argv) if a.startswith("tools/"))
+        script, rest = argv[i], argv[i + 1:]
+    else:
+        return None, None
+    if script == "tools/run_lm_eval.py" and rest and not rest[0].startswith("-"):
+        return [sys.executable, script, rest[0], "--help"], rest[1:]
+    return [sys.executable, script, "--help"], rest
 
 
 COMMANDS = readme_commands()
@@ -58,3 +70,28 @@ def test_make_targets_exist():
     for command in COMMANDS:
         if command.startswith("make "):
             assert command.split()[1] in targets, command
+
+
+def test_performance_table_is_the_stored_results():
+    """The table between the bench markers is what `python bench/run_all.py --table-only` renders from
+    bench/results/ (run_all rewrites it; an edit by hand or a result stored without it shows here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_all", os.path.join(ROOT, "bench", "run_all.py"))
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    shown = readme_text().split(run_all.START, 1)[1].split(run_all.END, 1)[0].strip()
+    assert shown == run_all.table().strip()
+
+
+def test_plan_output_shown_is_what_the_command_prints():
+    """The 65B budget block: each line the README shows after the plan.py command is in the tool's output."""
+    text = readme_text()
+    match = re.search(r"```bash\n(python tools/plan\.py [^\n]*)\n```\n```\n(.*?)```", text, flags=re.S)
+    assert match, "the README's plan.py example and its output block"
+    argv = shlex.split(match.group(1))
+    out = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    printed = [line.rstrip() for line in out.stdout.splitlines()]
+    for line in match.group(2).splitlines():
+        assert line.rstrip() in printed, line

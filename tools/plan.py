@@ -13,7 +13,7 @@ import dataclasses
 import json
 import sys
 
-from megallama.config import LlamaConfig
+from megallama.config import _PRESETS, LlamaConfig
 from megallama.planning.calibration import CalibrationError, Constant, load_calibration
 from megallama.planning.hardware import GPUS, gpu_spec
 from megallama.planning.inference import inference_table
@@ -25,13 +25,15 @@ from megallama.planning.report import format_inference, format_plan
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model-size", choices=["7b", "13b", "33b", "65b"], help="the paper's shape (Table 2)")
+    g.add_argument("--model-size", choices=sorted(name for name in _PRESETS if name != "tiny"),
+                   help="a preset's shape: the paper's (Table 2), LLaMA-2's or LLaMA-3's (GQA and vocabulary "
+                   "included), as pretrain's --model-size")
     g.add_argument("--hf-config", help="take the shape from a Hugging Face LLaMA config.json instead")
     g.add_argument("--num-layers", type=int, help="layers (overrides --model-size)")
     g.add_argument("--hidden-size", type=int, help="model width (overrides --model-size)")
     g.add_argument("--num-attention-heads", type=int, help="attention heads (overrides --model-size)")
     g.add_argument("--ffn-hidden-size", type=int, help="SwiGLU width; default LLaMA's 2/3·4·hidden rounded to 256")
-    g.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size")
+    g.add_argument("--vocab-size", type=int, help="vocabulary size (default: the preset's, else 32000)")
     g = p.add_argument_group("run")
     g.add_argument("--train-tokens", type=float, help="tokens to train on, e.g. 1.4e12")
     g.add_argument("--gpus", type=int, help="GPUs in the job")
@@ -81,7 +83,9 @@ def model_from_args(args, parser) -> LlamaConfig:
             parser.error(f"--hf-config {args.hf_config}: {error}")
     shape = {name: getattr(args, name) for name in ("num_layers", "hidden_size", "num_attention_heads",
                                                     "ffn_hidden_size") if getattr(args, name) is not None}
-    shape.update(vocab_size=args.vocab_size, max_position_embeddings=args.seq_length)
+    shape.update(max_position_embeddings=args.seq_length)
+    if args.vocab_size is not None or not args.model_size:  # LLaMA-3's presets hold 128,256 tokens
+        shape.update(vocab_size=args.vocab_size or 32000)
     try:
         if args.model_size:
             # replace, not the preset's fields: its head size, K/V heads and FFN width were derived from
@@ -98,7 +102,7 @@ def model_from_args(args, parser) -> LlamaConfig:
 
 def check_positive(args, parser) -> None:
     """Sizes and counts below 1 would divide by zero deep in the model or plan negative days."""
-    for flag in ("--train-tokens", "--global-batch-size", "--seq-length", "--micro-batch-size",
+    for flag in ("--train-tokens", "--vocab-size", "--global-batch-size", "--seq-length", "--micro-batch-size",
                  "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--top", "--inference-batch",
                  "--inference-context"):
         value = getattr(args, flag[2:].replace("-", "_"))

@@ -61,6 +61,23 @@ def test_a_preset_with_a_new_width_or_head_count_is_that_shape(override, capsys)
     assert json.loads(capsys.readouterr().out)["fitting"] == from_preset
 
 
+@pytest.mark.parametrize("preset", ["llama2-7b", "llama3-8b", "llama3.2-1b"])
+def test_a_llama2_or_3_preset_plans_as_its_hf_config(preset, tmp_path, capsys):
+    """Pretraining's presets plan as the HF config of the same model: GQA, FFN width and LLaMA-3's
+    128,256-token vocabulary included (the --vocab-size default of 32,000 applies without a preset).
+    Positions are --seq-length's, as pretraining's default (they size the rotary tables)."""
+    from megallama.config import LlamaConfig
+
+    config = tmp_path / "config.json"
+    LlamaConfig.preset(preset, max_position_embeddings=4096).to_hf().to_json_file(str(config))
+    run = ["--train-tokens", "1e12", "--gpus", "64", "--seq-length", "4096", "--json"]
+    assert plan_tool.main(["--model-size", preset, *run]) == 0
+    from_preset = json.loads(capsys.readouterr().out)
+    assert plan_tool.main(["--hf-config", str(config), *run]) == 0
+    from_hf = json.loads(capsys.readouterr().out)
+    assert from_preset["fitting"] == from_hf["fitting"] and from_preset["fitting"]
+
+
 def test_nothing_fits_exits_one_with_the_reason(capsys):
     assert plan_tool.main(["--model-size", "65b", "--train-tokens", "1e12", "--gpus", "4"]) == 1
     assert "nothing fits a100-80gb" in capsys.readouterr().out
