@@ -57,6 +57,16 @@ def flip_bytes(path: str, count: int = 16) -> None:
         f.write(data)
 
 
+def drop_checksums(root: str, iteration: int) -> None:
+    """Make the checkpoint of ``iteration`` one written before checkpoints carried checksums."""
+    path = os.path.join(ckpt.checkpoint_dir(root, iteration), ckpt.METADATA_FILENAME)
+    with open(path) as f:
+        document = json.load(f)
+    del document["files"]
+    with open(path, "w") as f:
+        json.dump(document, f)
+
+
 def load_error(root: str, capsys) -> str:
     assert main([*TINY, "--train-iters", "6", "--load", root]) == 1
     err = capsys.readouterr().err.strip()
@@ -106,12 +116,7 @@ def test_without_an_earlier_checkpoint_the_message_says_so(saved, tmp_path, caps
 
 def test_a_checkpoint_written_before_checksums_still_loads(saved, tmp_path, capsys):
     root = copy_of(saved, tmp_path)
-    path = os.path.join(ckpt.checkpoint_dir(root, 4), ckpt.METADATA_FILENAME)
-    with open(path) as f:
-        document = json.load(f)
-    del document["files"]
-    with open(path, "w") as f:
-        json.dump(document, f)
+    drop_checksums(root, 4)
     assert main([*TINY, "--train-iters", "6", "--load", root]) == 0
     out = capsys.readouterr().out
     assert "written before checkpoints carried checksums: loading it unverified" in out
@@ -135,12 +140,7 @@ def test_a_planted_pickle_is_a_one_line_error_and_never_runs(saved, tmp_path, ca
     # Where no checksum guards a file (written before checksums; Meta's shards) torch refused it with
     # a traceback whose message suggests loading it again with weights_only=False.
     root = copy_of(saved, tmp_path)
-    path = os.path.join(ckpt.checkpoint_dir(root, 4), ckpt.METADATA_FILENAME)
-    with open(path) as f:
-        document = json.load(f)
-    del document["files"]
-    with open(path, "w") as f:
-        json.dump(document, f)
+    drop_checksums(root, 4)
     rank_file = os.path.join(ckpt.checkpoint_dir(root, 4), ckpt.rank_filename(0))
     torch.save({"tensors": [], "rank_state": Planted()}, rank_file)
     err = load_error(root, capsys)
