@@ -130,7 +130,7 @@ def check_checkpoint_folders(config: PretrainConfig) -> None:
     ``--exit-on-missing-checkpoint``); a run starting below the iteration ``--save`` already holds
     would rewind that folder's tracker, unless ``--rewind-save``; the checkpoint resumed must fit the
     run (``_check_resumed``)."""
-    from megallama.checkpoint.storage import CheckpointError, checkpoint_dir, no_such_iteration, read_tracker
+    from megallama.checkpoint.storage import CheckpointError, read_tracker
 
     ck = config.checkpoint
     try:
@@ -153,12 +153,8 @@ def check_checkpoint_folders(config: PretrainConfig) -> None:
         raise ConfigError(f"--load {ck.load} {what}; to train from scratch drop --load, give --load the --save "
                           "folder, or add --allow-no-checkpoint")
     start = (ck.ckpt_step if ck.ckpt_step is not None else loaded) if ck.load else None
-    # A --ckpt-step never saved (or a tracker whose folder was deleted) fails here, not after the data
-    # and the model are built.
-    if start is not None and not os.path.isdir(checkpoint_dir(ck.load, start)):
-        flag = f"--ckpt-step {start}" if ck.ckpt_step is not None else f"--load {ck.load}"
-        raise ConfigError(f"{flag}: {no_such_iteration(ck.load, start)}")
     if start is not None:
+        _require_saved(ck.load, start, f"--ckpt-step {start}" if ck.ckpt_step is not None else f"--load {ck.load}")
         _check_resumed(ck.load, start, config)
     start = 0 if start is None else start
     if saved is not None and start < saved and not ck.rewind_save:
@@ -167,15 +163,22 @@ def check_checkpoint_folders(config: PretrainConfig) -> None:
                           "give another --save, or --rewind-save to do it on purpose")
 
 
-def _check_finetune_load(ck: CheckpointArgs) -> None:
-    """``--finetune --load`` (and its ``--ckpt-step``) name something to read."""
+def _require_saved(root: str, iteration: int, flag: str) -> None:
+    """A --ckpt-step never saved (or a tracker whose folder was deleted) fails here, not after the
+    data and the model are built."""
     from megallama.checkpoint.storage import checkpoint_dir, no_such_iteration
 
+    if not os.path.isdir(checkpoint_dir(root, iteration)):
+        raise ConfigError(f"{flag}: {no_such_iteration(root, iteration)}")
+
+
+def _check_finetune_load(ck: CheckpointArgs) -> None:
+    """``--finetune --load`` (and its ``--ckpt-step``) name something to read."""
     if not os.path.exists(ck.load):
         raise ConfigError(f"--finetune --load {ck.load} does not exist (a megallama checkpoint folder, or an HF "
                           "or Meta LLaMA folder)")
-    if ck.ckpt_step is not None and not os.path.isdir(checkpoint_dir(ck.load, ck.ckpt_step)):
-        raise ConfigError(f"--ckpt-step {ck.ckpt_step}: {no_such_iteration(ck.load, ck.ckpt_step)}")
+    if ck.ckpt_step is not None:
+        _require_saved(ck.load, ck.ckpt_step, f"--ckpt-step {ck.ckpt_step}")
 
 
 def _check_resumed(root: str, iteration: int, config: PretrainConfig, flag: str = "--load") -> None:

@@ -6,9 +6,10 @@ work, plus ``tokens-per-second``, ``tflops`` (per device) and ``mfu``; the step 
 iteration. Megatron's logging flags add their tags: ``--log-throughput`` ``throughput``,
 ``--log-timers-to-tensorboard`` the ``*-time`` of each phase, ``--log-memory-to-tensorboard``
 ``mem-allocated-bytes`` and ``mem-reserved-bytes``, ``--log-validation-ppl-to-tensorboard`` ``lm loss
-validation ppl``, ``--log-params-norm`` ``params-norm`` (also on the console line). With ``--wandb-project`` the same scalars also go to Weights & Biases. Values are
-averages over the iterations since the previous report (loss, times) or the latest value (learning
-rate, gradient norm). Only one rank reports: the caller passes ``enabled=True`` on the rank that
+validation ppl``, ``--log-params-norm`` ``params-norm`` (also on the console line). With
+``--wandb-project`` the same scalars also go to Weights & Biases. Values are averages over the
+iterations since the previous report (loss, times) or the latest value (learning rate, gradient
+norm). Only one rank reports: the caller passes ``enabled=True`` on the rank that
 holds the loss (the last pipeline stage).
 
 Loss and gradient norm may be handed over as device tensors: they are read at a report only, in
